@@ -1,0 +1,324 @@
+"""Typed configuration: dataclasses loaded from YAML, unknown keys and wrong types rejected.
+
+A config file is a nested mapping whose sections match the dataclasses below. Every job takes
+``--config FILE_OR_NAME`` (a path, or one of the built-in names ``debug``, ``small``, ``paper``
+that live in ``jobs/configs/``) and ``a.b=value`` overrides; the values of overrides are parsed as
+YAML scalars (``ae.K=8``, ``stage1.lr=1e-3``, ``distributed.use_gpu=true``).
+
+The resolved config (file + overrides) is saved next to every artifact as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from calm_core.errors import ConfigError
+
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+@dataclass
+class DataConfig:
+    """How a corpus is read and split."""
+
+    format: str = "auto"  # auto | text | jsonl | parquet (auto: by file extension)
+    separator: str = "auto"  # text only: auto | eot_line | blank_line | line | file
+    eot_marker: str = "<|endoftext|>"  # the line that ends a document when separator=eot_line
+    text_field: str = "text"  # JSONL field / Parquet column holding the text
+    val_fraction: float = 0.02  # share of documents (by hash of their text) held out
+    split_salt: str = "calm"  # salt of that hash: change it to draw another split
+    max_documents: int = 0  # 0 = all; otherwise keep the first N good documents per file
+    read_cpus: float = 0.25  # CPUs reserved by each Ray Data read/tokenize task
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained on the training split, or an existing tokenizer.json."""
+
+    path: str = ""  # an existing tokenizer.json to use instead of training one
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    max_train_documents: int = 100_000  # documents fed to the BPE trainer (the first N)
+
+
+@dataclass
+class AEConfig:
+    """The chunk autoencoder (CALM.md section 1). Paper: K=4, l=128, d=512, FFN 1280, 2+2 blocks."""
+
+    K: int = 4  # tokens per chunk
+    latent_dim: int = 128  # l
+    d_model: int = 512  # d
+    ffn_dim: int = 1280
+    token_blocks: int = 1  # residual MLP blocks applied per token (encoder) / per position (decoder)
+    latent_blocks: int = 1  # residual MLP blocks on the compressed vector (each side)
+    beta: float = 1e-3  # KL weight
+    kl_clip: float = 0.5  # lambda_KL: per-dimension floor of the KL term
+    mask_prob: float = 0.15  # training-only input token masking
+    latent_dropout: float = 0.15  # training-only dropout on the sampled z
+    eval_noise_std: float = 0.3  # std of the noise added to mu in the robustness metric
+
+
+@dataclass
+class TrainConfig:
+    """One training stage's loop (stage 1 now; stage 2 and the baseline reuse the shape)."""
+
+    batch_size: int = 256  # chunks per worker per step
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # wall-clock budget for this invocation (0 = none); stops early
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 50  # progress line + validation metrics every N steps
+    checkpoint_every: int = 500  # checkpoint through ray.train.report every N steps
+    val_max_chunks: int = 4096  # validation chunks (in all, over every worker)
+    shuffle_buffer: int = 8192  # local shuffle buffer of the streamed training chunks
+    seed: int = 0
+
+
+@dataclass
+class DistributedConfig:
+    """Ray Train + DeepSpeed layout: config, not code."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    max_failures: int = 0  # worker-group restarts Ray Train may do from the last checkpoint
+    num_to_keep: int = 2  # checkpoints kept in RUN/_train
+
+
+@dataclass
+class RayConfig:
+    """Only used when the job starts Ray itself (no RAY_ADDRESS / no running cluster)."""
+
+    num_cpus: int = 0  # 0 = all cores of this machine
+    object_store_memory_mb: int = 1024
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none): identifies what a result depends on."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_scalar(value: Any, tp: Any, key: str, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise bad("a list")
+        (inner,) = typing.get_args(tp)[:1]
+        return [_check_scalar(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_scalar(value, option, key, source)
+            except ConfigError:
+                continue
+        raise bad(str(tp))
+    raise TypeError(f"unsupported config field type {tp} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{source}: unknown key '{full}'{hint}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full + ".", source)
+        else:
+            kwargs[key] = _check_scalar(value, tp, full, source)
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a built-in config (debug, small, paper)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    builtin = BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and builtin.is_file():
+        return builtin
+    names = sorted(x.stem for x in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a built-in config ({', '.join(names)})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config file (or the defaults when None), apply ``a.b=value`` overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if config is not None:
+        path = resolve_config_path(str(config))
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    cfg = _build(Config, data, "", source)  # the file alone must be valid
+    if overrides:
+        merged = cfg.to_dict()
+        for text in overrides:
+            keys, value = parse_override(text)
+            probe = {}
+            cur = probe
+            for k in keys[:-1]:
+                cur = cur.setdefault(k, {})
+            cur[keys[-1]] = value
+            _build(Config, probe, "", f"override '{text}'")  # names the key if it is unknown or mistyped
+            _deep_update(merged, probe)
+        cfg = _build(Config, merged, "", "overrides")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    cfg = _build(Config, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def config_from_yaml(text: str, source: str = "config.yaml") -> Config:
+    return config_from_dict(yaml.safe_load(text) or {}, source)
+
+
+def _choice(value: str, key: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"key '{key}' must be one of {', '.join(options)}, got {value!r}")
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    _choice(cfg.data.format, "data.format", ("auto", "text", "jsonl", "parquet"))
+    _choice(cfg.data.separator, "data.separator", ("auto", "eot_line", "blank_line", "line", "file"))
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
+    _positive(cfg.data.max_documents, "data.max_documents", allow_zero=True)
+    _positive(cfg.data.read_cpus, "data.read_cpus")
+    if cfg.tokenizer.vocab_size < 300:
+        raise ConfigError("key 'tokenizer.vocab_size' must be >= 300 (256 bytes + special tokens + merges)")
+    a = cfg.ae
+    for key in ("K", "latent_dim", "d_model", "ffn_dim"):
+        _positive(getattr(a, key), f"ae.{key}")
+    for key in ("token_blocks", "latent_blocks"):
+        _positive(getattr(a, key), f"ae.{key}", allow_zero=True)
+    _positive(a.beta, "ae.beta", allow_zero=True)
+    _positive(a.kl_clip, "ae.kl_clip", allow_zero=True)
+    for key in ("mask_prob", "latent_dropout"):
+        if not 0.0 <= getattr(a, key) < 1.0:
+            raise ConfigError(f"key 'ae.{key}' must be in [0, 1), got {getattr(a, key)}")
+    t = cfg.stage1
+    for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks"):
+        _positive(getattr(t, key), f"stage1.{key}")
+    _positive(t.lr, "stage1.lr")
+    _positive(t.max_minutes, "stage1.max_minutes", allow_zero=True)
+    d = cfg.distributed
+    _positive(d.num_workers, "distributed.num_workers")
+    _positive(d.cpus_per_worker, "distributed.cpus_per_worker", allow_zero=True)
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"key 'distributed.zero_stage' must be 0, 1, 2 or 3, got {d.zero_stage}")
+    _choice(d.precision, "distributed.precision", ("auto", "fp32", "bf16"))
+    _choice(d.backend, "distributed.backend", ("auto", "gloo", "nccl"))
+    _positive(d.num_to_keep, "distributed.num_to_keep")

@@ -1,0 +1,10 @@
+"""Lets ``python jobs/<job>.py`` import the project without installing it (Ray job working dirs)."""
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pipelines  # noqa: E402,F401  (sets the Ray environment before anything imports ray)

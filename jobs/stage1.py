@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Stage 1: train the CALM chunk autoencoder with Ray Train + DeepSpeed ZeRO.
+
+Reads the corpus through Ray Data, makes RUN/tokenizer if the run has none, and writes RUN/ae
+(consolidated safetensors, resolved config, tokenizer, manifest, metrics). Rerunning the same
+command resumes from the last checkpoint; a finished run is left alone.
+
+    python jobs/stage1.py --config small --corpus data/train.txt --run runs/small
+    ray job submit --working-dir . -- python jobs/stage1.py --config small --run s3://bucket/run
+"""
+
+import _bootstrap  # noqa: F401
+
+from pipelines.cli import job_main, make_parser, parse
+from pipelines.ray_env import init_ray
+
+
+def main(argv=None):
+    args, cfg, run = parse(make_parser(__doc__.split("\n\n")[0]), argv)
+    from pipelines.stage1 import run_stage1
+
+    init_ray(cfg.ray)
+    run_stage1(cfg, args.corpus, run, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main(main))

@@ -1,0 +1,44 @@
+"""Ray Data: documents -> K-token chunks, with the tokenizer and chunk rule of ``calm_core``.
+
+Stage 1 trains on these chunks; latent precomputation (issue 3) encodes the same chunks, so the
+tokenise-and-chunk step lives here once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from calm_core.chunking import chunk_documents
+from calm_core.tokenizer import CalmTokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str) -> CalmTokenizer:
+    return CalmTokenizer.from_str(tokenizer_json)
+
+
+class TokenizeChunk:
+    """map_batches UDF: {"doc_id", "text"} -> {"doc_id", "position", "tokens"[K]}, one row per chunk."""
+
+    def __init__(self, tokenizer_json: str, K: int):
+        self.tokenizer_json = tokenizer_json
+        self.K = K
+
+    def __call__(self, batch: dict) -> dict:
+        tok = _tokenizer(self.tokenizer_json)
+        texts = [str(t) for t in batch["text"]]
+        chunks, doc_index, position = chunk_documents(tok.encode_batch(texts), self.K, tok.eot_id, tok.pad_id)
+        doc_ids = np.asarray(batch["doc_id"], dtype=object)[doc_index] if len(doc_index) else np.zeros(0, object)
+        return {"doc_id": doc_ids, "position": position, "tokens": chunks}
+
+
+def chunk_dataset(docs, tokenizer: CalmTokenizer, K: int, num_cpus: float, batch_size: int = 256):
+    """A Ray Dataset of documents -> a Ray Dataset of chunks (plain tasks, fractional CPUs)."""
+    return docs.map_batches(
+        TokenizeChunk(tokenizer.to_str(), K),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )

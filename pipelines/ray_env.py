@@ -1,0 +1,32 @@
+"""Starting or joining Ray the same way from every job."""
+
+from __future__ import annotations
+
+import os
+
+import pipelines  # noqa: F401  (sets RAY_AUTH_MODE etc. before ray is imported)
+from calm_core.config import RayConfig
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a
+    ``ray start`` cluster on this machine), or start a private local Ray with ``cfg.num_cpus`` CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # joining: resources belong to the cluster, never pass them
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus or None,
+            object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+            # the dashboard process serves Ray's State API, which Ray Train's controller polls
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,368 @@
+"""Stage 1: the chunk autoencoder trained with Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+
+Driver (``run_stage1``): corpus -> Ray Data documents -> tokenizer (RUN/tokenizer) -> K-token chunks
+(materialised Ray Dataset, streamed to the workers as shards) -> ``TorchTrainer.fit`` -> RUN/ae.
+
+Worker (``train_loop``): ``deepspeed.initialize`` on the process group Ray Train made (gloo on
+CPU, NCCL on GPU); a step-counted loop over the streamed shard; every ``log_every`` steps a
+validation pass over this rank's slice of the held-out chunks, summed over ranks (token accuracy
+decoding mu, a posterior sample and mu + N(0, 0.3^2), active latent dimensions, loss parts,
+tokens/s); every ``checkpoint_every`` steps a DeepSpeed checkpoint through ``ray.train.report``.
+Rerunning the same command resumes from the last checkpoint (the run is named ``stage1`` under
+``RUN/_train``); a checkpoint from a different setup is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calm_core.autoencoder import ChunkAutoencoder, active_dims, num_parameters, reconstruction_metrics
+from calm_core.checkpoint import load_weights, read_manifest, save_weights, write_manifest
+from calm_core.config import Config, config_from_dict
+from calm_core.errors import ArtifactError, CalmError, DataError
+from calm_core.optim import lr_at, param_groups
+from calm_core.tokenizer import CalmTokenizer
+from pipelines import train_common as tc
+from pipelines.storage import RunDir
+
+RUN_NAME = "stage1"
+
+
+# ============================================================================ worker side
+
+
+def _val_metrics(model, val: torch.Tensor, cfg: Config, pad_id: int, batch: int, device, seed: int) -> dict[str, float]:
+    """Validation over this rank's slice, summed over every rank."""
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(0, len(val), batch):
+        m = reconstruction_metrics(model, val[i : i + batch].to(device), pad_id, cfg.ae.eval_noise_std, gen)
+        for k, v in m.items():
+            v = torch.as_tensor(v, dtype=torch.float64).cpu()
+            sums[k] = sums[k] + v if k in sums else v
+    model.train()
+    tot = tc.all_reduce_sum(sums, device)
+    n_tok = max(1.0, float(tot["tokens"]))
+    n_chunks = max(1.0, float(tot["chunks"]))
+    return {
+        "val_acc_mu": float(tot["correct_mu"]) / n_tok,
+        "val_acc_sample": float(tot["correct_sample"]) / n_tok,
+        "val_acc_noise": float(tot["correct_noise"]) / n_tok,
+        "val_rec_loss": float(tot["rec_loss_sum"]) / n_chunks,
+        "val_kl": float(tot["kl_sum"]) / n_chunks,
+        "active_dims": active_dims(tot["mu_sum"], tot["mu_sq_sum"], float(tot["chunks"])),
+    }
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray.train
+
+    cfg = config_from_dict(loop["config"], "stage1 train_loop_config")
+    t, d = cfg.stage1, cfg.distributed
+    tok = CalmTokenizer.from_str(loop["tokenizer_json"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = tc.setup_worker(d)
+    precision = tc.resolve_precision(d)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=tc.deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, precision)
+    )
+
+    # held-out chunks: rank r takes rows r, r + world, ... (equal counts: collectives line up)
+    val_all = torch.as_tensor(np.asarray(loop["val_tokens"], dtype=np.int64))
+    n_val = (len(val_all) // world) * world
+    val = val_all[:n_val][rank::world]
+
+    step, records = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        step, meta = tc.restore_checkpoint(engine, ckpt, loop["identity"])
+        records = [r for r in meta.get("records", []) if r.get("step", 0) <= step]
+        if rank == 0:
+            tc.progress(f"[stage1] resumed from step {step} ({ckpt.path})")
+    log = tc.MetricsLog(records, loop["live_log"], loop["tb_dir"]) if rank == 0 else None
+
+    shard = ray.train.get_dataset_shard("train")
+    gen = torch.Generator().manual_seed(t.seed + 1000 * rank + step)
+    tokens_per_step = t.batch_size * cfg.ae.K * world
+    thr = tc.Throughput()
+    t_start = time.perf_counter()
+    last: dict[str, float] = {}
+    stopped_early = False
+
+    def batches():
+        epoch = 0
+        while True:
+            n = 0
+            for b in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                              local_shuffle_seed=t.seed + epoch):
+                n += 1
+                yield b["tokens"]
+            if n == 0:
+                raise DataError("this worker's shard of training chunks holds less than one batch; "
+                                "lower stage1.batch_size or use a larger corpus")
+            epoch += 1
+
+    def save_and_report(metrics: dict[str, Any], final: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            meta = {"identity": loop["identity"], "records": log.records if log else []}
+            tc.save_checkpoint(engine, folder, step, meta, rank)
+            state = tc.full_state_dict(engine, d.zero_stage) if final else None
+            if final and rank == 0:
+                save_weights(state, folder / "model.safetensors", {"format": "pt"})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    data = batches()
+    engine.train()
+    while step < t.max_steps:
+        x = next(data).to(device).long()  # [B, K]
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+        out = engine(x)
+        engine.backward(out.loss)
+        engine.step()
+        step += 1
+        thr.add(tokens_per_step)
+        last = {"loss": out.loss.item(), "rec_loss": out.rec_loss.item(), "kl": out.kl_loss.item(), "lr": lr}
+
+        boundary = step % t.log_every == 0 or step == t.max_steps
+        if boundary:
+            val_m = _val_metrics(engine.module, val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
+            record = {"step": step, **last, **val_m, "tokens_per_s": thr.rate(),
+                      "elapsed_s": time.perf_counter() - t_start}
+            if log is not None:
+                log.log(record)
+                tc.progress(
+                    f"[stage1] step {step}/{t.max_steps} loss {last['loss']:.4f} (rec {last['rec_loss']:.4f} "
+                    f"kl {last['kl']:.2f}) | held-out acc mu {100 * val_m['val_acc_mu']:.2f}% "
+                    f"sample {100 * val_m['val_acc_sample']:.2f}% noise {100 * val_m['val_acc_noise']:.2f}% | "
+                    f"active {val_m['active_dims']}/{cfg.ae.latent_dim} | {thr.rate():,.0f} tok/s"
+                )
+            thr.reset()
+            over_budget = t.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= t.max_minutes
+            if tc.any_rank(over_budget, device) and step < t.max_steps:
+                stopped_early = True
+                if rank == 0:
+                    tc.progress(f"[stage1] wall-clock budget of {t.max_minutes} min reached at step {step}")
+                break
+            if step % t.checkpoint_every == 0 and step < t.max_steps:
+                save_and_report({"step": step, **record, "final": False}, final=False)
+
+    final_record = dict(log.records[-1]) if log and log.records else {"step": step}
+    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early}, final=True)
+    if log is not None:
+        log.close()
+
+
+# ============================================================================ driver side
+
+
+def stage1_identity(cfg: Config, tok: CalmTokenizer, n_train_docs: int) -> dict[str, Any]:
+    """What a stage-1 checkpoint depends on; a rerun with anything else here is refused."""
+    ident: dict[str, Any] = {f"ae.{k}": v for k, v in cfg.to_dict()["ae"].items()}
+    ident.update({
+        "tokenizer.sha256": tok.sha256,
+        "corpus.train_documents": n_train_docs,
+        "stage1.batch_size": cfg.stage1.batch_size,
+        "distributed.num_workers": cfg.distributed.num_workers,
+        "distributed.zero_stage": cfg.distributed.zero_stage,
+    })
+    return ident
+
+
+def _check_identity(run: RunDir, identity: dict[str, Any]) -> None:
+    path = ("_train", f"{RUN_NAME}.identity.json")
+    if run.exists(*path):
+        old = run.read_json(*path)
+        if old != identity:
+            raise ArtifactError(
+                f"'{run.uri('_train', RUN_NAME)}' holds a stage-1 run with a different setup "
+                f"({tc.diff_identity(old, identity)}); use a new --run directory, or --overwrite to discard it"
+            )
+    else:
+        if run.exists("_train", RUN_NAME):
+            raise ArtifactError(f"'{run.uri('_train', RUN_NAME)}' exists but was not made by this pipeline "
+                                "(no identity record); use a new --run directory or --overwrite")
+        run.write_text(json.dumps(identity, indent=1), *path)
+
+
+def _val_tokens(val_chunks, train_chunks, limit: int) -> np.ndarray:
+    rows = val_chunks.limit(limit).take_all() if val_chunks is not None else []
+    if not rows:
+        tc.progress("[stage1] warning: the validation split is empty (tiny corpus or data.val_fraction=0); "
+                    "validating on training chunks instead")
+        rows = train_chunks.limit(limit).take_all()
+    return np.stack([np.asarray(r["tokens"], dtype=np.int32) for r in rows])
+
+
+def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume, or skip if complete) the autoencoder; returns the RUN/ae manifest."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.chunks import chunk_dataset
+    from pipelines.ingest import load_corpus
+    from pipelines.tokenizer_stage import ensure_tokenizer
+
+    if overwrite:
+        for p in (("ae",), ("_train", RUN_NAME), ("_train", f"{RUN_NAME}.identity.json")):
+            run.delete(*p)
+    if run.has_artifact("ae"):
+        m = run.read_json("ae", "manifest.json")
+        if m["metrics"].get("step", 0) >= cfg.stage1.max_steps:
+            tc.progress(f"[stage1] {run.uri('ae')} is complete ({m['metrics'].get('step')} steps); nothing to do "
+                        "(--overwrite retrains)")
+            return m
+
+    t0 = time.perf_counter()
+    train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
+    tc.progress(f"[corpus] {stats.summary()}")
+    corpus_info = {"spec": corpus, **stats.to_dict()}
+    tok = ensure_tokenizer(cfg, run, train_docs, corpus_info)
+    if tok.vocab_size > 0 and cfg.tokenizer.path == "" and tok.vocab_size != cfg.tokenizer.vocab_size:
+        tc.progress(f"[tokenizer] note: the corpus supported {tok.vocab_size} tokens of the {cfg.tokenizer.vocab_size} asked")
+
+    K = cfg.ae.K
+    train_chunks = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).materialize()
+    val_chunks = chunk_dataset(val_docs, tok, K, cfg.data.read_cpus).materialize() if val_docs is not None else None
+    n_train = train_chunks.count()
+    d = cfg.distributed
+    need = cfg.stage1.batch_size * d.num_workers
+    if n_train < need:
+        raise DataError(f"the corpus gives {n_train} training chunks, fewer than one step needs "
+                        f"(stage1.batch_size {cfg.stage1.batch_size} x {d.num_workers} workers); "
+                        "lower stage1.batch_size or use a larger corpus")
+    val_tokens = _val_tokens(val_chunks, train_chunks, cfg.stage1.val_max_chunks)
+    tc.progress(f"[stage1] {n_train:,} training chunks of K={K} ({n_train * K:,} token slots), "
+                f"{len(val_tokens):,} held-out chunks; prepared in {time.perf_counter() - t0:.1f}s")
+
+    identity = stage1_identity(cfg, tok, stats.documents.get("train", 0))
+    _check_identity(run, identity)
+    live_log = run.path("logs", "stage1.metrics.jsonl") if run.is_local else None
+    tb_dir = run.path("logs", "tb", "stage1") if run.is_local else None
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "tokenizer_json": tok.to_str(),
+            "val_tokens": val_tokens.tolist(),
+            "identity": identity,
+            "live_log": live_log,
+            "tb_dir": tb_dir,
+        },
+        torch_config=TorchConfig(backend=tc.resolve_backend(d)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=run.uri("_train"),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
+            worker_runtime_env={"env_vars": tc.worker_env(d)},
+        ),
+        datasets={"train": train_chunks.select_columns(["tokens"])},
+    )
+    tc.progress(f"[stage1] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
+                f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {tc.resolve_precision(d)}")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception
+        raise _unwrap_training_error(e) from None
+    if result.checkpoint is None:
+        raise ArtifactError("stage 1 finished without a checkpoint; see the worker logs above")
+    return _publish_ae(cfg, run, tok, result, corpus_info, identity)
+
+
+def _unwrap_training_error(e: Exception) -> Exception:
+    """Bring a CalmError raised inside a worker back as itself (a one-line message for the user)."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, CalmError):
+            return cur
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, dict):
+                for v in inner.values():
+                    found = _unwrap_training_error(v)
+                    if isinstance(found, CalmError):
+                        return found
+        cur = cur.__cause__ or cur.__context__
+    text = str(e)
+    for line in text.splitlines()[::-1]:
+        for cls in (ArtifactError, DataError):
+            tag = f"{cls.__name__}: "
+            if tag in line:
+                return cls(line.split(tag, 1)[1])
+    return e
+
+
+def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_info: dict, identity: dict) -> dict:
+    with result.checkpoint.as_directory() as ck, tempfile.TemporaryDirectory() as tmp:
+        ck, out = Path(ck), Path(tmp)
+        meta = json.loads((ck / tc.META).read_text())
+        if not (ck / "model.safetensors").is_file():
+            raise ArtifactError(f"the last checkpoint '{result.checkpoint.path}' holds no consolidated weights")
+        (out / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        tok.save(out)
+        records = meta.get("records", [])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        final = dict(records[-1]) if records else {}
+        final["step"] = meta["step"]
+        final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
+        model = load_autoencoder_dir(out, verify=False)[0]
+        manifest = write_manifest(
+            out, "ae",
+            inputs={"tokenizer_sha256": tok.sha256, "corpus": corpus_info, "config_sha256": cfg.section_hash()},
+            metrics=final,
+            extra={"parameters": num_parameters(model), "K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim,
+                   "identity": identity},
+        )
+        uri = run.publish_artifact(out, "ae")
+    tc.progress(f"[stage1] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, "
+                f"held-out acc mu {100 * final.get('val_acc_mu', 0):.2f}% sample "
+                f"{100 * final.get('val_acc_sample', 0):.2f}% noise {100 * final.get('val_acc_noise', 0):.2f}%")
+    return manifest
+
+
+# ============================================================================ loading (no Ray needed)
+
+
+def load_autoencoder_dir(directory: str | Path, verify: bool = True):
+    """RUN/ae (a local folder) -> (model in eval mode, Config, CalmTokenizer, manifest). Plain PyTorch."""
+    d = Path(directory)
+    manifest = read_manifest(d, kind="ae") if verify else {}
+    from calm_core.config import config_from_yaml
+
+    cfg = config_from_yaml((d / "config.yaml").read_text(), str(d / "config.yaml"))
+    tok = CalmTokenizer.from_file(d / "tokenizer.json")
+    if verify and manifest["inputs"]["tokenizer_sha256"] != tok.sha256:
+        raise ArtifactError(f"'{d}/tokenizer.json' is not the tokenizer this autoencoder was trained with")
+    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    state = load_weights(d / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"'{d}/model.safetensors' does not fit the config (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    model.eval()
+    return model, cfg, tok, manifest

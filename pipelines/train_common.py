@@ -1,0 +1,218 @@
+"""Pieces every Ray Train + DeepSpeed stage shares: the DeepSpeed config, worker set-up, collective
+sums, consolidated weights under any ZeRO stage, checkpoint save/restore, and the metrics log.
+
+Conventions (PIPELINE.md): ``deepspeed.initialize`` runs inside the train function; every rank saves
+its DeepSpeed shard into a local folder and reports it through ``ray.train.report`` (Ray Train
+merges the ranks' files into one checkpoint directory); ``report`` is called the same number of
+times on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calm_core.config import DistributedConfig
+from calm_core.errors import ArtifactError
+
+DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint
+META = "meta.json"  # rank 0's record of the step, the run identity and the metrics so far
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def resolve_precision(d: DistributedConfig) -> str:
+    if d.precision != "auto":
+        return d.precision
+    return "bf16" if d.use_gpu else "fp32"
+
+
+def resolve_backend(d: DistributedConfig) -> str:
+    if d.backend != "auto":
+        return d.backend
+    return "nccl" if d.use_gpu else "gloo"
+
+
+def worker_env(d: DistributedConfig) -> dict[str, str]:
+    """Environment for the training workers (RunConfig.worker_runtime_env)."""
+    threads = str(max(1, int(d.cpus_per_worker)))
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        # Ray Train's print patch tees every print twice to the driver when stdout is wrapped
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if not d.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def deepspeed_config(batch_size: int, grad_clip: float, zero_stage: int, precision: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        # a client torch.optim.AdamW: no JIT-compiled DeepSpeed optimizer op needed
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return cfg
+
+
+def setup_worker(d: DistributedConfig) -> torch.device:
+    torch.set_num_threads(max(1, int(d.cpus_per_worker)))
+    if d.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum every tensor over all ranks (one flattened collective)."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    flat = [values[k].detach().double().reshape(-1).to(device) for k in keys]
+    sizes = [t.numel() for t in flat]
+    buf = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(buf)
+    out, i = {}, 0
+    for k, n in zip(keys, sizes):
+        out[k] = buf[i : i + n].cpu().reshape(values[k].shape)
+        i += n
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (so all ranks stop together)."""
+    t = all_reduce_sum({"f": torch.tensor([1.0 if flag else 0.0])}, device)["f"]
+    return bool(t.item() > 0)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of ``engine.module`` on every rank (collective under ZeRO-3)."""
+    module = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    else:
+        state = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    for n, b in module.named_buffers():
+        state[n] = b.detach().cpu().clone()
+    return state
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, folder: Path, step: int, meta: dict[str, Any], rank: int) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 also writes meta.json."""
+    engine.save_checkpoint(str(folder), tag=DS_TAG, client_state={"step": step})
+    if rank == 0:
+        (folder / META).write_text(json.dumps({"step": step, **meta}))
+
+
+def restore_checkpoint(engine, checkpoint, identity: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Load the DeepSpeed state from a Ray checkpoint; refuse one from a different run."""
+    with checkpoint.as_directory() as d:
+        meta_path = Path(d) / META
+        if not meta_path.is_file():
+            raise ArtifactError(f"checkpoint '{checkpoint.path}' has no {META}: not made by this pipeline")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("identity") != identity:
+            raise ArtifactError(
+                f"checkpoint '{checkpoint.path}' belongs to a different run (identity "
+                f"{diff_identity(meta.get('identity') or {}, identity)}); use a new --run or --overwrite"
+            )
+        _, client = engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        step = int((client or {}).get("step", meta["step"]))
+    return step, meta
+
+
+def diff_identity(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts) if parts else "none"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Rank 0's metrics: kept in memory (travels in checkpoints), appended live to a JSONL file and,
+    when tensorboardX is installed, to TensorBoard event files."""
+
+    def __init__(self, records: list[dict], live_path: str | None, tb_dir: str | None):
+        self.records = list(records)
+        self.live_path = Path(live_path) if live_path else None
+        if self.live_path:
+            self.live_path.parent.mkdir(parents=True, exist_ok=True)
+            # rewrite: a resumed run drops lines logged after its checkpoint
+            self.live_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.tb = None
+        if tb_dir:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(tb_dir)
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.live_path:
+            with self.live_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress(msg: str) -> None:
+    print(msg, flush=True)
+    sys.stdout.flush()
+
+
+class Throughput:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.items = 0
+
+    def add(self, n: int) -> None:
+        self.items += n
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self.t0
+        return self.items / dt if dt > 0 else 0.0
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.items = 0

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the built-in default: set-up if needed, then the whole chain on CPU
+# (tokenizer -> stage 1 autoencoder -> reconstruction report) on the Shakespeare plays.
+# Extra arguments go to jobs/run_all.py (e.g. --corpus FILE, --run DIR, key=value overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+exec .venv/bin/python jobs/run_all.py "$@"
