@@ -1,21 +1,34 @@
 """The CALM chunk autoencoder: a VAE mapping K tokens to one latent vector z in R^l and back
-(CALM.md section 1; Shao et al. 2025, section 2).
+(CALM.md section 1; Shao et al. 2025, section 2). Attention-free: every block is a pre-norm residual
+SwiGLU MLP (calm_core.layers). d = d_model, l = latent_dim, V = vocabulary size.
 
-Encoder (attention-free):
-    e_k   = Blocks_tok(Embed(x_k))                    k = 1..K           [B, K, d]
-    h     = Blocks_lat(Linear_{Kd->d}(concat_k e_k))                      [B, d]
-    (mu, log sigma) = Linear_{d->2l}(RMSNorm(h))                          [B, l] each
+Encoder:
+    e_k   = Blocks_tok(E[x_k])                       k = 1..K, token_blocks blocks  [B, K, d]
+    h     = Blocks_lat(W_c concat_k(e_k) + b_c)       W_c: Kd -> d, latent_blocks    [B, d]
+    (mu, log sigma) = W_o RMSNorm(h) + b_o            W_o: d -> 2l                   [B, l] each
 Decoder:
-    g     = Blocks_lat(Linear_{l->d}(z))                                  [B, d]
-    g_k   = Blocks_tok(reshape(Linear_{d->Kd}(g)))                        [B, K, d]
-    logits_k = RMSNorm(g_k) E^T            (E: the input embedding, tied) [B, K, V]
+    g     = Blocks_lat(W_i z + b_i)                   W_i: l -> d                    [B, d]
+    g_k   = Blocks_tok(reshape_{K,d}(W_e g + b_e))    W_e: d -> Kd                   [B, K, d]
+    logits_k = RMSNorm(g_k) E^T                       E: the input embedding (tied)  [B, K, V]
 
-Loss per chunk, z = mu + sigma * eps (reparameterisation):
-    L = sum_k CE(logits_k, x_k) + beta * sum_i max(lambda_KL, KL_i)
-    KL_i = 0.5 * (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)
-The per-dimension floor lambda_KL stops dimensions from collapsing to the prior. Robustness
-(training only): each input token is replaced by <|mask|> with probability mask_prob (targets stay
-the true tokens), and dropout with p = latent_dropout is applied to the sampled z.
+Loss per chunk, averaged over the batch:
+    L    = sum_{k=1..K} CE(logits_k, x_k) + beta * sum_{i=1..l} max(lambda_KL, KL_i)
+    KL_i = 0.5 * (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i)        (KL(N(mu_i, sigma_i^2) || N(0, 1)))
+with z = mu + sigma * eps, eps ~ N(0, I) (reparameterisation) in training and z = mu in evaluation.
+The per-dimension floor lambda_KL (``kl_clip``) takes the gradient off dimensions whose KL is
+already below it, so the prior cannot pull them into collapse.
+
+Training-only robustness (gated by ``module.training``, applied in ``forward`` only):
+  - token masking: each non-pad input token is replaced by <|mask|> with probability mask_prob.
+    The targets stay the original tokens. Pad positions are never masked: padding is structure
+    (it only follows the EOT of a document's last chunk), not content to be robust about, and
+    keeping it visible leaves the encoder no doubt about where a document ends.
+  - latent dropout: dropout with p = latent_dropout (inverted scaling, 1/(1-p)) on the sampled z.
+``encode`` and ``decode`` themselves are deterministic in both modes; stage 2 and the metrics call
+them directly.
+
+Pad targets stay in the reconstruction loss (the decoder has to emit them to end a document), but
+the accuracy metrics leave them out (see ``reconstruction_metrics``).
 """
 
 from __future__ import annotations
@@ -29,43 +42,62 @@ from torch import nn
 from calm_core.config import AEConfig
 from calm_core.layers import ResidualMLPBlock, RMSNorm, init_weights
 
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -10.0, 5.0  # keeps exp(2 log sigma) finite in fp32 and bf16
+# log sigma is clamped to this range: exp(2 * 5) ~ 2e4 keeps sigma^2 (and the KL) finite in fp32 and
+# bf16, exp(-10) ~ 4.5e-5 keeps 2 log sigma away from -inf. The clamp is straight-through (the
+# forward value is clamped, the gradient is the identity's), so a dimension that overshoots still
+# gets the KL gradient that pulls it back instead of sitting on a flat clamp.
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -10.0, 5.0
 
 
 @dataclass
 class AEOutput:
-    loss: torch.Tensor  # scalar: mean over chunks of rec_loss + beta * kl_loss
-    rec_loss: torch.Tensor  # scalar: mean over chunks of sum_k CE
-    kl_loss: torch.Tensor  # scalar: mean over chunks of sum_i max(floor, KL_i)
+    loss: torch.Tensor  # scalar: rec_loss + beta * kl_loss
+    rec_loss: torch.Tensor  # scalar: mean over chunks of sum_k CE(logits_k, x_k)
+    kl_loss: torch.Tensor  # scalar: mean over chunks of sum_i max(kl_clip, KL_i) (before beta)
     kl_raw: torch.Tensor  # scalar: mean over chunks of sum_i KL_i (no floor)
     logits: torch.Tensor  # [B, K, V]
     mu: torch.Tensor  # [B, l]
-    log_sigma: torch.Tensor  # [B, l]
+    log_sigma: torch.Tensor  # [B, l] (clamped)
+
+
+# ---------------------------------------------------------------------------- the KL term
 
 
 def kl_per_dim(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) per dimension: 0.5 (mu^2 + sigma^2 - 1 - 2 log sigma). [B, l]"""
+    """KL_i = 0.5 (mu_i^2 + sigma_i^2 - 1 - 2 log sigma_i), in fp32. [B, l], [B, l] -> [B, l]"""
     mu, log_sigma = mu.float(), log_sigma.float()
-    return 0.5 * (mu.pow(2) + torch.exp(2 * log_sigma) - 1.0 - 2.0 * log_sigma)
+    return 0.5 * (mu.pow(2) + torch.exp(2.0 * log_sigma) - 1.0 - 2.0 * log_sigma)
 
 
-def clipped_kl(kl: torch.Tensor, floor: float) -> torch.Tensor:
-    """sum_i max(floor, KL_i) per chunk. [B, l] -> [B]"""
-    return torch.clamp(kl, min=floor).sum(-1)
+def clipped_kl(kl_per_dim: torch.Tensor, floor: float) -> torch.Tensor:
+    """sum_i max(floor, KL_i) per chunk: [B, l] -> [B]. No gradient reaches dimensions below floor."""
+    return torch.clamp(kl_per_dim, min=floor).sum(-1)
+
+
+def _clamp_log_sigma(log_sigma: torch.Tensor) -> torch.Tensor:
+    """Clamp to [LOG_SIGMA_MIN, LOG_SIGMA_MAX] in value, identity in gradient (straight-through)."""
+    clamped = log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    return log_sigma + (clamped - log_sigma).detach()
+
+
+# ---------------------------------------------------------------------------- the model
 
 
 class ChunkAutoencoder(nn.Module):
+    """The chunk VAE: ``encode`` tokens [B, K] -> (mu, log_sigma) [B, l]; ``decode`` z [B, l] -> logits
+    [B, K, V]; ``forward`` tokens -> AEOutput with the training loss."""
+
     def __init__(self, cfg: AEConfig, vocab_size: int, mask_id: int, pad_id: int):
         super().__init__()
         self.cfg, self.vocab_size, self.mask_id, self.pad_id = cfg, vocab_size, mask_id, pad_id
         K, d, f, l = cfg.K, cfg.d_model, cfg.ffn_dim, cfg.latent_dim
-        self.embed = nn.Embedding(vocab_size, d)
+        self.embed = nn.Embedding(vocab_size, d)  # E [V, d], also the output matrix (tied)
         # encoder
         self.enc_tok = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.token_blocks)])
         self.enc_compress = nn.Linear(K * d, d)
         self.enc_lat = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.latent_blocks)])
         self.enc_norm = RMSNorm(d)
-        self.enc_out = nn.Linear(d, 2 * l)
+        self.enc_out = nn.Linear(d, 2 * l)  # -> (mu, log sigma)
         # decoder
         self.dec_in = nn.Linear(l, d)
         self.dec_lat = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.latent_blocks)])
@@ -76,57 +108,62 @@ class ChunkAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ encoder / decoder
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, K] -> mu [B, l], log_sigma [B, l]"""
+        """tokens [B, K] (any integer dtype) -> mu [B, l], log_sigma [B, l] (clamped). Deterministic."""
         B, K = tokens.shape
-        e = self.enc_tok(self.embed(tokens))  # [B, K, d]
-        h = self.enc_lat(self.enc_compress(e.reshape(B, K * self.cfg.d_model)))  # [B, d]
+        e = self.enc_tok(self.embed(tokens.long()))  # [B, K, d]
+        h = self.enc_compress(e.reshape(B, K * self.cfg.d_model))  # [B, d]
+        h = self.enc_lat(h)  # [B, d]
         mu, log_sigma = self.enc_out(self.enc_norm(h)).chunk(2, dim=-1)  # [B, l] x 2
-        return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+        return mu, _clamp_log_sigma(log_sigma)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, l] -> logits [B, K, V]"""
+        """z [B, l] -> logits [B, K, V]. Deterministic."""
         B = z.shape[0]
         g = self.dec_lat(self.dec_in(z.to(self.dec_in.weight.dtype)))  # [B, d]
-        g = self.dec_tok(self.dec_expand(g).reshape(B, self.cfg.K, self.cfg.d_model))  # [B, K, d]
+        g = self.dec_expand(g).reshape(B, self.cfg.K, self.cfg.d_model)  # [B, K, d]
+        g = self.dec_tok(g)  # [B, K, d]
         return F.linear(self.dec_norm(g), self.embed.weight)  # [B, K, V] (tied embedding)
 
-    # ------------------------------------------------------------------ training forward
+    # ------------------------------------------------------------------ training-only noise
     def mask_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Training only: each token -> <|mask|> with probability mask_prob. [B, K] -> [B, K]"""
+        """Training: each non-pad token -> mask_id with probability mask_prob; eval: unchanged. [B, K]"""
         if not self.training or self.cfg.mask_prob <= 0:
             return tokens
-        hit = torch.rand(tokens.shape, device=tokens.device) < self.cfg.mask_prob
+        hit = (torch.rand(tokens.shape, device=tokens.device) < self.cfg.mask_prob) & (tokens != self.pad_id)
         return torch.where(hit, torch.full_like(tokens, self.mask_id), tokens)
 
     def sample_latent(self, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-        """Training: z = dropout(mu + sigma * eps); evaluation: z = mu. [B, l]"""
+        """Training: z = dropout_p(mu + sigma * eps), eps ~ N(0, I); eval: z = mu. [B, l] -> [B, l]"""
         if not self.training:
             return mu
         z = mu + torch.exp(log_sigma) * torch.randn_like(mu)
         return F.dropout(z, p=self.cfg.latent_dropout, training=True)
 
+    # ------------------------------------------------------------------ loss
     def forward(self, tokens: torch.Tensor) -> AEOutput:
-        """tokens [B, K] (targets are always the unmasked tokens)."""
-        mu, log_sigma = self.encode(self.mask_tokens(tokens))
+        """tokens [B, K] -> AEOutput. The targets are always the unmasked tokens."""
+        tokens = tokens.long()
+        mu, log_sigma = self.encode(self.mask_tokens(tokens))  # [B, l] x 2
         logits = self.decode(self.sample_latent(mu, log_sigma))  # [B, K, V]
-        rec = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")
-        rec = rec.view(tokens.shape).sum(-1).mean()  # sum over K, mean over chunks
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")  # [B*K]
+        rec = ce.view(tokens.shape).sum(-1).mean()  # sum over K, mean over chunks
         kl = kl_per_dim(mu, log_sigma)  # [B, l]
         kl_loss = clipped_kl(kl, self.cfg.kl_clip).mean()
         loss = rec + self.cfg.beta * kl_loss
         return AEOutput(loss, rec, kl_loss, kl.sum(-1).mean(), logits, mu, log_sigma)
 
 
-# ---------------------------------------------------------------------- evaluation helpers
+# ---------------------------------------------------------------------------- evaluation helpers
 
 
 def num_parameters(model: nn.Module) -> int:
+    """Number of parameters (the tied embedding counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def reconstruct(model: ChunkAutoencoder, tokens: torch.Tensor) -> torch.Tensor:
-    """argmax of decode(mu): tokens [B, K] -> tokens [B, K]"""
+    """argmax_v decode(mu(tokens)): tokens [B, K] -> tokens [B, K] (long)."""
     mu, _ = model.encode(tokens)
     return model.decode(mu).argmax(-1)
 
@@ -134,34 +171,47 @@ def reconstruct(model: ChunkAutoencoder, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id: int, noise_std: float,
                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Sums over a batch of chunks (so that they can be added across batches and workers).
+    """Sums and counts over a batch of chunks tokens [B, K], to be added across batches and workers.
 
-    Token accuracy counts only non-pad targets: padding is trivially reconstructed and would
-    inflate the figure. Three decodings: mu; a posterior sample mu + sigma * eps; mu + N(0, noise^2).
-    ``mu_sum`` / ``mu_sq_sum`` give the variance of mu over the data per dimension: a dimension is
-    active when that variance exceeds 0.01 (Burda et al. 2016).
+        tokens          number of non-pad target tokens
+        chunks          B
+        correct_mu      correct non-pad tokens decoding z = mu
+        correct_sample  ... decoding a posterior sample z = mu + sigma * eps
+        correct_noise   ... decoding z = mu + noise_std * eps (the robustness stage 2 relies on)
+        rec_loss_sum    sum over chunks of sum_k CE(decode(mu)_k, x_k) (pad targets included, as in
+                        the training loss; divide by chunks)
+        kl_sum          sum over chunks of sum_i max(kl_clip, KL_i) (divide by chunks)
+        mu_sum          [l] sum over chunks of mu
+        mu_sq_sum       [l] sum over chunks of mu^2 (with mu_sum and chunks: see ``active_dims``)
+
+    Accuracy leaves pad positions out: padding is trivially reconstructed and fills up to K-1 of
+    every document's last chunk, so counting it would inflate the figure on short documents.
+    The noise eps is drawn on the CPU from ``generator`` (the global RNG when None), so a seeded
+    generator gives the same figures on any device. The model is evaluated in eval mode and left
+    in the mode it was in.
     """
     was_training = model.training
     model.eval()
-    mu, log_sigma = model.encode(tokens)
+    tokens = tokens.long()
+    mu, log_sigma = model.encode(tokens)  # [B, l] x 2
     mu32, sigma32 = mu.float(), torch.exp(log_sigma.float())
     keep = tokens != pad_id  # [B, K]
 
-    def correct(z: torch.Tensor) -> torch.Tensor:
-        return ((model.decode(z).argmax(-1) == tokens) & keep).sum()
+    def eps() -> torch.Tensor:  # [B, l]
+        return torch.randn(mu32.shape, generator=generator, dtype=torch.float32).to(mu32.device)
 
-    def noise_like(x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    def correct(logits: torch.Tensor) -> torch.Tensor:
+        return ((logits.argmax(-1) == tokens) & keep).sum()
 
-    logits = model.decode(mu)
-    rec = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+    logits = model.decode(mu)  # [B, K, V]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")  # [B*K]
     out = {
         "tokens": keep.sum(),
-        "chunks": torch.tensor(tokens.shape[0]),
-        "correct_mu": ((logits.argmax(-1) == tokens) & keep).sum(),
-        "correct_sample": correct(mu32 + sigma32 * noise_like(mu32)),
-        "correct_noise": correct(mu32 + noise_std * noise_like(mu32)),
-        "rec_loss_sum": rec.sum(),
+        "chunks": torch.tensor(tokens.shape[0], device=tokens.device),
+        "correct_mu": correct(logits),
+        "correct_sample": correct(model.decode(mu32 + sigma32 * eps())),
+        "correct_noise": correct(model.decode(mu32 + noise_std * eps())),
+        "rec_loss_sum": ce.sum(),
         "kl_sum": clipped_kl(kl_per_dim(mu, log_sigma), model.cfg.kl_clip).sum(),
         "mu_sum": mu32.sum(0),  # [l]
         "mu_sq_sum": mu32.pow(2).sum(0),  # [l]
@@ -171,9 +221,13 @@ def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id
 
 
 def active_dims(mu_sum: torch.Tensor, mu_sq_sum: torch.Tensor, n: float, threshold: float = 0.01) -> int:
-    """Number of dimensions whose variance of mu across chunks exceeds ``threshold``."""
+    """Active units (Burda et al. 2016): dimensions i with Var_x[mu_i(x)] > threshold, from sums.
+
+        Var_i = mu_sq_sum_i / n - (mu_sum_i / n)^2          (computed in float64)
+    """
+    n = float(n)
     if n <= 1:
         return 0
-    mean = mu_sum.double() / n
-    var = mu_sq_sum.double() / n - mean.pow(2)
+    mean = torch.as_tensor(mu_sum).double() / n
+    var = torch.as_tensor(mu_sq_sum).double() / n - mean.pow(2)
     return int((var > threshold).sum().item())

@@ -1,8 +1,10 @@
 """Building blocks shared by the autoencoder and (later) the stage-2 Transformer.
 
-    RMSNorm(x)            = x / sqrt(mean(x^2) + eps) * g
-    SwiGLU(x)             = W2 (SiLU(W1 x) * (W3 x))
-    ResidualMLPBlock(x)   = x + SwiGLU(RMSNorm(x))          (pre-norm residual)
+    RMSNorm(x)            = x / sqrt(mean_j(x_j^2) + eps) * g              g in R^dim, init 1
+    SwiGLU(x)             = W2 (SiLU(W1 x) * (W3 x))                        no biases
+    ResidualMLPBlock(x)   = x + SwiGLU(RMSNorm(x))                          pre-norm residual
+
+All three act on the last dimension and keep every leading dimension: [..., dim] -> [..., dim].
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g.
+
+    Computed in fp32 and cast back, so that a bf16 model (DeepSpeed bf16) normalises without
+    losing precision in the mean of squares. The parameter is called ``weight`` like
+    ``torch.nn.RMSNorm``'s.
+    """
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))  # [dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
         xf = x.float()
@@ -25,6 +34,8 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """y = W2 (SiLU(W1 x) * (W3 x)), W1, W3: dim -> hidden (gate, up), W2: hidden -> dim (down)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
@@ -32,10 +43,12 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # hidden activations: [..., hidden]
 
 
 class ResidualMLPBlock(nn.Module):
+    """y = x + SwiGLU(RMSNorm(x)): a pre-norm residual MLP block (a Transformer block's MLP half)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.norm = RMSNorm(dim)
@@ -46,7 +59,7 @@ class ResidualMLPBlock(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, std) for linear and embedding weights, zeros for biases (RMSNorm gains stay 1)."""
+    """N(0, std^2) for every linear and embedding weight, zeros for biases; RMSNorm gains stay 1."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)

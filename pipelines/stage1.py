@@ -40,7 +40,6 @@ RUN_NAME = "stage1"
 
 def _val_metrics(model, val: torch.Tensor, cfg: Config, pad_id: int, batch: int, device, seed: int) -> dict[str, float]:
     """Validation over this rank's slice, summed over every rank."""
-    model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
     for i in range(0, len(val), batch):
@@ -48,7 +47,6 @@ def _val_metrics(model, val: torch.Tensor, cfg: Config, pad_id: int, batch: int,
         for k, v in m.items():
             v = torch.as_tensor(v, dtype=torch.float64).cpu()
             sums[k] = sums[k] + v if k in sums else v
-    model.train()
     tot = tc.all_reduce_sum(sums, device)
     n_tok = max(1.0, float(tot["tokens"]))
     n_chunks = max(1.0, float(tot["chunks"]))
@@ -128,6 +126,15 @@ def train_loop(loop: dict[str, Any]) -> None:
                 save_weights(state, folder / "model.safetensors", {"format": "pt"})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    def eval_model():
+        """The model to validate: the engine's module, or under ZeRO-3 (whose parameters are
+        partitioned outside the module's own forward) a whole copy gathered from the shards."""
+        if d.zero_stage < 3:
+            return engine.module
+        copy = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+        copy.load_state_dict(tc.full_state_dict(engine, d.zero_stage))
+        return copy.to(device)
+
     data = batches()
     engine.train()
     while step < t.max_steps:
@@ -144,7 +151,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
         boundary = step % t.log_every == 0 or step == t.max_steps
         if boundary:
-            val_m = _val_metrics(engine.module, val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
+            val_m = _val_metrics(eval_model(), val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
             record = {"step": step, **last, **val_m, "tokens_per_s": thr.rate(),
                       "elapsed_s": time.perf_counter() - t_start}
             if log is not None:
