@@ -50,6 +50,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argp
         from pipelines.ingest import default_corpus
 
         args.corpus = default_corpus()
+    if getattr(args, "corpus", None):
+        from pipelines.ingest import resolve_corpus_files
+
+        resolve_corpus_files(args.corpus, cfg.data.format)  # a bad path fails here, before Ray starts
     name = args.config.rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")
     run = RunDir(args.run or f"runs/{name}")
     return args, cfg, run

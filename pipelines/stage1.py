@@ -85,6 +85,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     n_val = (len(val_all) // world) * world
     val = val_all[:n_val][rank::world]
 
+    num_nodes = tc.count_nodes()
+    if rank == 0:
+        tc.progress(f"[stage1] {world} workers on {num_nodes} node(s)")
+
     step, records = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -173,7 +177,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                 save_and_report({"step": step, **record, "final": False}, final=False)
 
     final_record = dict(log.records[-1]) if log and log.records else {"step": step}
-    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early}, final=True)
+    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
+                     "num_workers": world, "num_nodes": num_nodes}, final=True)
     if log is not None:
         log.close()
 
@@ -247,7 +252,11 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
         tc.progress(f"[tokenizer] note: the corpus supported {tok.vocab_size} tokens of the {cfg.tokenizer.vocab_size} asked")
 
     K = cfg.ae.K
-    train_chunks = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).materialize()
+    # materialised with only the column training reads: while the Train workers hold their CPUs,
+    # streaming it to them then needs no Ray Data task (a task the leftover CPU share of a
+    # 2-core machine could not schedule would stall training forever)
+    train_chunks = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).select_columns(
+        ["tokens"], num_cpus=cfg.data.read_cpus).materialize()
     val_chunks = chunk_dataset(val_docs, tok, K, cfg.data.read_cpus).materialize() if val_docs is not None else None
     n_train = train_chunks.count()
     d = cfg.distributed
@@ -286,7 +295,7 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
             worker_runtime_env={"env_vars": tc.worker_env(d)},
         ),
-        datasets={"train": train_chunks.select_columns(["tokens"])},
+        datasets={"train": train_chunks},
     )
     tc.progress(f"[stage1] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
                 f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {tc.resolve_precision(d)}")
@@ -337,6 +346,8 @@ def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_inf
         final = dict(records[-1]) if records else {}
         final["step"] = meta["step"]
         final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
+        final["num_workers"] = result.metrics.get("num_workers")
+        final["num_nodes"] = result.metrics.get("num_nodes")
         model = load_autoencoder_dir(out, verify=False)[0]
         manifest = write_manifest(
             out, "ae",

@@ -70,6 +70,10 @@ def deepspeed_config(batch_size: int, grad_clip: float, zero_stage: int, precisi
 
 
 def setup_worker(d: DistributedConfig) -> torch.device:
+    import logging
+
+    # Ray Train logs every report's full metrics dict from every rank; our progress line says it once
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     if d.use_gpu:
         import ray.train.torch
@@ -96,6 +100,19 @@ def all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dic
         out[k] = buf[i : i + n].cpu().reshape(values[k].shape)
         i += n
     return out
+
+
+def count_nodes() -> int:
+    """How many distinct Ray nodes the ranks of this worker group run on (a collective)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

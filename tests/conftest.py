@@ -21,21 +21,27 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray cluster with 2 logical CPUs (the size of the CI machine)."""
+def _start_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=int(1e9),
-            log_to_driver=True,
-        )
-    yield ray
-    # shut down at the end of the session (tests/zz ordering not needed: session scope)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=int(1e9), log_to_driver=True)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_teardown():
+    yield
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_teardown):
+    """A real local Ray cluster with 2 logical CPUs (the size of the CI machine), started once and
+    shared; started again if a test (the multi-node one) had to shut it down."""
+    return _start_ray()
 
 
 @pytest.fixture

@@ -1,0 +1,69 @@
+"""The jobs as a user runs them (a subprocess): bad input ends in one line `error: ...`, exit 2,
+never a traceback. Jobs that need Ray join the test session's cluster through RAY_ADDRESS."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(args, ray_address=None, timeout=300):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "stage1.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def test_help_explains_options_and_overrides():
+    p = _job(["--help"])
+    assert p.returncode == 0
+    for word in ("--config", "--corpus", "--run", "--overwrite", "key=value", "debug", "paper"):
+        assert word in p.stdout, word
+
+
+def test_config_typo_names_the_key(tmp_path):
+    p = _job(["--config", "debug", "--run", str(tmp_path / "r"), "ae.latnt_dim=8"])
+    _one_line_error(p, "ae.latnt_dim", "did you mean 'ae.latent_dim'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1:\n  batch_size: many\n")
+    p = _job(["--config", str(bad), "--run", str(tmp_path / "r")])
+    _one_line_error(p, "stage1.batch_size", "bad.yaml", "integer")
+
+
+def test_missing_corpus_and_run_that_is_a_file(tmp_path):
+    p = _job(["--config", "debug", "--corpus", str(tmp_path / "nope.txt"), "--run", str(tmp_path / "r")])
+    _one_line_error(p, "nope.txt")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    p = _job(["--config", "debug", "--corpus", str(a_file), "--run", str(a_file)])
+    _one_line_error(p, "not a directory")
+
+
+@pytest.mark.slow
+def test_empty_and_binary_corpora_are_clear_errors(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n\n")
+    p = _job(["--config", "debug", "--corpus", str(empty), "--run", str(tmp_path / "r1")], address)
+    _one_line_error(p, "no usable documents", "empty")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    p = _job(["--config", "debug", "--corpus", str(binary), "--run", str(tmp_path / "r2")], address)
+    _one_line_error(p, "no usable documents", "undecodable")
+    assert not (tmp_path / "r1" / "ae").exists() and not (tmp_path / "r2" / "ae").exists()
