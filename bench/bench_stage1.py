@@ -26,7 +26,7 @@ import pipelines  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from calm_core.autoencoder import ChunkAutoencoder, num_parameters  # noqa: E402
+from calm_core.autoencoder import ChunkAutoencoder  # noqa: E402
 from calm_core.config import load_config  # noqa: E402
 from calm_core.optim import param_groups  # noqa: E402
 

@@ -231,3 +231,41 @@ def active_dims(mu_sum: torch.Tensor, mu_sq_sum: torch.Tensor, n: float, thresho
     mean = torch.as_tensor(mu_sum).double() / n
     var = torch.as_tensor(mu_sq_sum).double() / n - mean.pow(2)
     return int((var > threshold).sum().item())
+
+
+# ----------------------------------------------------------------------------- the RUN/ae artifact
+
+
+def load_autoencoder_dir(directory, verify: bool = True):
+    """An ``ae`` artifact folder -> (model in eval mode, Config, CalmTokenizer, manifest).
+
+    Plain PyTorch: the consolidated ``model.safetensors``, ``config.yaml`` and ``tokenizer.json``
+    (no Ray, no DeepSpeed). With ``verify`` the manifest's file hashes and the tokenizer hash are
+    checked first, so a truncated, edited or mixed-up artifact is an ``ArtifactError``.
+    """
+    from pathlib import Path
+
+    from calm_core.checkpoint import load_weights, read_manifest
+    from calm_core.config import config_from_yaml
+    from calm_core.errors import ArtifactError
+    from calm_core.tokenizer import CalmTokenizer
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArtifactError(f"autoencoder artifact '{d}' does not exist; run jobs/stage1.py for this run first")
+    manifest = read_manifest(d, kind="ae") if verify else {}
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+        if not (d / name).is_file():
+            raise ArtifactError(f"autoencoder artifact '{d}' lacks {name}; rerun jobs/stage1.py with --overwrite")
+    cfg = config_from_yaml((d / "config.yaml").read_text(), str(d / "config.yaml"))
+    tok = CalmTokenizer.from_file(d / "tokenizer.json")
+    if verify and manifest["inputs"]["tokenizer_sha256"] != tok.sha256:
+        raise ArtifactError(f"'{d}/tokenizer.json' is not the tokenizer this autoencoder was trained with")
+    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    state = load_weights(d / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"'{d}/model.safetensors' does not fit its config.yaml (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    model.eval()
+    return model, cfg, tok, manifest

@@ -102,6 +102,18 @@ class DistributedConfig:
 
 
 @dataclass
+class LatentsConfig:
+    """Offline latent precomputation (jobs/precompute_latents.py): the frozen encoder over the corpus."""
+
+    dtype: str = "float32"  # how mu and log_sigma are stored: float32 | float16 | bfloat16
+    batch_size: int = 1024  # chunks per encoder call
+    num_actors: int = 1  # encoder actors in the Ray Data actor pool
+    cpus_per_actor: float = 0.5  # CPUs each encoder actor reserves (torch threads = max(1, int(this)))
+    use_gpu: bool = False  # one GPU per encoder actor
+    shard_documents: int = 20000  # documents per shard: the unit that is committed once and skipped on rerun
+
+
+@dataclass
 class RayConfig:
     """Only used when the job starts Ray itself (no RAY_ADDRESS / no running cluster)."""
 
@@ -116,6 +128,7 @@ class Config:
     ae: AEConfig = field(default_factory=AEConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -322,3 +335,7 @@ def validate(cfg: Config) -> None:
     _choice(d.precision, "distributed.precision", ("auto", "fp32", "bf16"))
     _choice(d.backend, "distributed.backend", ("auto", "gloo", "nccl"))
     _positive(d.num_to_keep, "distributed.num_to_keep")
+    lt = cfg.latents
+    _choice(lt.dtype, "latents.dtype", ("float32", "float16", "bfloat16"))
+    for key in ("batch_size", "num_actors", "cpus_per_actor", "shard_documents"):
+        _positive(getattr(lt, key), f"latents.{key}")

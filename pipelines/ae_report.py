@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import active_dims, reconstruct, reconstruction_metrics
+from calm_core.autoencoder import active_dims, load_autoencoder_dir, reconstruct, reconstruction_metrics
 from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
-from pipelines.stage1 import load_autoencoder_dir
+
 from pipelines.storage import RunDir
 from pipelines.train_common import progress
 

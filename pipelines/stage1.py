@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import ChunkAutoencoder, active_dims, num_parameters, reconstruction_metrics
-from calm_core.checkpoint import load_weights, read_manifest, save_weights, write_manifest
+from calm_core.autoencoder import (ChunkAutoencoder, active_dims, load_autoencoder_dir, num_parameters,
+                                   reconstruction_metrics)
+from calm_core.checkpoint import save_weights, write_manifest
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, CalmError, DataError
 from calm_core.optim import lr_at, param_groups
@@ -99,7 +100,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     log = tc.MetricsLog(records, loop["live_log"], loop["tb_dir"]) if rank == 0 else None
 
     shard = ray.train.get_dataset_shard("train")
-    gen = torch.Generator().manual_seed(t.seed + 1000 * rank + step)
+    # masking, latent dropout and z ~ q(z|x) draw from torch's global RNG: a distinct stream per
+    # rank, and a fresh one after a resume (step is part of the seed)
+    torch.manual_seed(t.seed + 1000 * rank + 1_000_003 * step + 1)
     tokens_per_step = t.batch_size * cfg.ae.K * world
     thr = tc.Throughput()
     t_start = time.perf_counter()
@@ -361,26 +364,3 @@ def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_inf
                 f"held-out acc mu {100 * final.get('val_acc_mu', 0):.2f}% sample "
                 f"{100 * final.get('val_acc_sample', 0):.2f}% noise {100 * final.get('val_acc_noise', 0):.2f}%")
     return manifest
-
-
-# ============================================================================ loading (no Ray needed)
-
-
-def load_autoencoder_dir(directory: str | Path, verify: bool = True):
-    """RUN/ae (a local folder) -> (model in eval mode, Config, CalmTokenizer, manifest). Plain PyTorch."""
-    d = Path(directory)
-    manifest = read_manifest(d, kind="ae") if verify else {}
-    from calm_core.config import config_from_yaml
-
-    cfg = config_from_yaml((d / "config.yaml").read_text(), str(d / "config.yaml"))
-    tok = CalmTokenizer.from_file(d / "tokenizer.json")
-    if verify and manifest["inputs"]["tokenizer_sha256"] != tok.sha256:
-        raise ArtifactError(f"'{d}/tokenizer.json' is not the tokenizer this autoencoder was trained with")
-    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
-    state = load_weights(d / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(f"'{d}/model.safetensors' does not fit the config (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
-    model.eval()
-    return model, cfg, tok, manifest

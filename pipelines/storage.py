@@ -72,9 +72,23 @@ class RunDir:
         return json.loads(self.read_text(*parts))
 
     def write_text(self, text: str, *parts: str) -> None:
+        """Write a small file atomically: a reader sees the old content or the new, never a part
+        (locally a rename; an object store's single PUT is atomic by itself)."""
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
+        if self.is_local:
+            final = Path(self.path(*parts))
+            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, final)
+            return
         with self.fs.open_output_stream(self.path(*parts)) as f:
             f.write(text.encode("utf-8"))
+
+    def list_files(self, *parts: str) -> list[tuple[str, int]]:
+        """(name, size in bytes) of the files directly inside RUN/parts, sorted by name."""
+        sel = pafs.FileSelector(self.path(*parts), allow_not_found=True, recursive=False)
+        infos = [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        return sorted((i.base_name, i.size) for i in infos)
 
     def delete(self, *parts: str) -> None:
         info = self.fs.get_file_info(self.path(*parts))

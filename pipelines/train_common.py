@@ -71,9 +71,18 @@ def deepspeed_config(batch_size: int, grad_clip: float, zero_stage: int, precisi
 
 def setup_worker(d: DistributedConfig) -> torch.device:
     import logging
+    import warnings
 
-    # Ray Train logs every report's full metrics dict from every rank; our progress line says it once
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor at every ZeRO step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # Ray Train 2.60 logs every report's full metrics dict from every rank (a logger named after
+    # its source file); our progress line says it once
+    try:
+        from ray.train.v2._internal.execution import context as _ctx
+
+        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     if d.use_gpu:
         import ray.train.torch

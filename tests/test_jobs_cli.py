@@ -11,12 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _job(args, ray_address=None, timeout=300):
+def _job(args, ray_address=None, timeout=300, script="stage1.py"):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "stage1.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,3 +67,14 @@ def test_empty_and_binary_corpora_are_clear_errors(ray_session, tmp_path):
     p = _job(["--config", "debug", "--corpus", str(binary), "--run", str(tmp_path / "r2")], address)
     _one_line_error(p, "no usable documents", "undecodable")
     assert not (tmp_path / "r1" / "ae").exists() and not (tmp_path / "r2" / "ae").exists()
+
+
+def test_precompute_needs_an_autoencoder(tmp_path, tiny_corpus):
+    p = _job(["--config", "debug", "--corpus", str(tiny_corpus), "--run", str(tmp_path / "r")],
+             script="precompute_latents.py")
+    _one_line_error(p, "ae", "does not exist")
+    p = _job(["--config", "debug", "--corpus", str(tiny_corpus), "--run", str(tmp_path / "r"),
+              "--ae", str(tmp_path / "nowhere")], script="precompute_latents.py")
+    _one_line_error(p, "nowhere", "does not exist")
+    p = _job(["--help"], script="precompute_latents.py")
+    assert p.returncode == 0 and "--ae" in p.stdout

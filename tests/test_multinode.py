@@ -3,8 +3,9 @@ Ray Train workers cannot fit on one node, so the DeepSpeed process group really 
 
 import pytest
 
+from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
-from pipelines.stage1 import load_autoencoder_dir, run_stage1
+from pipelines.stage1 import run_stage1
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow

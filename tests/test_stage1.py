@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from calm_core.autoencoder import reconstruct
+from calm_core.autoencoder import load_autoencoder_dir, reconstruct
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError, DataError
-from pipelines.stage1 import load_autoencoder_dir, run_stage1
+from pipelines.stage1 import run_stage1
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -64,3 +64,33 @@ def test_zero3_single_worker_and_bad_batch(ray_session, tiny_corpus, tmp_path):
     big = load_config("debug", ["stage1.batch_size=100000"])
     with pytest.raises(DataError, match="batch_size"):
         run_stage1(big, str(tiny_corpus), RunDir(str(tmp_path / "run2")))
+
+
+def test_damaged_ae_artifact_is_refused(tmp_path):
+    """A truncated or edited RUN/ae never loads as a silently different model (no Ray needed)."""
+    import shutil
+
+    from calm_core.autoencoder import ChunkAutoencoder
+    from calm_core.checkpoint import save_weights, write_manifest
+    from calm_core.tokenizer import CalmTokenizer
+
+    cfg = load_config("debug")
+    tok = CalmTokenizer.train(["the cat sat on the mat"] * 20, vocab_size=320, min_frequency=1)
+    ae = tmp_path / "ae"
+    ae.mkdir()
+    save_weights(ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id).state_dict(),
+                 ae / "model.safetensors")
+    (ae / "config.yaml").write_text(cfg.to_yaml())
+    tok.save(ae)
+    write_manifest(ae, "ae", inputs={"tokenizer_sha256": tok.sha256}, metrics={})
+    load_autoencoder_dir(ae)  # intact: loads
+
+    w = ae / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors"):
+        load_autoencoder_dir(ae)
+    shutil.rmtree(ae)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_autoencoder_dir(ae)

@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Offline latent precomputation: the frozen stage-1 encoder over every K-token chunk of the corpus,
+written once as Parquet (RUN/latents) for stage 2.
+
+Reads RUN/ae (or --ae PATH), ingests the corpus with the AE's tokenizer and chunk rule, encodes the
+chunks in a Ray Data actor pool and writes Parquet with Ray Data. Rerunning the same command
+finishes an interrupted run (every chunk exactly once) or says the output is complete; latents of
+another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite.
+
+    python jobs/precompute_latents.py --config small --corpus data/train.txt --run runs/small
+    python jobs/precompute_latents.py --run runs/small latents.dtype=float16 latents.num_actors=2
+"""
+
+import _bootstrap  # noqa: F401
+
+from pipelines.cli import job_main, make_parser, parse
+from pipelines.ray_env import init_ray
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--ae", default=None, help="the autoencoder artifact to use (default: RUN/ae)")
+    args, cfg, run = parse(parser, argv)
+    from calm_core.autoencoder import load_autoencoder_dir
+    from pipelines.precompute import precompute_latents
+
+    ae_dir = args.ae or str(run.local_artifact("ae"))  # a missing or damaged AE fails before Ray starts
+    load_autoencoder_dir(ae_dir)
+    init_ray(cfg.ray)
+    precompute_latents(cfg, args.corpus, run, ae_path=ae_dir, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main(main))

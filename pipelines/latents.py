@@ -1,0 +1,228 @@
+"""The latents Parquet format: schema, encoding of the stored floats, and the reader stage 2 uses.
+
+``RUN/latents/`` (written by ``pipelines/precompute.py``, layout in docs/LATENTS.md):
+
+    manifest.json                 written last; lists every part file with rows, bytes and sha256
+    _identity.json                what the output depends on (AE, tokenizer, K, dtype, corpus, ...)
+    train/shard-00000/part-000000.parquet ...   one folder per shard of documents
+    train/shard-00000.json        the shard's commit record (written after its files are complete)
+    val/...
+
+One row per K-token chunk, in corpus order: documents in the order ingest reads them, and the
+chunks of a document in order (``position`` 0, 1, ...). Files sort in that order too, so reading
+the part files of a split in name order gives the token stream back, and L consecutive rows of one
+file are L consecutive chunks of text (documents follow each other, each ending with its
+end-of-text chunk). Stage 2 takes training blocks of L consecutive rows of one file
+(``latent_blocks``) and never needs a global shuffle of chunks.
+
+Columns (explicit pyarrow schema; its metadata key ``calm.latents`` holds the JSON identity):
+
+    doc_id      string                     sha1 of the document's normalised text
+    position    int32                      chunk index within the document
+    tokens      fixed_size_list<int32>[K]  the chunk's token ids (EOT / padding included)
+    mu          fixed_size_list<T>[l]      posterior mean of the frozen encoder
+    log_sigma   fixed_size_list<T>[l]      posterior log standard deviation
+
+T is float32, float16 (Parquet FLOAT16), or bfloat16 stored as uint16 bit patterns (Parquet has
+no bfloat16 type; ``decode_floats`` turns them back).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from calm_core.checkpoint import sha256_file
+from calm_core.errors import ArtifactError
+from pipelines.storage import RunDir
+
+ARTIFACT = "latents"
+SPLITS = ("train", "val")
+META_KEY = b"calm.latents"
+STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+# what must agree between the latents and the AE a stage-2 run uses
+MATCH_KEYS = ("ae_sha256", "tokenizer_sha256", "K", "latent_dim")
+
+
+def latents_schema(K: int, latent_dim: int, dtype: str, meta: dict[str, Any] | None = None) -> pa.Schema:
+    t = STORAGE_TYPES[dtype]
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("position", pa.int32()),
+            ("tokens", pa.list_(pa.int32(), K)),
+            ("mu", pa.list_(t, latent_dim)),
+            ("log_sigma", pa.list_(t, latent_dim)),
+        ],
+        metadata={META_KEY: json.dumps(meta or {}, sort_keys=True).encode()},
+    )
+
+
+def encode_floats(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """float tensor [N, l] -> the flat numpy array stored for ``dtype`` (float32 / float16 / uint16)."""
+    x = x.detach().float().cpu()
+    if dtype == "float32":
+        return x.numpy().reshape(-1)
+    if dtype == "float16":
+        return x.half().numpy().reshape(-1)
+    return x.bfloat16().view(torch.int16).numpy().view(np.uint16).reshape(-1)  # bfloat16 bit patterns
+
+
+def decode_floats(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """The stored numpy values (any shape) -> float32 tensor of the same shape."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(arr, dtype=np.uint16).view(np.int16)
+        return torch.from_numpy(bits.copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: Arrow buffers are read-only
+
+
+def to_table(doc_id, position, tokens: np.ndarray, mu: torch.Tensor, log_sigma: torch.Tensor,
+             schema: pa.Schema, dtype: str) -> pa.Table:
+    """One batch of encoded chunks as a table of ``schema`` (tokens [N, K], mu / log_sigma [N, l])."""
+    K, l = tokens.shape[1], mu.shape[1]
+    t = STORAGE_TYPES[dtype]
+    cols = [
+        pa.array(np.asarray(doc_id, dtype=object), type=pa.string()),
+        pa.array(np.asarray(position, dtype=np.int32), type=pa.int32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(tokens, dtype=np.int32).reshape(-1)), K),
+        pa.FixedSizeListArray.from_arrays(pa.array(encode_floats(mu, dtype), type=t), l),
+        pa.FixedSizeListArray.from_arrays(pa.array(encode_floats(log_sigma, dtype), type=t), l),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def column_matrix(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed_size_list column -> numpy [rows, width] (no copy when possible)."""
+    col = table.column(name).combine_chunks()
+    width = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
+
+
+# ----------------------------------------------------------------------------- identity of the AE
+
+
+def ae_identity(ae_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What latents made by this AE record about it (and what a reader compares)."""
+    files = manifest.get("files", {})
+    ae_sha = files.get("model.safetensors") or sha256_file(Path(ae_dir) / "model.safetensors")
+    return {
+        "ae_sha256": ae_sha,
+        "tokenizer_sha256": manifest["inputs"]["tokenizer_sha256"],
+        "K": int(manifest["K"]),
+        "latent_dim": int(manifest["latent_dim"]),
+    }
+
+
+# ----------------------------------------------------------------------------- the reader
+
+
+def latents_manifest(run: RunDir) -> dict[str, Any]:
+    if not run.has_artifact(ARTIFACT):
+        what = "is incomplete (no manifest: the precompute job did not finish)" if run.exists(ARTIFACT) \
+            else "does not exist"
+        raise ArtifactError(f"'{run.uri(ARTIFACT)}' {what}; run jobs/precompute_latents.py for this run")
+    return run.read_json(ARTIFACT, "manifest.json")
+
+
+def check_matches(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Refuse latents made by another AE, tokenizer, K or latent width than ``expected``."""
+    made = manifest["identity"]
+    diffs = [f"{k}: latents have {made.get(k)!r}, the AE has {expected.get(k)!r}"
+             for k in MATCH_KEYS if made.get(k) != expected.get(k)]
+    if diffs:
+        raise ArtifactError(f"'{where}' was made with another autoencoder ({'; '.join(diffs)}); "
+                            "rerun jobs/precompute_latents.py --overwrite with this AE, or use its own run")
+
+
+def part_files(run: RunDir, manifest: dict[str, Any], split: str, verify: bool = True) -> list[str]:
+    """Paths (inside ``run.fs``) of the split's part files, in stream order; with ``verify`` each file's
+    size and sha256 are checked against the manifest."""
+    out = []
+    for part in manifest["parts"][split]:
+        path = run.path(ARTIFACT, part["path"])
+        info = run.fs.get_file_info(path)
+        if info.size is None or info.type.name != "File":
+            raise ArtifactError(f"latents part '{run.uri(ARTIFACT, part['path'])}' is missing; "
+                                "rerun jobs/precompute_latents.py --overwrite")
+        if info.size != part["bytes"]:
+            raise ArtifactError(f"latents part '{run.uri(ARTIFACT, part['path'])}' is truncated or changed "
+                                f"({info.size} bytes, the manifest says {part['bytes']}); "
+                                "rerun jobs/precompute_latents.py --overwrite")
+        if verify:
+            digest = sha256_of(run, path)
+            if digest != part["sha256"]:
+                raise ArtifactError(f"latents part '{run.uri(ARTIFACT, part['path'])}' is corrupted (sha256 "
+                                    f"{digest[:12]}, the manifest says {part['sha256'][:12]}); "
+                                    "rerun jobs/precompute_latents.py --overwrite")
+        out.append(path)
+    return out
+
+
+def sha256_of(run: RunDir, path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with run.fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | None = None,
+                 verify: bool = True):
+    """RUN/latents/<split> as a Ray Dataset with a ``path`` column (the part file of each row; the rows
+    of one file are in stream order, the order of files in the dataset is Ray Data's), after
+    checking that the output is complete, that it was made by the ``expected`` AE (``ae_identity``), and (``verify``) that no part
+    file is truncated or corrupted. Returns (dataset, manifest)."""
+    import ray.data
+
+    if split not in SPLITS:
+        raise ArtifactError(f"unknown latents split {split!r}; use one of {', '.join(SPLITS)}")
+    manifest = latents_manifest(run)
+    if expected is not None:
+        check_matches(manifest, expected, run.uri(ARTIFACT))
+    files = part_files(run, manifest, split, verify)
+    if not files:
+        raise ArtifactError(f"'{run.uri(ARTIFACT)}' holds no {split} rows (the {split} split of the corpus "
+                            "was empty)")
+    schema = latents_schema(manifest["identity"]["K"], manifest["identity"]["latent_dim"],
+                            manifest["identity"]["dtype"])
+    # with the file of every row: Ray Data may pack several part files into one block, in any order
+    ds = ray.data.read_parquet(files, filesystem=run.fs, schema=schema, include_paths=True)
+    return ds, manifest
+
+
+class LatentBlocks:
+    """map_batches UDF: rows of consecutive chunks -> training blocks of L consecutive chunks.
+
+    Rows are grouped by the part file they came from (``path``; within a file they are in stream
+    order) and each file's run is cut into blocks of L, so a block never joins two files that Ray
+    Data happened to pack together. Out: {"tokens": int64 [n, L, K], "mu": float32 [n, L, l],
+    "log_sigma": float32 [n, L, l]}; the last (< L) rows of each file's run are dropped."""
+
+    def __init__(self, L: int, dtype: str):
+        self.L, self.dtype = L, dtype
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        paths = batch.column("path").to_numpy(zero_copy_only=False)
+        edges = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), len(paths)]
+        take = np.concatenate([np.arange(a, a + (b - a) // self.L * self.L) for a, b in zip(edges, edges[1:])]
+                              + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+        n = len(take) // self.L
+        tok = column_matrix(batch, "tokens")[take].astype(np.int64)
+        mu = decode_floats(column_matrix(batch, "mu")[take], self.dtype).numpy()
+        ls = decode_floats(column_matrix(batch, "log_sigma")[take], self.dtype).numpy()
+        return {"tokens": tok.reshape(n, self.L, -1), "mu": mu.reshape(n, self.L, -1),
+                "log_sigma": ls.reshape(n, self.L, -1)}
+
+
+def latent_blocks(ds, manifest: dict[str, Any], L: int, num_cpus: float = 0.25):
+    """Training blocks of L consecutive chunks from a ``read_latents`` dataset (plain Ray Data tasks,
+    fractional CPUs: no actor stage to starve a small cluster)."""
+    return ds.map_batches(LatentBlocks(L, manifest["identity"]["dtype"]), batch_size=None,
+                          batch_format="pyarrow", num_cpus=num_cpus)

@@ -1,0 +1,267 @@
+"""Offline latent precomputation: the frozen encoder over every K-token chunk, into Parquet, once.
+
+Ray Data reads the corpus (``pipelines.ingest``), tokenises and chunks it with the AE's own tokenizer
+(``pipelines.chunks``, the code stage 1 uses), runs the frozen encoder in an actor pool
+(``latents.num_actors`` actors, ``latents.cpus_per_actor`` CPUs or one GPU each) and writes Parquet
+with ``Dataset.write_parquet`` and the explicit schema of ``pipelines.latents``.
+
+Exactly once. Each split's documents are cut into shards of ``latents.shard_documents`` documents
+(by position in the corpus order, so the cut is the same on every run). A shard is written into
+its own folder and then committed by an atomic JSON record (files, rows, bytes, sha256); the final
+manifest lists the committed parts and is written last. A rerun checks the identity of the output
+(AE, tokenizer, K, dtype, corpus, sharding), skips committed shards, deletes whatever an interrupted
+shard left behind and writes it again; so a job killed at any point and run again ends with every
+chunk exactly once. A complete output is left alone. Different inputs are refused unless
+``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from calm_core.autoencoder import load_autoencoder_dir
+from calm_core.checkpoint import code_version
+from calm_core.config import Config
+from calm_core.errors import ArtifactError
+from pipelines import latents as L
+from pipelines.storage import RunDir
+from pipelines.train_common import progress
+
+
+class EncodeChunks:
+    """Ray Data actor: {"doc_id", "position", "tokens"[K]} -> a table of the latents schema.
+
+    The AE arrives as bytes (config, tokenizer, safetensors), so actors on any node build it without
+    a shared filesystem."""
+
+    def __init__(self, ae_blob: dict[str, Any], dtype: str, use_gpu: bool, threads: int, schema_meta: dict):
+        from safetensors.torch import load as load_safetensors
+
+        from calm_core.autoencoder import ChunkAutoencoder
+        from calm_core.config import config_from_yaml
+
+        torch.set_num_threads(max(1, threads))
+        cfg = config_from_yaml(ae_blob["config_yaml"])
+        self.model = ChunkAutoencoder(cfg.ae, ae_blob["vocab_size"], ae_blob["mask_id"], ae_blob["pad_id"])
+        self.model.load_state_dict(load_safetensors(ae_blob["weights"]))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.dtype = dtype
+        self.schema = L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, dtype, schema_meta)
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        tokens = np.asarray(batch["tokens"])  # [B, K]
+        with torch.inference_mode():
+            mu, log_sigma = self.model.encode(torch.from_numpy(tokens.astype(np.int64)).to(self.device))  # [B, l]
+        return L.to_table(batch["doc_id"], batch["position"], tokens, mu, log_sigma, self.schema, self.dtype)
+
+
+def _ordered_names():
+    from ray.data.datasource import FilenameProvider
+
+    class Ordered(FilenameProvider):
+        """part-<task index>.parquet: write task i holds the i-th block in stream order."""
+
+        def __init__(self):
+            super().__init__(file_format="parquet")
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:06d}.parquet"
+
+    return Ordered()
+
+
+def _part_order(name: str) -> tuple[int, int]:
+    stem = name.removesuffix(".parquet").removeprefix("part-")  # "000003" or "000003-0"
+    task, _, i = stem.partition("-")
+    return int(task), int(i or 0)
+
+
+def _ae_blob(ae_dir: Path, tok) -> dict[str, Any]:
+    return {"config_yaml": (ae_dir / "config.yaml").read_text(), "weights": (ae_dir / "model.safetensors").read_bytes(),
+            "vocab_size": tok.vocab_size, "mask_id": tok.mask_id, "pad_id": tok.pad_id}
+
+
+def _identity(cfg: Config, ae_ident: dict, stats, corpus: str) -> dict[str, Any]:
+    d = cfg.data
+    return {**ae_ident, "dtype": cfg.latents.dtype, "shard_documents": cfg.latents.shard_documents,
+            "corpus_documents": stats.documents, "corpus_characters": stats.characters,
+            "data": {"format": d.format, "separator": d.separator, "eot_marker": d.eot_marker,
+                     "text_field": d.text_field, "val_fraction": d.val_fraction, "split_salt": d.split_salt,
+                     "max_documents": d.max_documents}}
+
+
+def _check_identity(run: RunDir, ident: dict[str, Any]) -> None:
+    path = (L.ARTIFACT, "_identity.json")
+    if run.exists(*path):
+        old = run.read_json(*path)
+        if old != ident:
+            keys = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            raise ArtifactError(f"'{run.uri(L.ARTIFACT)}' holds latents of another setup (differs in: "
+                                f"{', '.join(keys)}); pass --overwrite to replace them, or use another --run")
+    elif run.exists(L.ARTIFACT):
+        raise ArtifactError(f"'{run.uri(L.ARTIFACT)}' exists but has no identity record (not made by this "
+                            "pipeline, or from an older version); pass --overwrite to replace it")
+    else:
+        run.write_text(json.dumps(ident, indent=1, sort_keys=True), *path)
+
+
+def _committed(run: RunDir, split: str, shard: int) -> dict[str, Any] | None:
+    """The shard's commit record if it exists and its files are all there with their sizes."""
+    rec_path = (L.ARTIFACT, split, f"shard-{shard:05d}.json")
+    if not run.exists(*rec_path):
+        return None
+    rec = run.read_json(*rec_path)
+    sizes = dict(run.list_files(L.ARTIFACT, split, f"shard-{shard:05d}"))
+    if all(sizes.get(Path(p["path"]).name) == p["bytes"] for p in rec["parts"]):
+        return rec
+    progress(f"[latents] {split} shard {shard}: committed files are missing or changed; writing it again")
+    run.delete(*rec_path)
+    return None
+
+
+def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, blob: dict, meta: dict) -> dict:
+    import ray.data
+
+    from pipelines.chunks import chunk_dataset
+
+    lc = cfg.latents
+    folder = (L.ARTIFACT, split, f"shard-{shard:05d}")
+    run.delete(*folder)  # whatever an interrupted attempt left
+    schema = L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype, {**meta, "split": split, "shard": shard})
+    chunks = chunk_dataset(docs, tok, cfg.ae.K, cfg.data.read_cpus)
+    encoded = chunks.map_batches(
+        EncodeChunks,
+        fn_constructor_kwargs={"ae_blob": blob, "dtype": lc.dtype, "use_gpu": lc.use_gpu,
+                               "threads": int(lc.cpus_per_actor),
+                               "schema_meta": {**meta, "split": split, "shard": shard}},
+        batch_size=lc.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=lc.num_actors),
+        num_cpus=lc.cpus_per_actor,
+        num_gpus=1 if lc.use_gpu else 0,
+    )
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # write task i = the i-th block in corpus order
+    try:
+        encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
+                              schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
+                              mode=ray.data.SaveMode.OVERWRITE)
+    finally:
+        ctx.execution_options.preserve_order = keep
+    parts = []
+    for name, size in sorted(run.list_files(*folder), key=lambda x: _part_order(x[0])):
+        path = run.path(*folder, name)
+        with run.fs.open_input_file(path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        parts.append({"path": f"{split}/shard-{shard:05d}/{name}", "rows": rows, "bytes": size,
+                      "sha256": L.sha256_of(run, path)})
+    rec = {"split": split, "shard": shard, "parts": parts, "rows": sum(p["rows"] for p in parts)}
+    run.write_text(json.dumps(rec, indent=1), L.ARTIFACT, split, f"shard-{shard:05d}.json")  # the commit
+    return rec
+
+
+def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | None = None,
+                       overwrite: bool = False, replace_stale: bool = False) -> dict[str, Any]:
+    """Make (or finish, or leave alone if complete) RUN/latents; returns its manifest.
+
+    Latents of another setup are refused unless ``overwrite``; ``replace_stale`` (the chained
+    ``run_all`` job) replaces them with a message instead, since there they are stale outputs of
+    the same run's earlier AE."""
+    from pipelines.ingest import load_corpus
+
+    t0 = time.perf_counter()
+    ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
+    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)  # verifies the AE's files
+    # the chunking and the model come from the AE, not from the job's config
+    cfg.ae = ae_cfg.ae
+    ae_ident = L.ae_identity(ae_dir, ae_manifest)
+    if overwrite:
+        run.delete(L.ARTIFACT)
+
+    train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
+    progress(f"[corpus] {stats.summary()}")
+    ident = _identity(cfg, ae_ident, stats, corpus)
+    if run.has_artifact(L.ARTIFACT):
+        m = run.read_json(L.ARTIFACT, "manifest.json")
+        if m.get("identity") == ident:
+            progress(f"[latents] {run.uri(L.ARTIFACT)} is complete ({m['metrics']['rows']:,} rows); nothing to do "
+                     "(--overwrite recomputes)")
+            return m
+    try:
+        _check_identity(run, ident)
+    except ArtifactError as e:
+        if not replace_stale:
+            raise
+        progress(f"[latents] {e}; recomputing them for the current AE")
+        run.delete(L.ARTIFACT)
+        _check_identity(run, ident)
+
+    lc = cfg.latents
+    meta = {k: ident[k] for k in ("ae_sha256", "tokenizer_sha256", "K", "latent_dim", "dtype")}
+    blob = _ae_blob(ae_dir, tok)
+    parts: dict[str, list] = {}
+    rows: dict[str, int] = {}
+    written_rows, skipped = 0, 0
+    progress(f"[latents] encoder: {lc.num_actors} actor(s) x "
+             f"{'1 GPU' if lc.use_gpu else f'{lc.cpus_per_actor} CPU'}, batch {lc.batch_size}, dtype {lc.dtype}, "
+             f"K={cfg.ae.K}, l={cfg.ae.latent_dim}")
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        n_docs = stats.documents.get(split, 0)
+        n_shards = math.ceil(n_docs / lc.shard_documents) if n_docs else 0
+        parts[split], rows[split] = [], 0
+        if n_shards == 0:
+            continue
+        docs = docs.materialize()
+        cuts = [lc.shard_documents * i for i in range(1, n_shards)]
+        pieces = docs.split_at_indices(cuts) if cuts else [docs]
+        for shard, piece in enumerate(pieces):
+            rec = _committed(run, split, shard)
+            if rec is not None:
+                skipped += 1
+            else:
+                t_shard = time.perf_counter()
+                rec = _write_shard(run, split, shard, piece, tok, cfg, blob, meta)
+                dt = time.perf_counter() - t_shard
+                written_rows += rec["rows"]
+                mb = sum(p["bytes"] for p in rec["parts"]) / 2**20
+                progress(f"[latents] {split} shard {shard + 1}/{n_shards}: {rec['rows']:,} chunks, "
+                         f"{rec['rows'] * cfg.ae.K / dt:,.0f} tokens/s, {mb:.1f} MiB in {dt:.1f}s")
+            parts[split] += rec["parts"]
+            rows[split] += rec["rows"]
+    if skipped:
+        progress(f"[latents] {skipped} shard(s) were already committed by an earlier run and were kept")
+
+    total = sum(rows.values())
+    nbytes = sum(p["bytes"] for ps in parts.values() for p in ps)
+    dt = time.perf_counter() - t0
+    manifest = {
+        "artifact": "latents",
+        "identity": ident,
+        "inputs": {"ae": str(ae_dir), "ae_sha256": ae_ident["ae_sha256"],
+                   "tokenizer_sha256": ae_ident["tokenizer_sha256"], "corpus": {"spec": corpus, **stats.to_dict()}},
+        "schema": str(L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype)),
+        "parts": parts,
+        "metrics": {"rows": total, "rows_per_split": rows, "tokens": total * cfg.ae.K, "bytes": nbytes,
+                    "bytes_per_token": nbytes / max(1, total * cfg.ae.K), "wall_s": dt,
+                    "rows_written_this_run": written_rows},
+        "config": cfg.to_dict(),
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    run.write_text(cfg.to_yaml(), L.ARTIFACT, "config.yaml")
+    run.write_text(json.dumps(manifest, indent=1), L.ARTIFACT, "manifest.json")  # last: marks completion
+    progress(f"[latents] wrote {run.uri(L.ARTIFACT)}: {total:,} chunks ({rows.get('train', 0):,} train / "
+             f"{rows.get('val', 0):,} val), {nbytes / 2**20:.1f} MiB, {nbytes / max(1, total * cfg.ae.K):.1f} "
+             f"bytes/token, {written_rows * cfg.ae.K / dt:,.0f} tokens/s overall in {dt:.1f}s")
+    return manifest
+

@@ -1,0 +1,211 @@
+"""Offline latent precomputation (Ray Data actor pool -> Parquet) and the reader stage 2 uses.
+
+The AE artifact is built by the test itself (a randomly initialised tiny autoencoder: what matters
+here is that the stored values are exactly what the encoder computes), so no Ray Train run is needed.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from calm_core.autoencoder import ChunkAutoencoder
+from calm_core.checkpoint import save_weights, write_manifest
+from calm_core.config import load_config
+from calm_core.errors import ArtifactError, DataError
+from calm_core.tokenizer import CalmTokenizer
+from pipelines import latents as L
+from pipelines.precompute import precompute_latents
+from pipelines.storage import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+def make_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int = 16):
+    """A RUN/ae artifact of a tiny random autoencoder (same files and manifest as stage 1 writes)."""
+    cfg = load_config("debug", [f"ae.latent_dim={latent_dim}"])
+    docs = [d for d in corpus_text.split("<|endoftext|>") if d.strip()]
+    tok = CalmTokenizer.train(docs, vocab_size=cfg.tokenizer.vocab_size, min_frequency=1)
+    torch.manual_seed(seed)
+    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    directory.mkdir(parents=True)
+    save_weights(model.state_dict(), directory / "model.safetensors")
+    (directory / "config.yaml").write_text(cfg.to_yaml())
+    tok.save(directory)
+    write_manifest(directory, "ae", inputs={"tokenizer_sha256": tok.sha256}, metrics={},
+                   extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim})
+    return model.eval(), tok
+
+
+def cfg_for(*overrides):
+    return load_config("debug", ["latents.shard_documents=20", "latents.batch_size=64", *overrides])
+
+
+def read_rows(run: RunDir, manifest: dict, split: str):
+    files = L.part_files(run, manifest, split)
+    tables = [pq.read_table(f) for f in files]
+    return tables
+
+
+def content_hash(run: RunDir, manifest: dict) -> str:
+    h = hashlib.sha256()
+    for split in L.SPLITS:
+        for t in read_rows(run, manifest, split):
+            h.update("\n".join(t.column("doc_id").to_pylist()).encode())
+            for name in ("position", "tokens", "mu", "log_sigma"):
+                col = t.column(name).combine_chunks()
+                arr = col.flatten() if hasattr(col, "flatten") and name != "position" else col
+                h.update(arr.to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_corpus):
+    run = RunDir(str(tmp_path / "run"))
+    model, tok = make_ae(tmp_path / "run" / "ae", tiny_corpus.read_text())
+    return run, model, tok, tiny_corpus
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 2e-3), ("bfloat16", 1e-2)])
+def test_schema_metadata_and_stored_values_equal_the_encoder(ray_session, setup, dtype, tol):
+    run, model, tok, corpus = setup
+    m = precompute_latents(cfg_for(f"latents.dtype={dtype}"), str(corpus), run)
+    assert m["identity"]["dtype"] == dtype and m["metrics"]["rows"] > 0
+    assert len(m["parts"]["train"]) >= 2  # several shards (20 documents each)
+    expected_schema = L.latents_schema(4, 16, dtype)
+    n_rows = 0
+    for split in L.SPLITS:
+        for t in read_rows(run, m, split):
+            assert t.schema.remove_metadata().equals(expected_schema.remove_metadata())
+            meta = json.loads(t.schema.metadata[L.META_KEY])
+            assert meta["ae_sha256"] == m["identity"]["ae_sha256"] and meta["K"] == 4 and meta["dtype"] == dtype
+            tokens = torch.from_numpy(L.column_matrix(t, "tokens").astype(np.int64))
+            with torch.no_grad():
+                mu, log_sigma = model.encode(tokens)
+            got_mu = L.decode_floats(L.column_matrix(t, "mu"), dtype)
+            got_ls = L.decode_floats(L.column_matrix(t, "log_sigma"), dtype)
+            torch.testing.assert_close(got_mu, mu, rtol=tol, atol=tol)
+            torch.testing.assert_close(got_ls, log_sigma, rtol=tol, atol=tol)
+            # stream order: the chunks of a document are consecutive, positions 0, 1, 2, ...
+            docs, pos = t.column("doc_id").to_pylist(), t.column("position").to_pylist()
+            for i in range(1, len(docs)):
+                if docs[i] == docs[i - 1]:
+                    assert pos[i] == pos[i - 1] + 1
+                else:
+                    assert pos[i] == 0
+            n_rows += len(t)
+    assert n_rows == m["metrics"]["rows"]
+
+
+def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
+    from calm_core.chunking import chunk_documents
+    from pipelines.ingest import iter_texts, load_corpus
+
+    run, model, tok, corpus = setup
+    cfg = cfg_for()
+    m = precompute_latents(cfg, str(corpus), run)
+    train_docs, _, _ = load_corpus(str(corpus), cfg.data)
+    want, _, _ = chunk_documents(tok.encode_batch(list(iter_texts(train_docs))), 4, tok.eot_id, tok.pad_id)
+    got = np.concatenate([L.column_matrix(t, "tokens") for t in read_rows(run, m, "train")])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup, capsys):
+    run, model, tok, corpus = setup
+    cfg = cfg_for()
+    clean = precompute_latents(cfg, str(corpus), run)
+    clean_hash = content_hash(run, clean)
+    root = run.local_root / "latents"
+
+    # a crash after shard 0 of train was committed and while shard 1 was being written:
+    (root / "manifest.json").unlink()
+    for rec in ("train/shard-00001.json", "train/shard-00002.json", "val/shard-00000.json"):
+        (root / rec).unlink(missing_ok=True)
+    part = sorted((root / "train" / "shard-00001").glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # half-written file
+    (root / "train" / "shard-00001" / "part-999999.parquet").write_bytes(b"junk from a dead writer")
+
+    again = precompute_latents(cfg, str(corpus), run)
+    assert "1 shard(s) were already committed" in capsys.readouterr().out
+    assert again["metrics"]["rows"] == clean["metrics"]["rows"]
+    assert content_hash(run, again) == clean_hash
+    assert not (root / "train" / "shard-00001" / "part-999999.parquet").exists()
+
+    # a rerun on the complete output does nothing and says so
+    third = precompute_latents(cfg, str(corpus), run)
+    assert "nothing to do" in capsys.readouterr().out
+    assert third["parts"] == again["parts"]
+
+
+def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setup, tmp_path):
+    run, model, tok, corpus = setup
+    cfg = cfg_for()
+    m = precompute_latents(cfg, str(corpus), run)
+    mine = L.ae_identity(run.local_root / "ae", json.loads((run.local_root / "ae" / "manifest.json").read_text()))
+
+    with pytest.raises(ArtifactError, match="dtype"):
+        precompute_latents(cfg_for("latents.dtype=float16"), str(corpus), run)
+    other_dir = tmp_path / "other_ae"
+    make_ae(other_dir, corpus.read_text(), seed=1)
+    with pytest.raises(ArtifactError, match="ae_sha256"):
+        precompute_latents(cfg, str(corpus), run, ae_path=str(other_dir))
+
+    ds, _ = L.read_latents(run, "train", expected=mine)
+    assert ds.count() == m["metrics"]["rows_per_split"]["train"]
+    other = L.ae_identity(other_dir, json.loads((other_dir / "manifest.json").read_text()))
+    with pytest.raises(ArtifactError, match="ae_sha256"):
+        L.read_latents(run, "train", expected=other)
+
+    # --overwrite replaces them
+    m2 = precompute_latents(cfg, str(corpus), run, ae_path=str(other_dir), overwrite=True)
+    assert m2["identity"]["ae_sha256"] == other["ae_sha256"]
+
+
+def test_truncated_or_corrupted_part_is_detected(ray_session, setup):
+    run, model, tok, corpus = setup
+    m = precompute_latents(cfg_for(), str(corpus), run)
+    part = run.local_root / "latents" / m["parts"]["train"][0]["path"]
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        L.read_latents(run, "train")
+    part.write_bytes(bytes(data[:-100]))
+    with pytest.raises(ArtifactError, match="truncated"):
+        L.read_latents(run, "train")
+    (run.local_root / "latents" / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="incomplete"):
+        L.read_latents(run, "train")
+
+
+def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
+    run, model, tok, corpus = setup
+    m = precompute_latents(cfg_for("latents.dtype=bfloat16"), str(corpus), run)
+    ds, _ = L.read_latents(run, "train")
+    blocks = L.latent_blocks(ds, m, L=8).take_all()
+    assert blocks and all(b["tokens"].shape == (8, 4) and b["mu"].shape == (8, 16) for b in blocks)
+    assert blocks[0]["mu"].dtype == np.float32
+    # every block is 8 consecutive chunks of the stream (blocks may arrive in any order)
+    tables = read_rows(run, m, "train")
+    stream = np.concatenate([L.column_matrix(t, "tokens") for t in tables])
+    mus = torch.cat([L.decode_floats(L.column_matrix(t, "mu"), "bfloat16") for t in tables]).numpy()
+    for b in blocks:
+        starts = [i for i in range(len(stream) - 7) if np.array_equal(stream[i : i + 8], b["tokens"])]
+        assert starts, "a block is not a run of consecutive chunks"
+        np.testing.assert_array_equal(mus[starts[0] : starts[0] + 8], b["mu"])
+    assert len(blocks) * 8 > len(stream) - 8 * len(tables)  # at most L-1 rows dropped per batch
+
+
+def test_empty_corpus_and_missing_ae(ray_session, tmp_path, setup):
+    run, model, tok, corpus = setup
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(DataError, match="no usable documents"):
+        precompute_latents(cfg_for(), str(empty), run)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        precompute_latents(cfg_for(), str(corpus), RunDir(str(tmp_path / "no_run")))
+    with pytest.raises(ArtifactError, match="does not exist"):
+        L.read_latents(RunDir(str(tmp_path / "no_run")), "train")
