@@ -43,7 +43,7 @@ def plain_loop(ae_dir: Path, texts: list[str], batch: int, dtype: str, out: Path
     t0 = time.perf_counter()
     enc_s = 0.0
     rows = 0
-    writer = pq.ParquetWriter(out, schema)
+    writer = pq.ParquetWriter(out, schema, **L.PARQUET_OPTIONS)
     for i in range(0, len(texts), 256):
         docs = texts[i : i + 256]
         chunks, doc_index, position = chunk_documents(tok.encode_batch(docs), cfg.ae.K, tok.eot_id, tok.pad_id)

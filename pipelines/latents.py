@@ -45,6 +45,14 @@ ARTIFACT = "latents"
 SPLITS = ("train", "val")
 META_KEY = b"calm.latents"
 STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+# Parquet encoding: dictionaries only where values repeat (ids), byte-stream-split + zstd for the
+# floats (measured on TinyStories latents: 190 bytes/token for float32 against 265 with pyarrow's
+# defaults, whose dictionary pages are wasted on unique floats)
+PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "use_dictionary": ["doc_id", "position", "tokens.list.element"],
+    "use_byte_stream_split": ["mu.list.element", "log_sigma.list.element"],
+}
 # what must agree between the latents and the AE a stage-2 run uses
 MATCH_KEYS = ("ae_sha256", "tokenizer_sha256", "K", "latent_dim")
 

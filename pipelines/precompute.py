@@ -155,7 +155,7 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
     try:
         encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
                               schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
-                              mode=ray.data.SaveMode.OVERWRITE)
+                              mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=16384, **L.PARQUET_OPTIONS)
     finally:
         ctx.execution_options.preserve_order = keep
     parts = []
