@@ -102,6 +102,35 @@ class DistributedConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The stage-2 Transformer backbone, shared by CALM (over chunks) and the token baseline (over
+    tokens). Paper ablation size: 12 layers, 768 wide."""
+
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 2048
+    rope_theta: float = 10000.0
+    block_chunks: int = 512  # L: chunks per training block (the baseline sees L*K tokens)
+    input_mode: str = "tokens"  # tokens | latents | both: what CALM feeds back at each position
+
+
+@dataclass
+class HeadConfig:
+    """CALM's next-vector head and its loss (CALM.md section 2; paper defaults)."""
+
+    kind: str = "energy"  # energy | quadratic (the seed's ablation)
+    noise_dim: int = 64  # width of the U(-0.5, 0.5) noise
+    blocks: int = 0  # residual blocks; 0 = one per four backbone layers (paper)
+    n_samples: int = 8  # N head samples per position
+    n_targets: int = 100  # M targets drawn from the posterior per position, fresh every step
+    alpha: float = 1.0  # energy-score exponent, in (0, 2)
+    margin: float = 0.0  # quadratic head: hinge margin against negatives from other positions (0 = off)
+    input_noise_std: float = 0.0  # regulariser: Gaussian noise on latent inputs (input_mode latents/both)
+    prior_weight: float = 0.0  # regulariser: weight of 0.5 * ||mean head sample||^2 (a pull to the N(0, I) prior)
+
+
+@dataclass
 class LatentsConfig:
     """Offline latent precomputation (jobs/precompute_latents.py): the frozen encoder over the corpus."""
 
@@ -129,6 +158,8 @@ class Config:
     stage1: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +366,21 @@ def validate(cfg: Config) -> None:
     _choice(d.precision, "distributed.precision", ("auto", "fp32", "bf16"))
     _choice(d.backend, "distributed.backend", ("auto", "gloo", "nccl"))
     _positive(d.num_to_keep, "distributed.num_to_keep")
+    m = cfg.model
+    for key in ("d_model", "n_layers", "n_heads", "ffn_dim", "block_chunks"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"key 'model.d_model' ({m.d_model}) must be n_heads ({m.n_heads}) x an even head width")
+    _choice(m.input_mode, "model.input_mode", ("tokens", "latents", "both"))
+    h = cfg.head
+    _choice(h.kind, "head.kind", ("energy", "quadratic"))
+    if h.n_samples < 2:
+        raise ConfigError(f"key 'head.n_samples' must be >= 2 (the energy score compares samples), got {h.n_samples}")
+    _positive(h.n_targets, "head.n_targets")
+    if not 0.0 < h.alpha < 2.0:
+        raise ConfigError(f"key 'head.alpha' must be in (0, 2) (strictly proper energy score), got {h.alpha}")
+    for key in ("noise_dim", "blocks", "margin", "input_noise_std", "prior_weight"):
+        _positive(getattr(h, key), f"head.{key}", allow_zero=key != "noise_dim")
     lt = cfg.latents
     _choice(lt.dtype, "latents.dtype", ("float32", "float16", "bfloat16"))
     for key in ("batch_size", "num_actors", "cpus_per_actor", "shard_documents"):

@@ -80,3 +80,40 @@ def energy_score(samples: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> 
     metric): samples [..., N, l], y [..., l] -> [...]."""
     fid, div = energy_terms(samples, y.unsqueeze(-2), alpha)
     return div - fid
+
+
+def posterior_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, n_targets: int,
+                          alpha: float = 1.0, weights: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> EnergyLoss:
+    """``energy_score_loss`` with M targets y_m = mu + sigma * eps_m drawn from the posterior of the
+    true next chunk, without materialising the targets.
+
+    samples [B, T, N, l], mu / log_sigma [B, T, l]; eps [B, M, l] ~ N(0, I) is drawn fresh per call
+    and shared by the positions of one sequence (every position still gets exact, independent-of-x
+    samples of its own posterior). With a = x - mu and s = sigma:
+
+        ||x_n - y_m||^2 = ||a_n||^2 - 2 (a_n * s) . eps_m + (s^2) . (eps_m^2)
+
+    three matmul-shaped terms: memory B*T*N*M, never B*T*M*l.
+    """
+    B, T, N, l = samples.shape
+    x = samples.float()
+    a = x - mu.float().unsqueeze(-2)  # [B, T, N, l]
+    s = log_sigma.float().exp()  # [B, T, l]
+    eps = torch.randn(B, 1, n_targets, l, device=x.device, generator=generator)  # [B, 1, M, l]
+    t1 = a.pow(2).sum(-1)  # [B, T, N]
+    t2 = torch.matmul(a * s.unsqueeze(-2), eps.transpose(-1, -2))  # [B, T, N, M]
+    t3 = torch.matmul(s.pow(2), eps.squeeze(1).pow(2).transpose(-1, -2))  # [B, T, M]
+    d2 = (t1.unsqueeze(-1) - 2.0 * t2 + t3.unsqueeze(-2)).clamp_min(DIST_EPS)
+    fid = 2.0 * d2.pow(alpha / 2.0).mean(dim=(-2, -1))  # [B, T]
+    N_ = samples.shape[-2]
+    self_d = pairwise_distances(x, x, alpha)  # [B, T, N, N]
+    off_diag = ~torch.eye(N_, dtype=torch.bool, device=x.device)
+    div = (self_d * off_diag).sum(dim=(-2, -1)) / (N_ * (N_ - 1))  # [B, T]
+    if weights is None:
+        f, v = fid.mean(), div.mean()
+    else:
+        w = weights.float()
+        total = w.sum().clamp_min(1e-12)
+        f, v = (fid * w).sum() / total, (div * w).sum() / total
+    return EnergyLoss(f - v, f, v)

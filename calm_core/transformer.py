@@ -1,0 +1,86 @@
+"""The causal Transformer backbone shared by CALM (over chunk positions) and the token baseline
+(over token positions): pre-norm blocks with RMSNorm, rotary position embeddings and SwiGLU.
+
+    a_t  = x_t + W_o Attn(RoPE(W_q n_t), RoPE(W_k n_1..t), W_v n_1..t)     n = RMSNorm(x)   causal
+    x'_t = a_t + SwiGLU(RMSNorm(a_t))
+    out  = RMSNorm(x_L)                                                    no LM head here
+
+RoPE (Su et al. 2021) rotates each pair (q_{2i}, q_{2i+1}) of a head by the angle t * theta^(-2i/h)
+(h = head width), so q_s . k_t depends only on s - t. Attention is
+``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``.
+Shapes: B batch, T positions, d width, H heads, h = d / H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_core.layers import RMSNorm, SwiGLU
+
+
+def rope_tables(T: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim / 2] for positions 0..T-1."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [T, h/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of features: x [B, H, T, h] -> [B, H, T, h]."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, H, T, h/2] each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, H, T, h/2, 2]
+    return out.flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"d_model {d} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, h] x3
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, h]
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, ffn: int):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(d), CausalSelfAttention(d, n_heads)
+        self.mlp_norm, self.mlp = RMSNorm(d), SwiGLU(d, ffn)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Backbone(nn.Module):
+    """x [B, T, d] (already embedded inputs) -> hidden states [B, T, d], causal."""
+
+    def __init__(self, d: int, n_layers: int, n_heads: int, ffn: int, rope_theta: float = 10000.0):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d, n_heads, ffn) for _ in range(n_layers)])
+        self.norm = RMSNorm(d)
+        self.head_dim, self.rope_theta = d // n_heads, rope_theta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta, x.device)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+
+def backbone_flops_per_position(d: int, n_layers: int, ffn: int, T: int) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) per position of a T-long sequence:
+    6 * (matmul weights) + 6 * n_layers * T * d for attention scores and values (causal: half of
+    2 * 2 * T * d per position forward, i.e. 2 * T * d, times 3)."""
+    weights = n_layers * (4 * d * d + 3 * d * ffn)
+    return 6.0 * weights + 6.0 * n_layers * T * d

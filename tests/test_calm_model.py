@@ -1,0 +1,153 @@
+"""Stage-2 models in calm_core (CALM.md section 2): backbone, heads, CALM, the token baseline."""
+
+import pytest
+import torch
+
+from calm_core.baseline import TokenLM, baseline_train_flops_per_token
+from calm_core.brierlm import brier1_exact, brier_two_sample
+from calm_core.calm_model import CALM, calm_train_flops_per_token
+from calm_core.config import AEConfig, HeadConfig, ModelConfig
+from calm_core.energy import energy_score_loss, posterior_energy_loss
+from calm_core.transformer import Backbone, apply_rope, rope_tables
+
+V, K, LAT = 20, 2, 8
+
+
+def tiny(input_mode="tokens", kind="energy", **head):
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6, input_mode=input_mode)
+    h = HeadConfig(kind=kind, n_samples=8, n_targets=16, **head)
+    return CALM(m, h, AEConfig(K=K, latent_dim=LAT), V)
+
+
+def test_posterior_energy_loss_equals_the_loss_on_explicit_targets():
+    g = torch.Generator().manual_seed(0)
+    B, T, N, M = 2, 3, 4, 5
+    x = torch.randn(B, T, N, LAT, generator=g)
+    mu, ls = torch.randn(B, T, LAT, generator=g), 0.3 * torch.randn(B, T, LAT, generator=g)
+    fast = posterior_energy_loss(x, mu, ls, M, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(B, 1, M, LAT, generator=torch.Generator().manual_seed(7))
+    targets = mu.unsqueeze(-2) + ls.exp().unsqueeze(-2) * eps  # [B, T, M, l]
+    ref = energy_score_loss(x, targets)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.fidelity, ref.fidelity, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    cos, sin = rope_tables(16, 8, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def score(s, t):
+        return (apply_rope(q, cos[s : s + 1], sin[s : s + 1]) * apply_rope(k, cos[t : t + 1], sin[t : t + 1])).sum()
+    torch.testing.assert_close(score(5, 2), score(12, 9))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_backbone_is_causal():
+    torch.manual_seed(0)
+    net = Backbone(32, 2, 4, 64)
+    x = torch.randn(1, 7, 32)
+    y = x.clone()
+    y[:, 5:] += 1.0  # change the future
+    torch.testing.assert_close(net(x)[:, :5], net(y)[:, :5])
+    assert not torch.allclose(net(x)[:, 5:], net(y)[:, 5:])
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents", "both"])
+def test_calm_shapes_zero_init_head_and_finite_gradients(mode):
+    torch.manual_seed(0)
+    model = tiny(mode)
+    tokens, mu, ls = torch.randint(0, V, (3, 6, K)), torch.randn(3, 6, LAT), torch.full((3, 6, LAT), -1.0)
+    h = model.hidden(tokens, mu)
+    assert h.shape == (3, 6, 32)
+    s = model.sample(h, 5)
+    assert s.shape == (3, 6, 5, LAT) and s.abs().max() == 0  # zero-initialised last layer
+    out = model(tokens, mu, ls)
+    out.loss.backward()  # all samples coincide at init: the gradient must still be finite
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _train(model, tokens, mu, ls, steps=300, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        loss = model(tokens, mu, ls, generator=g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_tiny_calm_overfits_a_short_sequence():
+    torch.manual_seed(0)
+    model = tiny()
+    tokens, mu = torch.randint(0, V, (1, 6, K)), torch.randn(1, 6, LAT)
+    ls = torch.full_like(mu, -4.0)  # near-deterministic targets
+    def error():
+        with torch.no_grad():
+            s = model.sample(model.hidden(tokens[:, :-1]), 16)  # [1, 5, 16, l]
+        return (s - mu[:, 1:].unsqueeze(-2)).norm(dim=-1).mean().item()
+    before = error()
+    _train(model, tokens, mu, ls)
+    assert error() < 0.2 * before
+
+
+def test_head_samples_do_not_collapse_on_a_noisy_target():
+    """Targets ~ N(0, I) at every position: the trained head must spread its samples like the data
+    (an MSE-trained point predictor would collapse to the mean)."""
+    torch.manual_seed(0)
+    model = tiny()
+    tokens, mu, ls = torch.randint(0, V, (4, 6, K)), torch.zeros(4, 6, LAT), torch.zeros(4, 6, LAT)
+    _train(model, tokens, mu, ls, steps=400)
+    with torch.no_grad():
+        s = model.sample(model.hidden(tokens[:, :-1]), 256)
+    std = s.std(dim=-2).mean().item()
+    assert 0.6 < std < 1.4, std
+    assert s.mean(dim=-2).abs().mean().item() < 0.3
+
+
+def test_quadratic_head_learns_the_mean_and_margin_is_finite():
+    torch.manual_seed(0)
+    model = tiny(kind="quadratic", margin=0.5)
+    tokens, mu = torch.randint(0, V, (1, 6, K)), torch.randn(1, 6, LAT)
+    ls = torch.full_like(mu, -3.0)
+    first = model(tokens, mu, ls).loss.item()
+    _train(model, tokens, mu, ls, steps=200)
+    out = model(tokens, mu, ls)
+    assert torch.isfinite(out.loss) and out.loss.item() < 0.2 * first
+
+
+def test_baseline_loss_falls_and_exact_brier_matches_two_sample():
+    torch.manual_seed(0)
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=8)
+    lm = TokenLM(m, V, K)
+    seq = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8] * 2])
+    first = lm(seq).item()
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = lm(seq)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert lm(seq).item() < 0.3 * first
+    # the exact Brier-1 from the probabilities and the two-sample estimate agree in expectation
+    with torch.no_grad():
+        probs = lm.logits(torch.randint(0, V, (64, 8))).softmax(-1).reshape(-1, V)  # [P, V]
+    y = torch.randint(0, V, (probs.shape[0],))
+    g = torch.Generator().manual_seed(3)
+    reps = 400
+    x1 = torch.multinomial(probs, reps, replacement=True, generator=g)  # [P, reps]
+    x2 = torch.multinomial(probs, reps, replacement=True, generator=g)
+    est = brier_two_sample(x1.reshape(-1, 1), x2.reshape(-1, 1), y.repeat_interleave(reps)[:, None]).mean()
+    assert abs(est.item() - brier1_exact(probs, y).mean().item()) < 0.01
+
+
+def test_flop_accounting():
+    calm8 = calm_train_flops_per_token(tiny())
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6)
+    h16 = HeadConfig(n_samples=16, n_targets=16)
+    calm16 = calm_train_flops_per_token(CALM(m, h16, AEConfig(K=K, latent_dim=LAT), V))
+    assert all(v > 0 for v in calm8.values())
+    assert calm16["head"] == pytest.approx(2 * calm8["head"], rel=0.1)  # head cost scales with N
+    assert calm16["backbone"] == calm8["backbone"]
+    base = baseline_train_flops_per_token(TokenLM(m, V, K))
+    assert base > calm8["backbone"]  # the baseline runs the backbone K times as often
