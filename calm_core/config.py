@@ -156,6 +156,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=8, lr=3e-4))  # batch in blocks of L chunks
+    baseline: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=8, lr=3e-4))  # blocks of L*K tokens
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -353,11 +355,12 @@ def validate(cfg: Config) -> None:
     for key in ("mask_prob", "latent_dropout"):
         if not 0.0 <= getattr(a, key) < 1.0:
             raise ConfigError(f"key 'ae.{key}' must be in [0, 1), got {getattr(a, key)}")
-    t = cfg.stage1
-    for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks"):
-        _positive(getattr(t, key), f"stage1.{key}")
-    _positive(t.lr, "stage1.lr")
-    _positive(t.max_minutes, "stage1.max_minutes", allow_zero=True)
+    for sec in ("stage1", "stage2", "baseline"):
+        t = getattr(cfg, sec)
+        for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks"):
+            _positive(getattr(t, key), f"{sec}.{key}")
+        _positive(t.lr, f"{sec}.lr")
+        _positive(t.max_minutes, f"{sec}.max_minutes", allow_zero=True)
     d = cfg.distributed
     _positive(d.num_workers, "distributed.num_workers")
     _positive(d.cpus_per_worker, "distributed.cpus_per_worker", allow_zero=True)

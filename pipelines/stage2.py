@@ -1,0 +1,422 @@
+"""Stage 2 (the CALM model) and the discrete baseline, trained with Ray Train + DeepSpeed ZeRO from
+the latents Parquet.
+
+Driver (``run_stage2``): RUN/ae (or ``ae_path``) -> ``read_latents`` (refuses latents of another AE)
+-> training blocks of L consecutive chunks (``latent_blocks``; the baseline takes their L*K tokens,
+so both models see the same tokenizer, corpus, split and blocks) -> ``TorchTrainer.fit`` ->
+RUN/calm or RUN/baseline (consolidated safetensors, resolved config, tokenizer, metrics, manifest
+naming the AE by hash).
+
+Worker (``train_loop``): DeepSpeed engine over ``calm_core.calm_model.CALM`` or
+``calm_core.baseline.TokenLM``; every ``log_every`` steps a validation pass on held-out blocks:
+the loss (CALM: energy loss with its fidelity and diversity terms; baseline: cross-entropy) and a
+quick BrierLM (CALM: two head samples per position decoded by the frozen AE decoder, compared
+with the true next chunk; baseline: two sampled 4-token continuations at chunk starts, and the
+exact Brier-1 from its probabilities), tokens/s and training FLOPs so far. Checkpoints through
+``ray.train.report``; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
+from calm_core.baseline import TokenLM, baseline_train_flops_per_token
+from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates
+from calm_core.calm_model import CALM, calm_train_flops_per_token
+from calm_core.checkpoint import save_weights, write_manifest
+from calm_core.config import Config, config_from_dict
+from calm_core.errors import ArtifactError, DataError
+from calm_core.optim import lr_at, param_groups
+from calm_core.tokenizer import CalmTokenizer
+from pipelines import latents as LT
+from pipelines import train_common as tc
+from pipelines.stage1 import _unwrap_training_error
+from pipelines.storage import RunDir
+
+KINDS = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}  # kind -> (config section, artifact)
+
+
+def build_model(kind: str, cfg: Config, vocab_size: int) -> torch.nn.Module:
+    if kind == "calm":
+        return CALM(cfg.model, cfg.head, cfg.ae, vocab_size)
+    return TokenLM(cfg.model, vocab_size, cfg.ae.K)
+
+
+def flops_per_token(kind: str, model) -> float:
+    return calm_train_flops_per_token(model)["total"] if kind == "calm" else baseline_train_flops_per_token(model)
+
+
+# ============================================================================ worker side
+
+
+def _calm_val(model: CALM, ae: ChunkAutoencoder, val: dict, batch: int, device, seed: int) -> dict[str, torch.Tensor]:
+    """Sums over this rank's held-out blocks: energy loss parts and two-sample Brier-n."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    sums = {"loss": 0.0, "fidelity": 0.0, "diversity": 0.0, "blocks": 0.0, "positions": 0.0,
+            **{f"brier{n}": 0.0 for n in ORDERS}}
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(val["tokens"]), batch):
+            tok, mu, ls = (val[k][i : i + batch].to(device) for k in ("tokens", "mu", "log_sigma"))
+            out = model(tok, mu, ls, generator=g)
+            b = tok.shape[0]
+            for k in ("loss", "fidelity", "diversity"):
+                sums[k] += float(getattr(out, k)) * b
+            sums["blocks"] += b
+            x = model.sample(out.hidden, 2, generator=g)  # [b, L-1, 2, l]
+            chunks = ae.decode(x.flatten(0, 2).to(next(ae.parameters()).dtype)).argmax(-1)  # [b*(L-1)*2, K]
+            chunks = chunks.view(b, -1, 2, chunks.shape[-1]).flatten(0, 1)  # [P, 2, K]
+            truth = tok[:, 1:].flatten(0, 1)  # [P, K]
+            est = brier_n_estimates(chunks[:, 0], chunks[:, 1], truth)
+            for n in ORDERS:
+                sums[f"brier{n}"] += float(est[n].sum())
+            sums["positions"] += truth.shape[0]
+    model.train(was)
+    return {k: torch.tensor([v], dtype=torch.float64) for k, v in sums.items()}
+
+
+def _sample_continuations(lm: TokenLM, prefixes: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n tokens sampled autoregressively after each prefix [P, T] -> [P, n] (no KV cache: short)."""
+    seq = prefixes
+    for _ in range(n):
+        probs = lm.logits(seq)[:, -1].float().softmax(-1)  # [P, V]
+        nxt = torch.multinomial(probs.cpu(), 1, generator=g).to(seq.device)  # [P, 1]
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq[:, prefixes.shape[1]:]
+
+
+def _baseline_val(lm: TokenLM, val: dict, batch: int, K: int, device, seed: int, pad_id: int,
+                  brier_positions: int = 8) -> dict[str, torch.Tensor]:
+    """Sums over this rank's held-out blocks: cross-entropy, exact Brier-1 at every position, and
+    two-sample Brier-n at ``brier_positions`` chunk starts per block (the CALM comparison points)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    sums = {"loss": 0.0, "blocks": 0.0, "brier1_exact": 0.0, "tokens": 0.0, "positions": 0.0,
+            **{f"brier{n}": 0.0 for n in ORDERS}}
+    was = lm.training
+    lm.eval()
+    with torch.no_grad():
+        for i in range(0, len(val["tokens"]), batch):
+            tok = val["tokens"][i : i + batch].to(device).flatten(1)  # [b, L*K]
+            b, T = tok.shape
+            sums["loss"] += float(lm(tok)) * b
+            sums["blocks"] += b
+            probs = lm.logits(tok[:, :-1]).float().softmax(-1)  # [b, T-1, V]
+            sums["brier1_exact"] += float(brier1_exact(probs.flatten(0, 1), tok[:, 1:].flatten()).sum())
+            sums["tokens"] += b * (T - 1)
+            # chunk starts with 4 true tokens after them: prefix = tokens up to the end of chunk j
+            ends = torch.arange(K, T - max(ORDERS) + 1, K)
+            pick = ends[torch.randperm(len(ends), generator=g)[:brier_positions]].sort().values
+            for e in pick.tolist():
+                pre = tok[:, :e]  # [b, e]
+                x = _sample_continuations(lm, pre.repeat(2, 1), max(ORDERS), g)  # [2b, 4]
+                est = brier_n_estimates(x[:b], x[b:], tok[:, e : e + max(ORDERS)])
+                for n in ORDERS:
+                    sums[f"brier{n}"] += float(est[n].sum())
+                sums["positions"] += b
+    lm.train(was)
+    return {k: torch.tensor([v], dtype=torch.float64) for k, v in sums.items()}
+
+
+def _val_record(kind: str, tot: dict[str, torch.Tensor]) -> dict[str, float]:
+    blocks = max(1.0, float(tot["blocks"]))
+    pos = max(1.0, float(tot["positions"]))
+    brier = {n: float(tot[f"brier{n}"]) / pos for n in ORDERS}
+    rec = {"val_loss": float(tot["loss"]) / blocks, **{f"val_brier{n}": brier[n] for n in ORDERS},
+           "val_brierlm": brier_lm(brier)}
+    if kind == "calm":
+        rec["val_fidelity"] = float(tot["fidelity"]) / blocks
+        rec["val_diversity"] = float(tot["diversity"]) / blocks
+    else:
+        rec["val_brier1_exact"] = float(tot["brier1_exact"]) / max(1.0, float(tot["tokens"]))
+    return rec
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    from safetensors.torch import load as load_safetensors
+
+    kind = loop["kind"]
+    section, _ = KINDS[kind]
+    cfg = config_from_dict(loop["config"], f"{kind} train_loop_config")
+    t, d = getattr(cfg, section), cfg.distributed
+    tok = CalmTokenizer.from_str(loop["tokenizer_json"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = tc.setup_worker(d)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(kind, cfg, tok.vocab_size)
+    fpt = flops_per_token(kind, model)
+    ae = None
+    if kind == "calm":  # the frozen decoder, for the quick BrierLM
+        ae = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+        ae.load_state_dict(load_safetensors(loop["ae_weights"]))
+        ae.to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt,
+        config=tc.deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, tc.resolve_precision(d)))
+
+    nv = (len(loop["val"]["tokens"]) // world) * world
+    val = {k: torch.as_tensor(np.asarray(v, dtype=np.int64 if k == "tokens" else np.float32))[:nv][rank::world]
+           for k, v in loop["val"].items()}
+
+    step, records = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        step, meta = tc.restore_checkpoint(engine, ckpt, loop["identity"])
+        records = [r for r in meta.get("records", []) if r.get("step", 0) <= step]
+        if rank == 0:
+            tc.progress(f"[{kind}] resumed from step {step} ({ckpt.path})")
+    log = tc.MetricsLog(records, loop["live_log"], loop["tb_dir"]) if rank == 0 else None
+    torch.manual_seed(t.seed + 1000 * rank + 1_000_003 * step + 1)  # head noise, targets: a stream per rank
+
+    shard = ray.train.get_dataset_shard("train")
+    L, K = cfg.model.block_chunks, cfg.ae.K
+    tokens_per_step = t.batch_size * L * K * world
+    tokens_seen = records[-1].get("tokens_seen", 0) if records else 0
+    thr, t_start, last, stopped_early = tc.Throughput(), time.perf_counter(), {}, False
+
+    def batches():
+        epoch = 0
+        while True:
+            n = 0
+            for b in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                              local_shuffle_seed=t.seed + epoch):
+                n += 1
+                yield b
+            if n == 0:
+                raise DataError(f"this worker's shard holds less than one batch of {t.batch_size} blocks; "
+                                f"lower {section}.batch_size or model.block_chunks, or use a larger corpus")
+            epoch += 1
+
+    def eval_model():
+        if d.zero_stage < 3:
+            return engine.module
+        copy = build_model(kind, cfg, tok.vocab_size)
+        copy.load_state_dict(tc.full_state_dict(engine, d.zero_stage))
+        return copy.to(device)
+
+    def save_and_report(metrics: dict[str, Any], final: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            tc.save_checkpoint(engine, folder, step, {"identity": loop["identity"],
+                                                      "records": log.records if log else []}, rank)
+            state = tc.full_state_dict(engine, d.zero_stage) if final else None
+            if final and rank == 0:
+                save_weights(state, folder / "model.safetensors", {"format": "pt"})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    data = batches()
+    engine.train()
+    while step < t.max_steps:
+        b = next(data)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for grp in engine.optimizer.param_groups:
+            grp["lr"] = lr
+        if kind == "calm":
+            out = engine(b["tokens"].to(device).long(), b["mu"].to(device), b["log_sigma"].to(device))
+            loss = out.loss
+            last = {"loss": loss.item(), "fidelity": out.fidelity.item(), "diversity": out.diversity.item()}
+        else:
+            loss = engine(b["tokens"].to(device).long().flatten(1))
+            last = {"loss": loss.item()}
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        thr.add(tokens_per_step)
+        last["lr"] = lr
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            m = eval_model()
+            sums = (_calm_val(m, ae, val, t.batch_size, device, t.seed) if kind == "calm"
+                    else _baseline_val(m, val, t.batch_size, K, device, t.seed, tok.pad_id))
+            rec = {"step": step, **last, **_val_record(kind, tc.all_reduce_sum(sums, device)),
+                   "tokens_per_s": thr.rate(), "tokens_seen": tokens_seen,
+                   "train_flops": tokens_seen * fpt, "elapsed_s": time.perf_counter() - t_start}
+            if log is not None:
+                log.log(rec)
+                tc.progress(f"[{kind}] step {step}/{t.max_steps} loss {last['loss']:.4f} | held-out loss "
+                            f"{rec['val_loss']:.4f} BrierLM {rec['val_brierlm']:.2f} (Brier-1 {rec['val_brier1']:.3f}) "
+                            f"| {thr.rate():,.0f} tok/s | {rec['train_flops']:.3g} FLOPs")
+            thr.reset()
+            over = t.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= t.max_minutes
+            if tc.any_rank(over, device) and step < t.max_steps:
+                stopped_early = True
+                if rank == 0:
+                    tc.progress(f"[{kind}] wall-clock budget of {t.max_minutes} min reached at step {step}")
+                break
+            if step % t.checkpoint_every == 0 and step < t.max_steps:
+                save_and_report({**rec, "final": False}, final=False)
+
+    final_record = dict(log.records[-1]) if log and log.records else {"step": step}
+    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
+                     "flops_per_token": fpt}, final=True)
+    if log is not None:
+        log.close()
+
+
+# ============================================================================ driver side
+
+
+def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float):
+    blocks = LT.latent_blocks(ds, manifest, L, num_cpus=cpus)
+    return blocks.select_columns(["tokens"], num_cpus=cpus) if kind == "baseline" else blocks
+
+
+def _identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: dict) -> dict[str, Any]:
+    section, _ = KINDS[kind]
+    t = getattr(cfg, section)
+    ident = {"kind": kind, **{f"model.{k}": v for k, v in cfg.to_dict()["model"].items()},
+             "ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": ae_ident["tokenizer_sha256"],
+             "latents_dtype": latents_identity.get("dtype"), "corpus_documents": latents_identity.get("corpus_documents"),
+             f"{section}.batch_size": t.batch_size, "distributed.num_workers": cfg.distributed.num_workers,
+             "distributed.zero_stage": cfg.distributed.zero_stage}
+    if kind == "calm":
+        ident.update({f"head.{k}": v for k, v in cfg.to_dict()["head"].items()})
+    return ident
+
+
+def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume, or leave alone if complete) RUN/calm or RUN/baseline; returns the manifest."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    section, artifact = KINDS[kind]
+    t, d = getattr(cfg, section), cfg.distributed
+    name = section
+    if overwrite:
+        for p in ((artifact,), ("_train", name), ("_train", f"{name}.identity.json")):
+            run.delete(*p)
+    if run.has_artifact(artifact):
+        m = run.read_json(artifact, "manifest.json")
+        if m["metrics"].get("step", 0) >= t.max_steps:
+            tc.progress(f"[{kind}] {run.uri(artifact)} is complete ({m['metrics'].get('step')} steps); nothing to "
+                        "do (--overwrite retrains)")
+            return m
+
+    t0 = time.perf_counter()
+    ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
+    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
+    cfg.ae = ae_cfg.ae  # K and the latent width come from the AE
+    ae_ident = LT.ae_identity(ae_dir, ae_manifest)
+    train_ds, lman = LT.read_latents(run, "train", expected=ae_ident)
+    L = cfg.model.block_chunks
+    train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus).materialize()
+    n_train = train.count()
+    need = t.batch_size * d.num_workers
+    if n_train < need:
+        raise DataError(f"the latents give {n_train} training blocks of {L} chunks, fewer than one step needs "
+                        f"({section}.batch_size {t.batch_size} x {d.num_workers} workers); lower them or "
+                        "model.block_chunks, or use a larger corpus")
+    if lman["metrics"]["rows_per_split"].get("val", 0) >= L:
+        val_ds, _ = LT.read_latents(run, "val", expected=ae_ident)
+        val_rows = _blocks(val_ds, lman, L, "calm", cfg.data.read_cpus).limit(max(1, t.val_max_chunks // L)).take_all()
+    else:
+        tc.progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks")
+        val_rows = _blocks(train_ds, lman, L, "calm", cfg.data.read_cpus).limit(max(1, t.val_max_chunks // L)).take_all()
+    val = {k: np.stack([r[k] for r in val_rows]).tolist() for k in ("tokens", "mu", "log_sigma")}
+    tc.progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
+                f"tokens), {len(val_rows)} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
+
+    identity = _identity(kind, cfg, ae_ident, lman["identity"])
+    id_path = ("_train", f"{name}.identity.json")
+    if run.exists(*id_path):
+        old = run.read_json(*id_path)
+        if old != identity:
+            raise ArtifactError(f"'{run.uri('_train', name)}' holds a {kind} run with a different setup "
+                                f"({tc.diff_identity(old, identity)}); use a new --run, or --overwrite")
+    else:
+        run.write_text(json.dumps(identity, indent=1), *id_path)
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "kind": kind, "config": cfg.to_dict(), "tokenizer_json": tok.to_str(), "val": val,
+            "identity": identity, "ae_weights": (ae_dir / "model.safetensors").read_bytes() if kind == "calm" else b"",
+            "live_log": run.path("logs", f"{name}.metrics.jsonl") if run.is_local else None,
+            "tb_dir": run.path("logs", "tb", name) if run.is_local else None,
+        },
+        torch_config=TorchConfig(backend=tc.resolve_backend(d)),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker={"CPU": d.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=run.uri("_train"),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
+            worker_runtime_env={"env_vars": tc.worker_env(d)},
+        ),
+        datasets={"train": train},
+    )
+    tc.progress(f"[{kind}] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
+                f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {tc.resolve_precision(d)}")
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise _unwrap_training_error(e) from None
+    if result.checkpoint is None:
+        raise ArtifactError(f"{kind} finished without a checkpoint; see the worker logs above")
+    return _publish(kind, cfg, run, tok, result, ae_ident, identity)
+
+
+def _publish(kind: str, cfg: Config, run: RunDir, tok: CalmTokenizer, result, ae_ident: dict, identity: dict) -> dict:
+    _, artifact = KINDS[kind]
+    with result.checkpoint.as_directory() as ck, tempfile.TemporaryDirectory() as tmp:
+        ck, out = Path(ck), Path(tmp)
+        meta = json.loads((ck / tc.META).read_text())
+        if not (ck / "model.safetensors").is_file():
+            raise ArtifactError(f"the last checkpoint '{result.checkpoint.path}' holds no consolidated weights")
+        (out / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        tok.save(out)
+        records = meta.get("records", [])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        final = dict(records[-1]) if records else {}
+        final["step"] = meta["step"]
+        final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
+        model = load_stage2_dir(out, kind, verify=False)[0]
+        manifest = write_manifest(
+            out, kind,
+            inputs={"ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": tok.sha256,
+                    "config_sha256": cfg.section_hash()},
+            metrics=final,
+            extra={"parameters": sum(p.numel() for p in model.parameters()),
+                   "flops_per_token": result.metrics.get("flops_per_token"), "K": cfg.ae.K,
+                   "latent_dim": cfg.ae.latent_dim, "identity": identity},
+        )
+        uri = run.publish_artifact(out, artifact)
+    tc.progress(f"[{kind}] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, held-out "
+                f"loss {final.get('val_loss', float('nan')):.4f}, BrierLM {final.get('val_brierlm', float('nan')):.2f}")
+    return manifest
+
+
+def load_stage2_dir(directory: str | Path, kind: str, verify: bool = True, expected_ae_sha256: str | None = None):
+    """RUN/calm or RUN/baseline -> (model in eval mode, Config, tokenizer, manifest). Plain PyTorch;
+    refuses an artifact trained on another AE than ``expected_ae_sha256``."""
+    from calm_core.checkpoint import load_weights, read_manifest
+    from calm_core.config import config_from_yaml
+
+    d = Path(directory)
+    manifest = read_manifest(d, kind=kind) if verify else {}
+    if expected_ae_sha256 and manifest.get("inputs", {}).get("ae_sha256") != expected_ae_sha256:
+        raise ArtifactError(f"'{d}' was trained on latents of another autoencoder "
+                            f"({manifest['inputs'].get('ae_sha256', '?')[:12]}, expected {expected_ae_sha256[:12]})")
+    cfg = config_from_yaml((d / "config.yaml").read_text(), str(d / "config.yaml"))
+    tok = CalmTokenizer.from_file(d / "tokenizer.json")
+    model = build_model(kind, cfg, tok.vocab_size)
+    model.load_state_dict(load_weights(d / "model.safetensors"))
+    return model.eval(), cfg, tok, manifest
