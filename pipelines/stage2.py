@@ -291,29 +291,56 @@ def _identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: dict) ->
 
 
 def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
-    """Train (or resume, or leave alone if complete) RUN/calm or RUN/baseline; returns the manifest."""
+               overwrite: bool = False, replace_stale: bool = False) -> dict[str, Any]:
+    """Train (or resume, or leave alone if complete) RUN/calm or RUN/baseline; returns the manifest.
+
+    A run or artifact of another setup (another AE, latents, model, batch or layout) is refused
+    unless ``overwrite``; ``replace_stale`` (the chained run_all job) replaces it with a message."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     section, artifact = KINDS[kind]
     t, d = getattr(cfg, section), cfg.distributed
     name = section
-    if overwrite:
-        for p in ((artifact,), ("_train", name), ("_train", f"{name}.identity.json")):
-            run.delete(*p)
-    if run.has_artifact(artifact):
-        m = run.read_json(artifact, "manifest.json")
-        if m["metrics"].get("step", 0) >= t.max_steps:
-            tc.progress(f"[{kind}] {run.uri(artifact)} is complete ({m['metrics'].get('step')} steps); nothing to "
-                        "do (--overwrite retrains)")
-            return m
+    id_path = ("_train", f"{name}.identity.json")
 
+    def discard():
+        for p in ((artifact,), ("_train", name), id_path):
+            run.delete(*p)
+
+    if overwrite:
+        discard()
     t0 = time.perf_counter()
     ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
     _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     cfg.ae = ae_cfg.ae  # K and the latent width come from the AE
     ae_ident = LT.ae_identity(ae_dir, ae_manifest)
+    lman = LT.latents_manifest(run)
+    LT.check_matches(lman, ae_ident, run.uri(LT.ARTIFACT))
+    identity = _identity(kind, cfg, ae_ident, lman["identity"])
+
+    old = run.read_json(*id_path) if run.exists(*id_path) else None
+    if old is None and run.has_artifact(artifact):
+        old = run.read_json(artifact, "manifest.json").get("identity")
+    if old is not None and old != identity:
+        msg = (f"'{run.uri(artifact)}' / '{run.uri('_train', name)}' hold a {kind} run with a different setup "
+               f"({tc.diff_identity(old, identity)})")
+        if not replace_stale:
+            raise ArtifactError(msg + "; use a new --run, or --overwrite")
+        tc.progress(f"[{kind}] {msg}; retraining for the current AE and latents")
+        discard()
+    if run.has_artifact(artifact):
+        m = run.read_json(artifact, "manifest.json")
+        if m["metrics"].get("step", 0) >= t.max_steps:
+            tc.progress(f"[{kind}] {run.uri(artifact)} is complete ({m['metrics'].get('step')} steps); nothing to "
+                        f"do (raise {section}.max_steps to extend it, --overwrite retrains)")
+            return m
+    if not run.exists(*id_path):
+        if run.exists("_train", name):
+            raise ArtifactError(f"'{run.uri('_train', name)}' exists but has no identity record; use a new --run "
+                                "or --overwrite")
+        run.write_text(json.dumps(identity, indent=1), *id_path)
+
     train_ds, lman = LT.read_latents(run, "train", expected=ae_ident)
     L = cfg.model.block_chunks
     train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus).materialize()
@@ -332,16 +359,6 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     val = {k: np.stack([r[k] for r in val_rows]).tolist() for k in ("tokens", "mu", "log_sigma")}
     tc.progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
                 f"tokens), {len(val_rows)} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
-
-    identity = _identity(kind, cfg, ae_ident, lman["identity"])
-    id_path = ("_train", f"{name}.identity.json")
-    if run.exists(*id_path):
-        old = run.read_json(*id_path)
-        if old != identity:
-            raise ArtifactError(f"'{run.uri('_train', name)}' holds a {kind} run with a different setup "
-                                f"({tc.diff_identity(old, identity)}); use a new --run, or --overwrite")
-    else:
-        run.write_text(json.dumps(identity, indent=1), *id_path)
 
     trainer = TorchTrainer(
         train_loop,

@@ -51,6 +51,11 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
     assert mb["metrics"]["step"] == 12 and losses[-1] < losses[0]
     assert 0.0 <= mb["metrics"]["val_brierlm"] <= 100.0 and "val_brier1_exact" in mb["metrics"]
 
+    # a complete run is left alone; a rerun with another model is refused, naming the key
+    assert run_stage2(full, run, "calm")["files"] == m2["files"]
+    with pytest.raises(ArtifactError, match="model.n_layers"):
+        run_stage2(load_config("debug", ["model.n_layers=3", "stage2.max_steps=9"]), run, "calm")
+
 
 def test_latents_of_another_ae_are_refused(ray_session, tiny_corpus, tmp_path):
     run = RunDir(str(tmp_path / "run"))
