@@ -52,10 +52,26 @@ def energy_terms(samples: torch.Tensor, targets: torch.Tensor, alpha: float = 1.
     if N < 2:
         raise ValueError("the energy score needs at least 2 head samples per position (N >= 2)")
     fidelity = 2.0 * pairwise_distances(samples, targets, alpha).mean(dim=(-2, -1))  # [...]
+    return fidelity, _diversity(samples, alpha)
+
+
+def _diversity(samples: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 / N(N-1)) sum_{n != n'} ||x_n - x_n'||^alpha: samples [..., N, l] -> [...]."""
+    N = samples.shape[-2]
     self_d = pairwise_distances(samples, samples, alpha)  # [..., N, N]
     off_diag = ~torch.eye(N, dtype=torch.bool, device=samples.device)  # n != n'
-    diversity = (self_d * off_diag).sum(dim=(-2, -1)) / (N * (N - 1))  # [...]
-    return fidelity, diversity
+    return (self_d * off_diag).sum(dim=(-2, -1)) / (N * (N - 1))
+
+
+def _reduce(fid: torch.Tensor, div: torch.Tensor, weights: torch.Tensor | None) -> EnergyLoss:
+    """Per-position terms [...] -> their (weighted) means as an EnergyLoss."""
+    if weights is None:
+        f, v = fid.mean(), div.mean()
+    else:
+        w = weights.float()
+        total = w.sum().clamp_min(1e-12)
+        f, v = (fid * w).sum() / total, (div * w).sum() / total
+    return EnergyLoss(f - v, f, v)
 
 
 def energy_score_loss(samples: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0,
@@ -66,13 +82,7 @@ def energy_score_loss(samples: torch.Tensor, targets: torch.Tensor, alpha: float
     position; weights [...] (optional, e.g. 0 for padding positions): a weighted mean over positions.
     """
     fid, div = energy_terms(samples, targets, alpha)  # [...] each
-    if weights is None:
-        f, v = fid.mean(), div.mean()
-    else:
-        w = weights.float()
-        total = w.sum().clamp_min(1e-12)
-        f, v = (fid * w).sum() / total, (div * w).sum() / total
-    return EnergyLoss(f - v, f, v)
+    return _reduce(fid, div, weights)
 
 
 def energy_score(samples: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -105,15 +115,7 @@ def posterior_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: to
     t2 = torch.matmul(a * s.unsqueeze(-2), eps.transpose(-1, -2))  # [B, T, N, M]
     t3 = torch.matmul(s.pow(2), eps.squeeze(1).pow(2).transpose(-1, -2))  # [B, T, M]
     d2 = (t1.unsqueeze(-1) - 2.0 * t2 + t3.unsqueeze(-2)).clamp_min(DIST_EPS)
+    if N < 2:
+        raise ValueError("the energy score needs at least 2 head samples per position (N >= 2)")
     fid = 2.0 * d2.pow(alpha / 2.0).mean(dim=(-2, -1))  # [B, T]
-    N_ = samples.shape[-2]
-    self_d = pairwise_distances(x, x, alpha)  # [B, T, N, N]
-    off_diag = ~torch.eye(N_, dtype=torch.bool, device=x.device)
-    div = (self_d * off_diag).sum(dim=(-2, -1)) / (N_ * (N_ - 1))  # [B, T]
-    if weights is None:
-        f, v = fid.mean(), div.mean()
-    else:
-        w = weights.float()
-        total = w.sum().clamp_min(1e-12)
-        f, v = (fid * w).sum() / total, (div * w).sum() / total
-    return EnergyLoss(f - v, f, v)
+    return _reduce(fid, _diversity(x, alpha), weights)

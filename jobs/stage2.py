@@ -11,20 +11,8 @@ checkpoint; a finished run is left alone (raise stage2.max_steps to extend it).
 
 import _bootstrap  # noqa: F401
 
-from pipelines.cli import job_main, make_parser, parse
-from pipelines.ray_env import init_ray
-
-
-def main(argv=None):
-    parser = make_parser(__doc__.split("\n\n")[0], corpus=False)
-    parser.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
-    args, cfg, run = parse(parser, argv)
-    from pipelines.stage2 import run_stage2
-
-    ae_dir = args.ae or str(run.local_artifact("ae"))  # a missing AE fails before Ray starts
-    init_ray(cfg.ray)
-    run_stage2(cfg, run, kind="calm", ae_path=ae_dir, overwrite=args.overwrite)
-
+from pipelines.cli import job_main
+from pipelines.stage2 import job
 
 if __name__ == "__main__":
-    raise SystemExit(job_main(main))
+    raise SystemExit(job_main(job("calm", __doc__.split("\n\n")[0])))

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import (ChunkAutoencoder, active_dims, load_autoencoder_dir, num_parameters,
+from calm_core.autoencoder import (ChunkAutoencoder, active_dims, load_autoencoder_dir,
                                    reconstruction_metrics)
-from calm_core.checkpoint import save_weights, write_manifest
+from calm_core.checkpoint import save_weights
 from calm_core.config import Config, config_from_dict
-from calm_core.errors import ArtifactError, CalmError, DataError
+from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
 from calm_core.tokenizer import CalmTokenizer
 from pipelines import train_common as tc
@@ -229,9 +229,6 @@ def _val_tokens(val_chunks, train_chunks, limit: int) -> np.ndarray:
 
 def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip if complete) the autoencoder; returns the RUN/ae manifest."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from pipelines.chunks import chunk_dataset
     from pipelines.ingest import load_corpus
     from pipelines.tokenizer_stage import ensure_tokenizer
@@ -277,89 +274,25 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
     live_log = run.path("logs", "stage1.metrics.jsonl") if run.is_local else None
     tb_dir = run.path("logs", "tb", "stage1") if run.is_local else None
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "tokenizer_json": tok.to_str(),
-            "val_tokens": val_tokens.tolist(),
-            "identity": identity,
-            "live_log": live_log,
-            "tb_dir": tb_dir,
-        },
-        torch_config=TorchConfig(backend=tc.resolve_backend(d)),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=run.uri("_train"),
-            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
-            worker_runtime_env={"env_vars": tc.worker_env(d)},
-        ),
-        datasets={"train": train_chunks},
-    )
-    tc.progress(f"[stage1] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
-                f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {tc.resolve_precision(d)}")
-    try:
-        result = trainer.fit()
-    except Exception as e:  # TrainingFailedError wraps the worker's exception
-        raise _unwrap_training_error(e) from None
-    if result.checkpoint is None:
-        raise ArtifactError("stage 1 finished without a checkpoint; see the worker logs above")
+    result = tc.fit(train_loop, {
+        "config": cfg.to_dict(),
+        "tokenizer_json": tok.to_str(),
+        "val_tokens": val_tokens.tolist(),
+        "identity": identity,
+        "live_log": live_log,
+        "tb_dir": tb_dir,
+    }, d, run, RUN_NAME, {"train": train_chunks})
     return _publish_ae(cfg, run, tok, result, corpus_info, identity)
 
 
-def _unwrap_training_error(e: Exception) -> Exception:
-    """Bring a CalmError raised inside a worker back as itself (a one-line message for the user)."""
-    seen, cur = set(), e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, CalmError):
-            return cur
-        for attr in ("worker_failures", "errors"):
-            inner = getattr(cur, attr, None)
-            if isinstance(inner, dict):
-                for v in inner.values():
-                    found = _unwrap_training_error(v)
-                    if isinstance(found, CalmError):
-                        return found
-        cur = cur.__cause__ or cur.__context__
-    text = str(e)
-    for line in text.splitlines()[::-1]:
-        for cls in (ArtifactError, DataError):
-            tag = f"{cls.__name__}: "
-            if tag in line:
-                return cls(line.split(tag, 1)[1])
-    return e
-
-
 def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_info: dict, identity: dict) -> dict:
-    with result.checkpoint.as_directory() as ck, tempfile.TemporaryDirectory() as tmp:
-        ck, out = Path(ck), Path(tmp)
-        meta = json.loads((ck / tc.META).read_text())
-        if not (ck / "model.safetensors").is_file():
-            raise ArtifactError(f"the last checkpoint '{result.checkpoint.path}' holds no consolidated weights")
-        (out / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        tok.save(out)
-        records = meta.get("records", [])
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        final = dict(records[-1]) if records else {}
-        final["step"] = meta["step"]
-        final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
-        final["num_workers"] = result.metrics.get("num_workers")
-        final["num_nodes"] = result.metrics.get("num_nodes")
-        model = load_autoencoder_dir(out, verify=False)[0]
-        manifest = write_manifest(
-            out, "ae",
-            inputs={"tokenizer_sha256": tok.sha256, "corpus": corpus_info, "config_sha256": cfg.section_hash()},
-            metrics=final,
-            extra={"parameters": num_parameters(model), "K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim,
-                   "identity": identity},
-        )
-        uri = run.publish_artifact(out, "ae")
+    manifest, uri = tc.publish_trained(
+        run, "ae", "ae", result, cfg.to_yaml(), tok,
+        inputs={"tokenizer_sha256": tok.sha256, "corpus": corpus_info, "config_sha256": cfg.section_hash()},
+        load_model=lambda d: load_autoencoder_dir(d, verify=False)[0],
+        extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim, "identity": identity},
+    )
+    final = manifest["metrics"]
     tc.progress(f"[stage1] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, "
                 f"held-out acc mu {100 * final.get('val_acc_mu', 0):.2f}% sample "
                 f"{100 * final.get('val_acc_sample', 0):.2f}% noise {100 * final.get('val_acc_noise', 0):.2f}%")

@@ -31,14 +31,13 @@ from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
 from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates
 from calm_core.calm_model import CALM, calm_train_flops_per_token
-from calm_core.checkpoint import save_weights, write_manifest
+from calm_core.checkpoint import save_weights
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
 from calm_core.tokenizer import CalmTokenizer
 from pipelines import latents as LT
 from pipelines import train_common as tc
-from pipelines.stage1 import _unwrap_training_error
 from pipelines.storage import RunDir
 
 KINDS = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}  # kind -> (config section, artifact)
@@ -264,7 +263,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     final_record = dict(log.records[-1]) if log and log.records else {"step": step}
     save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
-                     "flops_per_token": fpt}, final=True)
+                     "flops_per_token": fpt, "num_workers": world}, final=True)
     if log is not None:
         log.close()
 
@@ -296,9 +295,6 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
 
     A run or artifact of another setup (another AE, latents, model, batch or layout) is refused
     unless ``overwrite``; ``replace_stale`` (the chained run_all job) replaces it with a message."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     section, artifact = KINDS[kind]
     t, d = getattr(cfg, section), cfg.distributed
     name = section
@@ -360,62 +356,25 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     tc.progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
                 f"tokens), {len(val_rows)} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
 
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "kind": kind, "config": cfg.to_dict(), "tokenizer_json": tok.to_str(), "val": val,
-            "identity": identity, "ae_weights": (ae_dir / "model.safetensors").read_bytes() if kind == "calm" else b"",
-            "live_log": run.path("logs", f"{name}.metrics.jsonl") if run.is_local else None,
-            "tb_dir": run.path("logs", "tb", name) if run.is_local else None,
-        },
-        torch_config=TorchConfig(backend=tc.resolve_backend(d)),
-        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                               resources_per_worker={"CPU": d.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=run.uri("_train"),
-            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
-            worker_runtime_env={"env_vars": tc.worker_env(d)},
-        ),
-        datasets={"train": train},
-    )
-    tc.progress(f"[{kind}] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
-                f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {tc.resolve_precision(d)}")
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        raise _unwrap_training_error(e) from None
-    if result.checkpoint is None:
-        raise ArtifactError(f"{kind} finished without a checkpoint; see the worker logs above")
+    result = tc.fit(train_loop, {
+        "kind": kind, "config": cfg.to_dict(), "tokenizer_json": tok.to_str(), "val": val,
+        "identity": identity, "ae_weights": (ae_dir / "model.safetensors").read_bytes() if kind == "calm" else b"",
+        "live_log": run.path("logs", f"{name}.metrics.jsonl") if run.is_local else None,
+        "tb_dir": run.path("logs", "tb", name) if run.is_local else None,
+    }, d, run, name, {"train": train})
     return _publish(kind, cfg, run, tok, result, ae_ident, identity)
 
 
 def _publish(kind: str, cfg: Config, run: RunDir, tok: CalmTokenizer, result, ae_ident: dict, identity: dict) -> dict:
     _, artifact = KINDS[kind]
-    with result.checkpoint.as_directory() as ck, tempfile.TemporaryDirectory() as tmp:
-        ck, out = Path(ck), Path(tmp)
-        meta = json.loads((ck / tc.META).read_text())
-        if not (ck / "model.safetensors").is_file():
-            raise ArtifactError(f"the last checkpoint '{result.checkpoint.path}' holds no consolidated weights")
-        (out / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        tok.save(out)
-        records = meta.get("records", [])
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        final = dict(records[-1]) if records else {}
-        final["step"] = meta["step"]
-        final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
-        model = load_stage2_dir(out, kind, verify=False)[0]
-        manifest = write_manifest(
-            out, kind,
-            inputs={"ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": tok.sha256,
-                    "config_sha256": cfg.section_hash()},
-            metrics=final,
-            extra={"parameters": sum(p.numel() for p in model.parameters()),
-                   "flops_per_token": result.metrics.get("flops_per_token"), "K": cfg.ae.K,
-                   "latent_dim": cfg.ae.latent_dim, "identity": identity},
-        )
-        uri = run.publish_artifact(out, artifact)
+    manifest, uri = tc.publish_trained(
+        run, artifact, kind, result, cfg.to_yaml(), tok,
+        inputs={"ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": tok.sha256, "config_sha256": cfg.section_hash()},
+        load_model=lambda d: load_stage2_dir(d, kind, verify=False)[0],
+        extra={"flops_per_token": result.metrics.get("flops_per_token"), "K": cfg.ae.K,
+               "latent_dim": cfg.ae.latent_dim, "identity": identity},
+    )
+    final = manifest["metrics"]
     tc.progress(f"[{kind}] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, held-out "
                 f"loss {final.get('val_loss', float('nan')):.4f}, BrierLM {final.get('val_brierlm', float('nan')):.2f}")
     return manifest
@@ -437,3 +396,22 @@ def load_stage2_dir(directory: str | Path, kind: str, verify: bool = True, expec
     model = build_model(kind, cfg, tok.vocab_size)
     model.load_state_dict(load_weights(d / "model.safetensors"))
     return model.eval(), cfg, tok, manifest
+
+
+# ============================================================================ the two job scripts
+
+
+def job(kind: str, description: str):
+    """``main(argv)`` of jobs/stage2.py (kind "calm") and jobs/baseline.py (kind "baseline")."""
+    from pipelines.cli import make_parser, parse
+    from pipelines.ray_env import init_ray
+
+    def main(argv=None):
+        parser = make_parser(description, corpus=False)
+        parser.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
+        args, cfg, run = parse(parser, argv)
+        ae_dir = args.ae or str(run.local_artifact("ae"))  # a missing AE fails before Ray starts
+        init_ray(cfg.ray)
+        run_stage2(cfg, run, kind=kind, ae_path=ae_dir, overwrite=args.overwrite)
+
+    return main

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from calm_core.config import DistributedConfig
-from calm_core.errors import ArtifactError
+from calm_core.errors import ArtifactError, CalmError, DataError
 
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint
 META = "meta.json"  # rank 0's record of the step, the run identity and the metrics so far
@@ -242,3 +242,101 @@ class Throughput:
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.items = 0
+
+
+# ----------------------------------------------------------------------------- the final artifact
+
+
+def publish_trained(run, artifact: str, kind: str, result, config_yaml: str, tok, inputs: dict[str, Any],
+                    load_model, extra: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Turn the last Ray Train checkpoint into RUN/<artifact>: model.safetensors (consolidated by
+    rank 0 in the final report), config.yaml, tokenizer.json, metrics.jsonl and a manifest (written
+    last) whose metrics are the last logged record plus the step and how the run ended.
+    ``load_model(folder)`` must load the weights with plain PyTorch (it proves they do)."""
+    import tempfile
+
+    from calm_core.checkpoint import write_manifest
+
+    with result.checkpoint.as_directory() as ck, tempfile.TemporaryDirectory() as tmp:
+        ck, out = Path(ck), Path(tmp)
+        meta = json.loads((ck / META).read_text())
+        if not (ck / "model.safetensors").is_file():
+            raise ArtifactError(f"the last checkpoint '{result.checkpoint.path}' holds no consolidated weights")
+        (out / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes())
+        (out / "config.yaml").write_text(config_yaml)
+        tok.save(out)
+        records = meta.get("records", [])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        final = dict(records[-1]) if records else {}
+        final["step"] = meta["step"]
+        final["stopped_early"] = bool(result.metrics.get("stopped_early", False))
+        for key in ("num_workers", "num_nodes"):
+            if key in result.metrics:
+                final[key] = result.metrics[key]
+        model = load_model(out)
+        manifest = write_manifest(out, kind, inputs=inputs, metrics=final,
+                                  extra={"parameters": sum(p.numel() for p in model.parameters()), **extra})
+        uri = run.publish_artifact(out, artifact)
+    return manifest, uri
+
+
+# ----------------------------------------------------------------------------- running a stage
+
+
+def fit(train_fn, loop_config: dict[str, Any], d: DistributedConfig, run, name: str, datasets: dict):
+    """TorchTrainer over ``train_fn`` with the layout of ``d``, checkpoints in RUN/_train/<name>
+    (a deterministic name: rerunning resumes). Returns the Result; a user error raised inside a
+    worker comes back as itself."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=resolve_backend(d)),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker={"CPU": d.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=run.uri("_train"),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
+            worker_runtime_env={"env_vars": worker_env(d)},
+        ),
+        datasets=datasets,
+    )
+    progress(f"[{name}] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
+             f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {resolve_precision(d)}")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception
+        raise unwrap_training_error(e) from None
+    if result.checkpoint is None:
+        raise ArtifactError(f"{name} finished without a checkpoint; see the worker logs above")
+    return result
+
+
+def unwrap_training_error(e: Exception) -> Exception:
+    """Bring a CalmError raised inside a worker back as itself (a one-line message for the user)."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, CalmError):
+            return cur
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, dict):
+                for v in inner.values():
+                    found = unwrap_training_error(v)
+                    if isinstance(found, CalmError):
+                        return found
+        cur = cur.__cause__ or cur.__context__
+    text = str(e)
+    for line in text.splitlines()[::-1]:
+        for cls in (ArtifactError, DataError):
+            tag = f"{cls.__name__}: "
+            if tag in line:
+                return cls(line.split(tag, 1)[1])
+    return e
+
+
