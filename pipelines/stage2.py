@@ -276,6 +276,18 @@ def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float):
     return blocks.select_columns(["tokens"], num_cpus=cpus) if kind == "baseline" else blocks
 
 
+def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int, cpus: float,
+                    kind: str = "calm") -> dict[str, list]:
+    """Up to ``max_chunks`` held-out chunks as blocks of L: {"tokens", "mu", "log_sigma"} nested lists
+    (the training split stands in, with a warning, when the held-out split has fewer than L chunks)."""
+    split = "val" if lman["metrics"]["rows_per_split"].get("val", 0) >= L else "train"
+    if split == "train":
+        tc.progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks")
+    ds, _ = LT.read_latents(run, split, expected=ae_ident)
+    rows = _blocks(ds, lman, L, "calm", cpus).limit(max(1, max_chunks // L)).take_all()
+    return {k: np.stack([r[k] for r in rows]).tolist() for k in ("tokens", "mu", "log_sigma")}
+
+
 def _identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: dict) -> dict[str, Any]:
     section, _ = KINDS[kind]
     t = getattr(cfg, section)
@@ -346,15 +358,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         raise DataError(f"the latents give {n_train} training blocks of {L} chunks, fewer than one step needs "
                         f"({section}.batch_size {t.batch_size} x {d.num_workers} workers); lower them or "
                         "model.block_chunks, or use a larger corpus")
-    if lman["metrics"]["rows_per_split"].get("val", 0) >= L:
-        val_ds, _ = LT.read_latents(run, "val", expected=ae_ident)
-        val_rows = _blocks(val_ds, lman, L, "calm", cfg.data.read_cpus).limit(max(1, t.val_max_chunks // L)).take_all()
-    else:
-        tc.progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks")
-        val_rows = _blocks(train_ds, lman, L, "calm", cfg.data.read_cpus).limit(max(1, t.val_max_chunks // L)).take_all()
-    val = {k: np.stack([r[k] for r in val_rows]).tolist() for k in ("tokens", "mu", "log_sigma")}
+    val = held_out_blocks(run, lman, ae_ident, L, t.val_max_chunks, cfg.data.read_cpus, kind)
     tc.progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
-                f"tokens), {len(val_rows)} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
+                f"tokens), {len(val['tokens'])} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
 
     result = tc.fit(train_loop, {
         "kind": kind, "config": cfg.to_dict(), "tokenizer_json": tok.to_str(), "val": val,

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Stage-2 benchmark: CALM (energy head) against the same-backbone softmax Transformer at equal
+training-FLOP budgets, on the same tokenizer, corpus, split and blocks.
+
+    python bench/bench_stage2.py --run /tmp/bench-small \
+        --corpus ../shared/data/tinystories-sample/train.txt --budgets 6e12 1.2e13 2.4e13
+
+Needs RUN/ae (e.g. from bench/bench_stage1.py --run DIR); makes RUN/latents if missing. For every
+budget and model: a fresh Ray Train + DeepSpeed run whose max_steps spends the budget (cosine
+schedule to that step), then held-out evaluation on the driver with plain PyTorch: CALM's BrierLM
+from two head samples per position decoded by the AE; the baseline's exact Brier-1 from its
+probabilities and its two-sample BrierLM at ``--baseline-starts`` chunk starts per block. Also the
+step time of each model in a plain single-process torch loop against the Ray run. Prints tables
+and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipelines  # noqa: E402,F401
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from calm_core.autoencoder import load_autoencoder_dir  # noqa: E402
+from calm_core.config import load_config  # noqa: E402
+from calm_core.optim import param_groups  # noqa: E402
+
+
+def evaluate(kind: str, run, ae_dir: Path, val: dict, starts: int, seed: int = 0) -> dict:
+    from pipelines.stage2 import _baseline_val, _calm_val, _val_record, load_stage2_dir
+
+    _, artifact = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}[kind]
+    model, cfg, tok, _ = load_stage2_dir(Path(run.path(artifact)), kind)
+    torch.set_num_threads(os.cpu_count() or 1)
+    v = {k: torch.as_tensor(np.asarray(x, dtype=np.int64 if k == "tokens" else np.float32)) for k, x in val.items()}
+    if kind == "calm":
+        ae = load_autoencoder_dir(ae_dir)[0]
+        sums = _calm_val(model, ae, v, 8, torch.device("cpu"), seed)
+    else:
+        sums = _baseline_val(model, v, 8, cfg.ae.K, torch.device("cpu"), seed, tok.pad_id, brier_positions=starts)
+    return _val_record(kind, sums)
+
+
+def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) -> float:
+    """Seconds per step of the same model and global batch in one process (no Ray, no DeepSpeed)."""
+    from pipelines.stage2 import build_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    section = "stage2" if kind == "calm" else "baseline"
+    t = getattr(cfg, section)
+    model = build_model(kind, cfg, vocab)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+    batch = t.batch_size * cfg.distributed.num_workers
+    tok = torch.as_tensor(np.asarray(blocks["tokens"], dtype=np.int64))
+    mu = torch.as_tensor(np.asarray(blocks["mu"], dtype=np.float32))
+    ls = torch.as_tensor(np.asarray(blocks["log_sigma"], dtype=np.float32))
+    steps, t0, warm = 0, None, 3
+    while True:
+        idx = torch.randint(0, len(tok), (batch,))
+        loss = model(tok[idx], mu[idx], ls[idx]).loss if kind == "calm" else model(tok[idx].flatten(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        if steps == warm:
+            t0 = time.perf_counter()
+        if t0 is not None and time.perf_counter() - t0 >= seconds:
+            return (time.perf_counter() - t0) / (steps - warm)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run directory holding RUN/ae (RUN/latents is made if missing)")
+    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
+    ap.add_argument("--config", default="small")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[6e12, 1.2e13, 2.4e13],
+                    help="training-FLOP budgets (per model)")
+    ap.add_argument("--baseline-starts", type=int, default=16, help="chunk starts per held-out block for the "
+                    "baseline's two-sample BrierLM")
+    ap.add_argument("--plain-seconds", type=float, default=30.0)
+    ap.add_argument("--out", default="bench/results/stage2.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from pipelines import latents as LT
+    from pipelines.precompute import precompute_latents
+    from pipelines.ray_env import init_ray
+    from pipelines.stage2 import build_model, flops_per_token, held_out_blocks, run_stage2
+    from pipelines.storage import RunDir
+
+    base = load_config(args.config, args.overrides)
+    init_ray(base.ray)
+    run = RunDir(args.run)
+    ae_dir = run.local_artifact("ae")
+    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
+    if not run.has_artifact("latents"):
+        precompute_latents(load_config(args.config, args.overrides), args.corpus, run)
+    ae_ident = LT.ae_identity(ae_dir, ae_manifest)
+    lman = LT.latents_manifest(run)
+    base.ae = ae_cfg.ae
+    L, K = base.model.block_chunks, base.ae.K
+    val = held_out_blocks(run, lman, ae_ident, L, base.stage2.val_max_chunks, base.data.read_cpus)
+
+    results = []
+    for budget in args.budgets:
+        for kind, section in (("calm", "stage2"), ("baseline", "baseline")):
+            t = getattr(base, section)
+            fpt = flops_per_token(kind, build_model(kind, base, tok.vocab_size))
+            tokens_per_step = t.batch_size * base.distributed.num_workers * L * K
+            steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
+            ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",
+                  f"{section}.checkpoint_every={steps}", f"{section}.warmup_steps={max(1, steps // 20)}"]
+            cfg = load_config(args.config, [*args.overrides, *ov])
+            t0 = time.perf_counter()
+            m = run_stage2(cfg, run, kind, overwrite=True)
+            wall = time.perf_counter() - t0
+            records = [json.loads(x) for x in Path(run.path(section if kind == "baseline" else "calm",
+                                                             "metrics.jsonl")).read_text().splitlines()]
+            ev = evaluate(kind, run, ae_dir, val, args.baseline_starts)
+            row = {"budget": budget, "kind": kind, "steps": steps, "flops": m["metrics"]["train_flops"],
+                   "flops_per_token": fpt, "wall_s": wall,
+                   "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[1:]] or [records[-1]["tokens_per_s"]])),
+                   "eval": ev, "curve": [{k: r.get(k) for k in ("step", "train_flops", "val_loss", "val_brierlm")}
+                                         for r in records]}
+            results.append(row)
+            print(f"[bench] {kind} budget {budget:.2g}: {steps} steps, BrierLM {ev['val_brierlm']:.2f}, "
+                  f"held-out loss {ev['val_loss']:.4f}", flush=True)
+
+    import ray
+
+    ray.shutdown()
+    plain = {}
+    for kind in ("calm", "baseline"):
+        plain[kind] = plain_step_time(kind, base, tok.vocab_size, val, args.plain_seconds)
+    last = {r["kind"]: r for r in results if r["budget"] == args.budgets[-1]}
+    ray_step = {k: (getattr(base, "stage2" if k == "calm" else "baseline").batch_size * base.distributed.num_workers
+                    * L * K) / last[k]["tokens_per_s"] for k in last}
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
+           "corpus": args.corpus, "config": args.config, "L": L, "K": K, "results": results,
+           "plain_step_s": plain, "ray_step_s": ray_step,
+           "step_time_ratio": {k: ray_step[k] / plain[k] for k in plain}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+    print(f"\nstage 2 vs baseline, config {args.config}, L={L} chunks (K={K}: {L * K} tokens), corpus {args.corpus}")
+    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM | exact Brier-1 |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        e = r["eval"]
+        print(f"| {r['budget']:.2g} | {r['kind']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {e['val_loss']:.4f} | "
+              + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
+              + f" | {e['val_brierlm']:.2f} | {e.get('val_brier1_exact', float('nan')):.4f} |")
+    print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for k in plain:
+        print(f"| {k} | {ray_step[k]:.3f} | {plain[k]:.3f} | {ray_step[k] / plain[k]:.2f} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
