@@ -15,9 +15,7 @@ Rerunning the same command resumes from the last checkpoint (the run is named ``
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,6 @@ import torch
 
 from calm_core.autoencoder import (ChunkAutoencoder, active_dims, load_autoencoder_dir,
                                    reconstruction_metrics)
-from calm_core.checkpoint import save_weights
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
@@ -90,13 +87,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     if rank == 0:
         tc.progress(f"[stage1] {world} workers on {num_nodes} node(s)")
 
-    step, records = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        step, meta = tc.restore_checkpoint(engine, ckpt, loop["identity"])
-        records = [r for r in meta.get("records", []) if r.get("step", 0) <= step]
-        if rank == 0:
-            tc.progress(f"[stage1] resumed from step {step} ({ckpt.path})")
+    step, records = tc.resume(engine, loop["identity"], rank, "stage1")
     log = tc.MetricsLog(records, loop["live_log"], loop["tb_dir"]) if rank == 0 else None
 
     shard = ray.train.get_dataset_shard("train")
@@ -109,43 +100,15 @@ def train_loop(loop: dict[str, Any]) -> None:
     last: dict[str, float] = {}
     stopped_early = False
 
-    def batches():
-        epoch = 0
-        while True:
-            n = 0
-            for b in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                              local_shuffle_seed=t.seed + epoch):
-                n += 1
-                yield b["tokens"]
-            if n == 0:
-                raise DataError("this worker's shard of training chunks holds less than one batch; "
-                                "lower stage1.batch_size or use a larger corpus")
-            epoch += 1
-
-    def save_and_report(metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            meta = {"identity": loop["identity"], "records": log.records if log else []}
-            tc.save_checkpoint(engine, folder, step, meta, rank)
-            state = tc.full_state_dict(engine, d.zero_stage) if final else None
-            if final and rank == 0:
-                save_weights(state, folder / "model.safetensors", {"format": "pt"})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    def eval_model():
-        """The model to validate: the engine's module, or under ZeRO-3 (whose parameters are
-        partitioned outside the module's own forward) a whole copy gathered from the shards."""
-        if d.zero_stage < 3:
-            return engine.module
-        copy = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
-        copy.load_state_dict(tc.full_state_dict(engine, d.zero_stage))
-        return copy.to(device)
-
-    data = batches()
+    data = tc.epoch_batches(shard, t.batch_size, t.shuffle_buffer, t.seed,
+                            "this worker's shard of training chunks holds less than one batch; "
+                            "lower stage1.batch_size or use a larger corpus")
+    build = lambda: ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)  # noqa: E731
+    report = lambda metrics, final: tc.save_and_report(  # noqa: E731
+        engine, step, loop["identity"], log, d.zero_stage, rank, metrics, final)
     engine.train()
     while step < t.max_steps:
-        x = next(data).to(device).long()  # [B, K]
+        x = next(data)["tokens"].to(device).long()  # [B, K]
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
@@ -158,7 +121,8 @@ def train_loop(loop: dict[str, Any]) -> None:
 
         boundary = step % t.log_every == 0 or step == t.max_steps
         if boundary:
-            val_m = _val_metrics(eval_model(), val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
+            model_now = tc.eval_model(engine, d.zero_stage, build, device)
+            val_m = _val_metrics(model_now, val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
             record = {"step": step, **last, **val_m, "tokens_per_s": thr.rate(),
                       "elapsed_s": time.perf_counter() - t_start}
             if log is not None:
@@ -177,10 +141,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                     tc.progress(f"[stage1] wall-clock budget of {t.max_minutes} min reached at step {step}")
                 break
             if step % t.checkpoint_every == 0 and step < t.max_steps:
-                save_and_report({"step": step, **record, "final": False}, final=False)
+                report({"step": step, **record, "final": False}, final=False)
 
     final_record = dict(log.records[-1]) if log and log.records else {"step": step}
-    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
+    report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
                      "num_workers": world, "num_nodes": num_nodes}, final=True)
     if log is not None:
         log.close()

@@ -19,7 +19,6 @@ exact Brier-1 from its probabilities), tokens/s and training FLOPs so far. Check
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
 from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates
 from calm_core.calm_model import CALM, calm_train_flops_per_token
-from calm_core.checkpoint import save_weights
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
@@ -171,13 +169,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     val = {k: torch.as_tensor(np.asarray(v, dtype=np.int64 if k == "tokens" else np.float32))[:nv][rank::world]
            for k, v in loop["val"].items()}
 
-    step, records = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        step, meta = tc.restore_checkpoint(engine, ckpt, loop["identity"])
-        records = [r for r in meta.get("records", []) if r.get("step", 0) <= step]
-        if rank == 0:
-            tc.progress(f"[{kind}] resumed from step {step} ({ckpt.path})")
+    step, records = tc.resume(engine, loop["identity"], rank, kind)
     log = tc.MetricsLog(records, loop["live_log"], loop["tb_dir"]) if rank == 0 else None
     torch.manual_seed(t.seed + 1000 * rank + 1_000_003 * step + 1)  # head noise, targets: a stream per rank
 
@@ -187,38 +179,11 @@ def train_loop(loop: dict[str, Any]) -> None:
     tokens_seen = records[-1].get("tokens_seen", 0) if records else 0
     thr, t_start, last, stopped_early = tc.Throughput(), time.perf_counter(), {}, False
 
-    def batches():
-        epoch = 0
-        while True:
-            n = 0
-            for b in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                              local_shuffle_seed=t.seed + epoch):
-                n += 1
-                yield b
-            if n == 0:
-                raise DataError(f"this worker's shard holds less than one batch of {t.batch_size} blocks; "
-                                f"lower {section}.batch_size or model.block_chunks, or use a larger corpus")
-            epoch += 1
-
-    def eval_model():
-        if d.zero_stage < 3:
-            return engine.module
-        copy = build_model(kind, cfg, tok.vocab_size)
-        copy.load_state_dict(tc.full_state_dict(engine, d.zero_stage))
-        return copy.to(device)
-
-    def save_and_report(metrics: dict[str, Any], final: bool) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            tc.save_checkpoint(engine, folder, step, {"identity": loop["identity"],
-                                                      "records": log.records if log else []}, rank)
-            state = tc.full_state_dict(engine, d.zero_stage) if final else None
-            if final and rank == 0:
-                save_weights(state, folder / "model.safetensors", {"format": "pt"})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    data = batches()
+    data = tc.epoch_batches(shard, t.batch_size, t.shuffle_buffer, t.seed,
+                            f"this worker's shard holds less than one batch of {t.batch_size} blocks; lower "
+                            f"{section}.batch_size or model.block_chunks, or use a larger corpus")
+    report = lambda metrics, final: tc.save_and_report(  # noqa: E731
+        engine, step, loop["identity"], log, d.zero_stage, rank, metrics, final)
     engine.train()
     while step < t.max_steps:
         b = next(data)
@@ -240,7 +205,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         last["lr"] = lr
 
         if step % t.log_every == 0 or step == t.max_steps:
-            m = eval_model()
+            m = tc.eval_model(engine, d.zero_stage, lambda: build_model(kind, cfg, tok.vocab_size), device)
             sums = (_calm_val(m, ae, val, t.batch_size, device, t.seed) if kind == "calm"
                     else _baseline_val(m, val, t.batch_size, K, device, t.seed, tok.pad_id))
             rec = {"step": step, **last, **_val_record(kind, tc.all_reduce_sum(sums, device)),
@@ -259,10 +224,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                     tc.progress(f"[{kind}] wall-clock budget of {t.max_minutes} min reached at step {step}")
                 break
             if step % t.checkpoint_every == 0 and step < t.max_steps:
-                save_and_report({**rec, "final": False}, final=False)
+                report({**rec, "final": False}, final=False)
 
     final_record = dict(log.records[-1]) if log and log.records else {"step": step}
-    save_and_report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
+    report({**final_record, "step": step, "final": True, "stopped_early": stopped_early,
                      "flops_per_token": fpt, "num_workers": world}, final=True)
     if log is not None:
         log.close()

@@ -340,3 +340,64 @@ def unwrap_training_error(e: Exception) -> Exception:
     return e
 
 
+
+
+# ----------------------------------------------------------------------------- worker-loop pieces
+
+
+def resume(engine, identity: dict[str, Any], rank: int, label: str) -> tuple[int, list[dict]]:
+    """(step, metric records) from Ray Train's latest checkpoint, or (0, []) on a fresh run."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    step, meta = restore_checkpoint(engine, ckpt, identity)
+    if rank == 0:
+        progress(f"[{label}] resumed from step {step} ({ckpt.path})")
+    return step, [r for r in meta.get("records", []) if r.get("step", 0) <= step]
+
+
+def epoch_batches(shard, batch_size: int, shuffle_buffer: int, seed: int, too_small: str):
+    """Endless batches of a Ray Train dataset shard, reshuffled locally each epoch; ``too_small``
+    is the DataError message when the shard cannot fill one batch."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                          local_shuffle_buffer_size=shuffle_buffer or None,
+                                          local_shuffle_seed=seed + epoch):
+            n += 1
+            yield b
+        if n == 0:
+            raise DataError(too_small)
+        epoch += 1
+
+
+def eval_model(engine, zero_stage: int, build, device: torch.device):
+    """The model to validate: the engine's module, or under ZeRO-3 (whose parameters are partitioned
+    outside the module's own forward) a whole copy, built by ``build()``, gathered from the shards."""
+    if zero_stage < 3:
+        return engine.module
+    copy = build()
+    copy.load_state_dict(full_state_dict(engine, zero_stage))
+    return copy.to(device)
+
+
+def save_and_report(engine, step: int, identity: dict[str, Any], log, zero_stage: int, rank: int,
+                    metrics: dict[str, Any], final: bool) -> None:
+    """Every rank saves its DeepSpeed shard and calls ray.train.report with it; the final report
+    also carries rank 0's consolidated model.safetensors."""
+    import tempfile
+
+    import ray.train
+
+    from calm_core.checkpoint import save_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_checkpoint(engine, folder, step, {"identity": identity, "records": log.records if log else []}, rank)
+        state = full_state_dict(engine, zero_stage) if final else None  # a collective under ZeRO-3
+        if final and rank == 0:
+            save_weights(state, folder / "model.safetensors", {"format": "pt"})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
