@@ -7,11 +7,12 @@ training-FLOP budgets, on the same tokenizer, corpus, split and blocks.
 
 Needs RUN/ae (e.g. from bench/bench_stage1.py --run DIR); makes RUN/latents if missing. For every
 budget and model: a fresh Ray Train + DeepSpeed run whose max_steps spends the budget (cosine
-schedule to that step), then held-out evaluation on the driver with plain PyTorch: CALM's BrierLM
-from two head samples per position decoded by the AE; the baseline's exact Brier-1 from its
-probabilities and its two-sample BrierLM at ``--baseline-starts`` chunk starts per block. Also the
-step time of each model in a plain single-process torch loop against the Ray run. Prints tables
-and writes JSON (--out).
+schedule to that step), then held-out evaluation on the driver with plain PyTorch
+(``calm_core.evaluate``) at every chunk start of the held-out blocks: CALM's BrierLM from
+``--brier-samples`` head samples per position decoded by the AE; the baseline's BrierLM from its
+probabilities (exact P(y), exact Brier-1), with its sample-only estimate from as many sampled
+continuations beside it, and its exact Brier-1 over every token. Also the step time of each model
+in a plain single-process torch loop against the Ray run. Prints tables and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from calm_core.config import load_config  # noqa: E402
 from calm_core.optim import param_groups  # noqa: E402
 
 
-def evaluate(kind: str, run, ae_dir: Path, val: dict, starts: int, seed: int = 0) -> dict:
-    from pipelines.stage2 import _baseline_val, _calm_val, _val_record, load_stage2_dir
+def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 0) -> dict:
+    from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
+    from pipelines.stage2 import load_stage2_dir
 
     _, artifact = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}[kind]
     model, cfg, tok, _ = load_stage2_dir(Path(run.path(artifact)), kind)
@@ -45,10 +47,10 @@ def evaluate(kind: str, run, ae_dir: Path, val: dict, starts: int, seed: int = 0
     v = {k: torch.as_tensor(np.asarray(x, dtype=np.int64 if k == "tokens" else np.float32)) for k, x in val.items()}
     if kind == "calm":
         ae = load_autoencoder_dir(ae_dir)[0]
-        sums = _calm_val(model, ae, v, 8, torch.device("cpu"), seed)
+        sums = calm_heldout(model, ae, v, 8, samples, seed)
     else:
-        sums = _baseline_val(model, v, 8, cfg.ae.K, torch.device("cpu"), seed, tok.pad_id, brier_positions=starts)
-    return _val_record(kind, sums)
+        sums = baseline_heldout(model, v, 8, cfg.ae.K, samples, seed, tok.pad_id)
+    return heldout_record(kind, sums)
 
 
 def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) -> float:
@@ -86,8 +88,10 @@ def main() -> None:
     ap.add_argument("--config", default="small")
     ap.add_argument("--budgets", type=float, nargs="+", default=[6e12, 1.2e13, 2.4e13],
                     help="training-FLOP budgets (per model)")
-    ap.add_argument("--baseline-starts", type=int, default=16, help="chunk starts per held-out block for the "
-                    "baseline's two-sample BrierLM")
+    ap.add_argument("--brier-samples", type=int, default=8, help="samples per held-out position for BrierLM "
+                    "(CALM: decoded head samples; baseline: sampled continuations)")
+    ap.add_argument("--val-chunks", type=int, default=16384, help="held-out chunks for the driver-side evaluation "
+                    "(cut into blocks of L; the whole held-out split if it is smaller)")
     ap.add_argument("--plain-seconds", type=float, default=30.0)
     ap.add_argument("--out", default="bench/results/stage2.json")
     ap.add_argument("overrides", nargs="*")
@@ -110,7 +114,7 @@ def main() -> None:
     lman = LT.latents_manifest(run)
     base.ae = ae_cfg.ae
     L, K = base.model.block_chunks, base.ae.K
-    val = held_out_blocks(run, lman, ae_ident, L, base.stage2.val_max_chunks, base.data.read_cpus)
+    val = held_out_blocks(run, lman, ae_ident, L, args.val_chunks, base.data.read_cpus)
 
     results = []
     for budget in args.budgets:
@@ -127,9 +131,11 @@ def main() -> None:
             wall = time.perf_counter() - t0
             records = [json.loads(x) for x in Path(run.path(section if kind == "baseline" else "calm",
                                                              "metrics.jsonl")).read_text().splitlines()]
-            ev = evaluate(kind, run, ae_dir, val, args.baseline_starts)
+            t_eval = time.perf_counter()
+            ev = evaluate(kind, run, ae_dir, val, args.brier_samples)
+            eval_s = time.perf_counter() - t_eval
             row = {"budget": budget, "kind": kind, "steps": steps, "flops": m["metrics"]["train_flops"],
-                   "flops_per_token": fpt, "wall_s": wall,
+                   "flops_per_token": fpt, "wall_s": wall, "eval_s": eval_s,
                    "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[1:]] or [records[-1]["tokens_per_s"]])),
                    "eval": ev, "curve": [{k: r.get(k) for k in ("step", "train_flops", "val_loss", "val_brierlm")}
                                          for r in records]}
@@ -154,13 +160,16 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=2))
 
     print(f"\nstage 2 vs baseline, config {args.config}, L={L} chunks (K={K}: {L * K} tokens), corpus {args.corpus}")
-    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM | exact Brier-1 |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"held-out: {int(results[0]['eval']['val_positions'])} chunk starts, {args.brier_samples} samples each")
+    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM "
+          "| sample-only BrierLM | exact Brier-1, every token |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         e = r["eval"]
         print(f"| {r['budget']:.2g} | {r['kind']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {e['val_loss']:.4f} | "
               + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
-              + f" | {e['val_brierlm']:.2f} | {e.get('val_brier1_exact', float('nan')):.4f} |")
+              + f" | {e['val_brierlm']:.2f} | {e.get('val_sampled_brierlm', e['val_brierlm']):.2f}"
+              + f" | {e.get('val_brier1_exact', float('nan')):.4f} |")
     print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for k in plain:

@@ -6,9 +6,15 @@
 
 Trained on the same tokenizer, corpus and split as CALM (blocks of L*K tokens), so the two can be
 compared at equal training FLOPs (``baseline_train_flops_per_token``).
+
+For BrierLM, ``branches`` samples R continuations of n tokens after every given start of a block
+from one cached pass over the block (``Backbone.extend``): branch (s, r) sees the block before
+start s and its own sampled tokens, nothing else.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,13 @@ from torch import nn
 from calm_core.config import ModelConfig
 from calm_core.layers import init_weights
 from calm_core.transformer import Backbone, backbone_flops_per_position
+
+
+class Branches(NamedTuple):
+    samples: torch.Tensor  # [B, S, R, n] sampled continuation tokens
+    logp: torch.Tensor  # [B, S, R, n] log P(x_i | context, x_<i) along each sample
+    logp_true: torch.Tensor  # [B, S, n] log P(y_i | context, y_<i) of the true continuation
+    collision1: torch.Tensor  # [B, S] sum_x P(x)^2 of the first token
 
 
 class TokenLM(nn.Module):
@@ -31,6 +44,44 @@ class TokenLM(nn.Module):
         """tokens [B, T] -> next-token logits [B, T, V]."""
         h = self.backbone(self.embed(tokens.long()))
         return F.linear(h, self.embed.weight)
+
+    def branches(self, tokens: torch.Tensor, starts: torch.Tensor, n: int, R: int,
+                 generator: torch.Generator | None = None) -> Branches:
+        """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]).
+
+        tokens [B, T]; starts [S] with 1 <= e and e + n <= T. -> Branches with samples [B, S, R, n],
+        their log-probabilities [B, S, R, n], the true continuation's [B, S, n] and the exact
+        first-token collision sum_x P(x)^2 [B, S].
+        """
+        B, T = tokens.shape
+        S = len(starts)
+        if int(starts.min()) < 1 or int(starts.max()) + n > T:
+            raise ValueError(f"starts must lie in [1, {T - n}] for {n}-token continuations of {T} tokens")
+        h, past = self.backbone.prefix(self.embed(tokens.long()))
+        logp = F.linear(h, self.embed.weight).float().log_softmax(-1)  # [B, T, V]
+        idx = starts[:, None] - 1 + torch.arange(n, device=starts.device)  # [S, n] positions predicting y_i
+        true = tokens[:, idx + 1].long()  # [B, S, n]
+        logp_true = logp[:, idx].gather(-1, true[..., None]).squeeze(-1)  # [B, S, n]
+        first = logp[:, starts - 1]  # [B, S, V]
+        collision1 = first.exp().pow(2).sum(-1)  # [B, S]
+        # branch b = (s, r) flattened to S*R; the block's keys before e_s are visible to it
+        see_block = (torch.arange(T, device=tokens.device)[None, :] < starts[:, None]).repeat_interleave(R, 0)
+        step_logp = first.repeat_interleave(R, 1)  # [B, S*R, V]
+        samples, logps = [], []
+        for i in range(n):
+            x = torch.multinomial(step_logp.exp().flatten(0, 1).cpu(), 1, generator=generator)
+            x = x.view(B, S * R).to(tokens.device)  # [B, S*R]
+            samples.append(x)
+            logps.append(step_logp.gather(-1, x[..., None]).squeeze(-1))
+            if i == n - 1:
+                break
+            own = torch.eye(S * R, dtype=torch.bool, device=tokens.device).repeat(1, i + 1)  # own earlier tokens
+            mask = torch.cat([see_block, own], dim=1)  # [S*R, T + (i+1)*S*R]
+            pos = (starts + i).repeat_interleave(R)  # RoPE position of token i of each branch
+            h, past = self.backbone.extend(self.embed(x), pos, past, mask)
+            step_logp = F.linear(h, self.embed.weight).float().log_softmax(-1)  # [B, S*R, V]
+        shape = (B, S, R, n)
+        return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true, collision1)
 
     def forward(self, tokens: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over tokens [B, T] (targets equal to pad_id are ignored)."""

@@ -17,9 +17,19 @@ estimator noise) and then
 Clamping each term, not only the product, keeps two negative terms from multiplying into a large
 positive score. A perfect deterministic predictor scores 100.
 
-For CALM, x1 and x2 are the first n tokens of two independently sampled and decoded next chunks;
-for a softmax model they are two sampled continuations, and Brier-1 can also be computed exactly
-from its probabilities (``brier1_exact``).
+With R >= 2 independent samples the U-statistic over all pairs is unbiased too and has less
+variance (R = 2 is the rule above):
+
+    (2 / R) sum_r 1[x_r = y]  -  (2 / (R (R - 1))) sum_{r < r'} 1[x_r = x_r']       (``brier_u_statistic``)
+
+For CALM, the x_r are the first n tokens of independently sampled and decoded next chunks. For a
+softmax model they are sampled continuations, and its probabilities give more (``brier_n_from_probs``):
+P(y_1..n) exactly by teacher forcing, and the collision term sum_x P(x)^2 = E_{x ~ P}[P(x)] from the
+exact probabilities of the sampled continuations (exactly, sum_x P(x)^2, for n = 1):
+
+    Brier-n  =  2 P(y_1..n)  -  (1 / R) sum_r P(x_r,1..n)
+
+Both estimators have the same expectation; the second has far less variance.
 """
 
 from __future__ import annotations
@@ -37,13 +47,41 @@ def brier_two_sample(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> tor
     return hit1.float() + hit2.float() - same.float()
 
 
-def brier_n_estimates(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor,
-                      orders: tuple[int, ...] = ORDERS) -> dict[int, torch.Tensor]:
-    """Per-position Brier-n for every n in ``orders`` from the first n tokens of two sampled
-    continuations: x1, x2, y [P, >= max(orders)] -> {n: [P]}."""
-    if x1.shape[-1] < max(orders):
-        raise ValueError(f"continuations of {x1.shape[-1]} tokens cannot give Brier-{max(orders)}")
-    return {n: brier_two_sample(x1[:, :n], x2[:, :n], y[:, :n]) for n in orders}
+def brier_u_statistic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-position unbiased estimate from R >= 2 samples: x [P, R, n], y [P, n] -> [P] float."""
+    R = x.shape[1]
+    if R < 2:
+        raise ValueError(f"the sample estimate of the Brier score needs at least 2 samples, got {R}")
+    hits = (x == y[:, None]).all(-1).float().sum(1)  # [P]
+    same = (x[:, :, None] == x[:, None]).all(-1).float()  # [P, R, R]
+    pairs = (same.sum((1, 2)) - R) / 2  # [P] pairs r < r' that coincide
+    return 2.0 * hits / R - 2.0 * pairs / (R * (R - 1))
+
+
+def brier_n_estimates(x: torch.Tensor, y: torch.Tensor, orders: tuple[int, ...] = ORDERS) -> dict[int, torch.Tensor]:
+    """Per-position Brier-n for every n in ``orders`` from the first n tokens of R sampled
+    continuations: x [P, R, >= max(orders)], y [P, >= max(orders)] -> {n: [P]}."""
+    if x.shape[-1] < max(orders):
+        raise ValueError(f"continuations of {x.shape[-1]} tokens cannot give Brier-{max(orders)}")
+    return {n: brier_u_statistic(x[..., :n], y[:, :n]) for n in orders}
+
+
+def brier_n_from_probs(logp_true: torch.Tensor, logp_samples: torch.Tensor, collision1: torch.Tensor | None = None,
+                       orders: tuple[int, ...] = ORDERS) -> dict[int, torch.Tensor]:
+    """Per-position Brier-n of an autoregressive model from its probabilities.
+
+    logp_true [P, n_max]: log P(y_i | context, y_<i) of the true continuation (teacher forcing);
+    logp_samples [P, R, n_max]: the same along R sampled continuations; collision1 [P] (optional):
+    the exact sum_x P(x)^2 of the first token. -> {n: [P]} = 2 P(y_1..n) - mean_r P(x_r,1..n).
+    """
+    if logp_true.shape[-1] < max(orders):
+        raise ValueError(f"continuations of {logp_true.shape[-1]} tokens cannot give Brier-{max(orders)}")
+    p_true = logp_true.double().cumsum(-1).exp()  # [P, n_max]
+    p_samp = logp_samples.double().cumsum(-1).exp().mean(1)  # [P, n_max]
+    out = {n: 2.0 * p_true[:, n - 1] - p_samp[:, n - 1] for n in orders}
+    if collision1 is not None and 1 in out:
+        out[1] = 2.0 * p_true[:, 0] - collision1.double()
+    return out
 
 
 def brier1_exact(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

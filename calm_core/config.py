@@ -83,6 +83,7 @@ class TrainConfig:
     log_every: int = 50  # progress line + validation metrics every N steps
     checkpoint_every: int = 500  # checkpoint through ray.train.report every N steps
     val_max_chunks: int = 4096  # validation chunks (in all, over every worker)
+    brier_samples: int = 2  # stage 2 / baseline: samples per position for the held-out BrierLM (>= 2)
     shuffle_buffer: int = 8192  # local shuffle buffer of the streamed training chunks
     seed: int = 0
 
@@ -361,6 +362,9 @@ def validate(cfg: Config) -> None:
             _positive(getattr(t, key), f"{sec}.{key}")
         _positive(t.lr, f"{sec}.lr")
         _positive(t.max_minutes, f"{sec}.max_minutes", allow_zero=True)
+        if t.brier_samples < 2:
+            raise ConfigError(f"key '{sec}.brier_samples' must be >= 2 (the Brier estimate compares samples), "
+                              f"got {t.brier_samples}")
     d = cfg.distributed
     _positive(d.num_workers, "distributed.num_workers")
     _positive(d.cpus_per_worker, "distributed.cpus_per_worker", allow_zero=True)

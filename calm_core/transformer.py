@@ -8,7 +8,13 @@
 RoPE (Su et al. 2021) rotates each pair (q_{2i}, q_{2i+1}) of a head by the angle t * theta^(-2i/h)
 (h = head width), so q_s . k_t depends only on s - t. Attention is
 ``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``.
-Shapes: B batch, T positions, d width, H heads, h = d / H.
+
+Incremental use (``Backbone.extend``): the rotated keys and values of earlier positions are kept
+(``past``, one (k, v) pair per layer); new positions carry explicit RoPE positions and attend to the
+past and to each other under a boolean mask (default: everything before them). One cached prefix
+can so be continued along many branches at once (each branch masks the past it may see), which is
+how the baseline's continuations at every chunk start are sampled in one pass per token.
+Shapes: B batch, T positions, d width, H heads, h = d / H, Tp cached positions.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from torch import nn
 
 from calm_core.layers import RMSNorm, SwiGLU
 
+KV = tuple[torch.Tensor, torch.Tensor]  # rotated keys and values of one layer, [B, H, T, h] each
 
-def rope_tables(T: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim / 2] for positions 0..T-1."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [T, h/2]
+
+def rope_tables(positions: int | torch.Tensor, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim / 2] for positions 0..T-1 (an int T) or for the given positions [T]."""
+    if isinstance(positions, int):
+        positions = torch.arange(positions, device=device)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, h/2]
     return angles.cos(), angles.sin()
 
 
@@ -43,12 +53,19 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """x [B, T, d] -> (y [B, T, d], (k, v) [B, H, T, h] of these positions, rotated).
+        Without ``past`` attention is causal; with it, ``mask`` [T, Tp + T] (True = may attend)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, h] x3
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, h]
-        return self.out(y.transpose(1, 2).reshape(B, T, d))
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, h]
+        else:
+            ks, vs = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, Tp + T, h]
+            y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
 
 
 class Block(nn.Module):
@@ -57,9 +74,11 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(d), CausalSelfAttention(d, n_heads)
         self.mlp_norm, self.mlp = RMSNorm(d), SwiGLU(d, ffn)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(self.attn_norm(x), cos, sin, past, mask)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Backbone(nn.Module):
@@ -72,10 +91,33 @@ class Backbone(nn.Module):
         self.head_dim, self.rope_theta = d // n_heads, rope_theta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefix(x)[0]
+
+    def prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, list[KV]]:
+        """Causal pass over positions 0..T-1: x [B, T, d] -> (hidden [B, T, d], per-layer (k, v))."""
         cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta, x.device)
+        cache = []
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.norm(x)
+            x, kv = block(x, cos, sin)
+            cache.append(kv)
+        return self.norm(x), cache
+
+    def extend(self, x: torch.Tensor, positions: torch.Tensor, past: list[KV],
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """New positions after a cached ``past`` (per layer (k, v) [B, H, Tp, h]).
+
+        x [B, T, d] at RoPE ``positions`` [T]; ``mask`` [T, Tp + T] (True = may attend; default:
+        all of the past and causal among the new) -> (hidden [B, T, d], the past extended by them).
+        """
+        T, Tp = x.shape[1], past[0][0].shape[2]
+        if mask is None:
+            mask = torch.ones(T, Tp + T, dtype=torch.bool, device=x.device).tril(Tp)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        cache = []
+        for block, kv_past in zip(self.blocks, past):
+            x, kv = block(x, cos, sin, kv_past, mask)
+            cache.append((torch.cat([kv_past[0], kv[0]], 2), torch.cat([kv_past[1], kv[1]], 2)))
+        return self.norm(x), cache
 
 
 def backbone_flops_per_position(d: int, n_layers: int, ffn: int, T: int) -> float:

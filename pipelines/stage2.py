@@ -9,10 +9,10 @@ naming the AE by hash).
 
 Worker (``train_loop``): DeepSpeed engine over ``calm_core.calm_model.CALM`` or
 ``calm_core.baseline.TokenLM``; every ``log_every`` steps a validation pass on held-out blocks:
-the loss (CALM: energy loss with its fidelity and diversity terms; baseline: cross-entropy) and a
-quick BrierLM (CALM: two head samples per position decoded by the frozen AE decoder, compared
-with the true next chunk; baseline: two sampled 4-token continuations at chunk starts, and the
-exact Brier-1 from its probabilities), tokens/s and training FLOPs so far. Checkpoints through
+the loss (CALM: energy loss with its fidelity and diversity terms; baseline: cross-entropy) and
+BrierLM at every chunk start (``calm_core.evaluate``: CALM from ``brier_samples`` head samples
+decoded by the frozen AE decoder; the baseline from its probabilities, with the sample-only
+estimate beside it), tokens/s and training FLOPs so far. Checkpoints through
 ``ray.train.report``; rerunning resumes.
 """
 
@@ -28,10 +28,11 @@ import torch
 
 from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
-from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates
 from calm_core.calm_model import CALM, calm_train_flops_per_token
+from calm_core.brierlm import ORDERS
 from calm_core.config import Config, config_from_dict
-from calm_core.errors import ArtifactError, DataError
+from calm_core.errors import ArtifactError, ConfigError, DataError
+from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
 from calm_core.optim import lr_at, param_groups
 from calm_core.tokenizer import CalmTokenizer
 from pipelines import latents as LT
@@ -52,89 +53,6 @@ def flops_per_token(kind: str, model) -> float:
 
 
 # ============================================================================ worker side
-
-
-def _calm_val(model: CALM, ae: ChunkAutoencoder, val: dict, batch: int, device, seed: int) -> dict[str, torch.Tensor]:
-    """Sums over this rank's held-out blocks: energy loss parts and two-sample Brier-n."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {"loss": 0.0, "fidelity": 0.0, "diversity": 0.0, "blocks": 0.0, "positions": 0.0,
-            **{f"brier{n}": 0.0 for n in ORDERS}}
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(val["tokens"]), batch):
-            tok, mu, ls = (val[k][i : i + batch].to(device) for k in ("tokens", "mu", "log_sigma"))
-            out = model(tok, mu, ls, generator=g)
-            b = tok.shape[0]
-            for k in ("loss", "fidelity", "diversity"):
-                sums[k] += float(getattr(out, k)) * b
-            sums["blocks"] += b
-            x = model.sample(out.hidden, 2, generator=g)  # [b, L-1, 2, l]
-            chunks = ae.decode(x.flatten(0, 2).to(next(ae.parameters()).dtype)).argmax(-1)  # [b*(L-1)*2, K]
-            chunks = chunks.view(b, -1, 2, chunks.shape[-1]).flatten(0, 1)  # [P, 2, K]
-            truth = tok[:, 1:].flatten(0, 1)  # [P, K]
-            est = brier_n_estimates(chunks[:, 0], chunks[:, 1], truth)
-            for n in ORDERS:
-                sums[f"brier{n}"] += float(est[n].sum())
-            sums["positions"] += truth.shape[0]
-    model.train(was)
-    return {k: torch.tensor([v], dtype=torch.float64) for k, v in sums.items()}
-
-
-def _sample_continuations(lm: TokenLM, prefixes: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """n tokens sampled autoregressively after each prefix [P, T] -> [P, n] (no KV cache: short)."""
-    seq = prefixes
-    for _ in range(n):
-        probs = lm.logits(seq)[:, -1].float().softmax(-1)  # [P, V]
-        nxt = torch.multinomial(probs.cpu(), 1, generator=g).to(seq.device)  # [P, 1]
-        seq = torch.cat([seq, nxt], dim=1)
-    return seq[:, prefixes.shape[1]:]
-
-
-def _baseline_val(lm: TokenLM, val: dict, batch: int, K: int, device, seed: int, pad_id: int,
-                  brier_positions: int = 8) -> dict[str, torch.Tensor]:
-    """Sums over this rank's held-out blocks: cross-entropy, exact Brier-1 at every position, and
-    two-sample Brier-n at ``brier_positions`` chunk starts per block (the CALM comparison points)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {"loss": 0.0, "blocks": 0.0, "brier1_exact": 0.0, "tokens": 0.0, "positions": 0.0,
-            **{f"brier{n}": 0.0 for n in ORDERS}}
-    was = lm.training
-    lm.eval()
-    with torch.no_grad():
-        for i in range(0, len(val["tokens"]), batch):
-            tok = val["tokens"][i : i + batch].to(device).flatten(1)  # [b, L*K]
-            b, T = tok.shape
-            sums["loss"] += float(lm(tok)) * b
-            sums["blocks"] += b
-            probs = lm.logits(tok[:, :-1]).float().softmax(-1)  # [b, T-1, V]
-            sums["brier1_exact"] += float(brier1_exact(probs.flatten(0, 1), tok[:, 1:].flatten()).sum())
-            sums["tokens"] += b * (T - 1)
-            # chunk starts with 4 true tokens after them: prefix = tokens up to the end of chunk j
-            ends = torch.arange(K, T - max(ORDERS) + 1, K)
-            pick = ends[torch.randperm(len(ends), generator=g)[:brier_positions]].sort().values
-            for e in pick.tolist():
-                pre = tok[:, :e]  # [b, e]
-                x = _sample_continuations(lm, pre.repeat(2, 1), max(ORDERS), g)  # [2b, 4]
-                est = brier_n_estimates(x[:b], x[b:], tok[:, e : e + max(ORDERS)])
-                for n in ORDERS:
-                    sums[f"brier{n}"] += float(est[n].sum())
-                sums["positions"] += b
-    lm.train(was)
-    return {k: torch.tensor([v], dtype=torch.float64) for k, v in sums.items()}
-
-
-def _val_record(kind: str, tot: dict[str, torch.Tensor]) -> dict[str, float]:
-    blocks = max(1.0, float(tot["blocks"]))
-    pos = max(1.0, float(tot["positions"]))
-    brier = {n: float(tot[f"brier{n}"]) / pos for n in ORDERS}
-    rec = {"val_loss": float(tot["loss"]) / blocks, **{f"val_brier{n}": brier[n] for n in ORDERS},
-           "val_brierlm": brier_lm(brier)}
-    if kind == "calm":
-        rec["val_fidelity"] = float(tot["fidelity"]) / blocks
-        rec["val_diversity"] = float(tot["diversity"]) / blocks
-    else:
-        rec["val_brier1_exact"] = float(tot["brier1_exact"]) / max(1.0, float(tot["tokens"]))
-    return rec
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -206,9 +124,9 @@ def train_loop(loop: dict[str, Any]) -> None:
 
         if step % t.log_every == 0 or step == t.max_steps:
             m = tc.eval_model(engine, d.zero_stage, lambda: build_model(kind, cfg, tok.vocab_size), device)
-            sums = (_calm_val(m, ae, val, t.batch_size, device, t.seed) if kind == "calm"
-                    else _baseline_val(m, val, t.batch_size, K, device, t.seed, tok.pad_id))
-            rec = {"step": step, **last, **_val_record(kind, tc.all_reduce_sum(sums, device)),
+            sums = (calm_heldout(m, ae, val, t.batch_size, t.brier_samples, t.seed) if kind == "calm"
+                    else baseline_heldout(m, val, t.batch_size, K, t.brier_samples, t.seed, tok.pad_id))
+            rec = {"step": step, **last, **heldout_record(kind, tc.all_reduce_sum(sums, device)),
                    "tokens_per_s": thr.rate(), "tokens_seen": tokens_seen,
                    "train_flops": tokens_seen * fpt, "elapsed_s": time.perf_counter() - t_start}
             if log is not None:
@@ -287,6 +205,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
     _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     cfg.ae = ae_cfg.ae  # K and the latent width come from the AE
+    if cfg.ae.K < max(ORDERS):
+        raise ConfigError(f"the autoencoder at '{ae_dir}' has K = {cfg.ae.K}; BrierLM compares the first "
+                          f"{max(ORDERS)} tokens of one predicted chunk, so stage 2 needs K >= {max(ORDERS)}")
     ae_ident = LT.ae_identity(ae_dir, ae_manifest)
     lman = LT.latents_manifest(run)
     LT.check_matches(lman, ae_ident, run.uri(LT.ARTIFACT))

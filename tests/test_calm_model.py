@@ -51,6 +51,45 @@ def test_backbone_is_causal():
     assert not torch.allclose(net(x)[:, 5:], net(y)[:, 5:])
 
 
+def test_cached_extension_equals_a_full_pass():
+    """Incremental decoding: prefix(x[:4]) then extend by x[4:] (default mask) == one causal pass."""
+    torch.manual_seed(0)
+    net = Backbone(32, 2, 4, 64).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        full = net(x)
+        h0, past = net.prefix(x[:, :4])
+        h1, past = net.extend(x[:, 4:7], torch.arange(4, 7), past)
+        h2, _ = net.extend(x[:, 7:], torch.arange(7, 9), past)
+    torch.testing.assert_close(torch.cat([h0, h1, h2], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_branches_equal_recomputing_each_continuation():
+    """Every sampled branch's log-probabilities match a fresh forward pass over its own prefix and
+    tokens: the branches see the block before their start and their own tokens, nothing else."""
+    torch.manual_seed(0)
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=8)
+    lm = TokenLM(m, V, K).eval()
+    tokens = torch.randint(0, V, (2, 16))
+    starts = torch.tensor([2, 5, 9, 12])
+    with torch.no_grad():
+        br = lm.branches(tokens, starts, 4, 3, generator=torch.Generator().manual_seed(1))
+        assert br.samples.shape == br.logp.shape == (2, 4, 3, 4) and br.logp_true.shape == (2, 4, 4)
+        for b in range(2):
+            for s, e in enumerate(starts.tolist()):
+                truth = lm.logits(tokens[b : b + 1, : e + 3]).log_softmax(-1)[0]  # [e + 3, V]
+                want = truth[torch.arange(e - 1, e + 3), tokens[b, e : e + 4]]
+                torch.testing.assert_close(br.logp_true[b, s], want, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(br.collision1[b, s], truth[e - 1].exp().pow(2).sum(), rtol=1e-4, atol=1e-5)
+                for r in range(3):
+                    seq = torch.cat([tokens[b, :e], br.samples[b, s, r, :3]])[None]
+                    lp = lm.logits(seq).log_softmax(-1)[0, e - 1 :]  # [4, V]
+                    want = lp[torch.arange(4), br.samples[b, s, r]]
+                    torch.testing.assert_close(br.logp[b, s, r], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="starts must lie"):
+        lm.branches(tokens, torch.tensor([14]), 4, 2)
+
+
 @pytest.mark.parametrize("mode", ["tokens", "latents", "both"])
 def test_calm_shapes_zero_init_head_and_finite_gradients(mode):
     torch.manual_seed(0)

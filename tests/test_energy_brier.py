@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calm_core.brierlm import (BrierAccumulator, brier1_exact, brier_lm, brier_n_estimates,
-                               brier_two_sample)
+                               brier_n_from_probs, brier_two_sample, brier_u_statistic)
 from calm_core.energy import energy_score, energy_score_loss, pairwise_distances
 
 
@@ -91,7 +91,7 @@ def test_two_sample_brier_is_unbiased_on_a_toy_categorical():
 def test_brierlm_perfect_predictor_is_100_and_terms_are_clamped():
     y = torch.randint(0, 50, (64, 4))
     acc = BrierAccumulator()
-    acc.add(brier_n_estimates(y.clone(), y.clone(), y))
+    acc.add(brier_n_estimates(torch.stack([y, y, y], 1), y))
     assert acc.means() == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
     assert acc.score() == pytest.approx(100.0)
     # two negative terms must not multiply into a positive score
@@ -105,5 +105,47 @@ def test_brier_n_uses_the_first_n_tokens():
     y = torch.tensor([[1, 2, 3, 4]])
     x1 = torch.tensor([[1, 2, 9, 9]])  # right for n <= 2
     x2 = torch.tensor([[7, 7, 7, 7]])  # always wrong, differs from x1
-    est = brier_n_estimates(x1, x2, y)
+    est = brier_n_estimates(torch.stack([x1, x2], 1), y)
     assert [est[n].item() for n in (1, 2, 3, 4)] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_u_statistic_is_the_two_sample_rule_for_two_and_unbiased_with_less_variance_for_more():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    data = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.1])
+    T = 100_000
+    y = torch.multinomial(data, T, replacement=True, generator=g)[:, None]  # [T, 1]
+    x = torch.multinomial(probs.expand(T, -1), 8, replacement=True, generator=g)[..., None]  # [T, 8, 1]
+    torch.testing.assert_close(brier_u_statistic(x[:, :2], y), brier_two_sample(x[:, 0], x[:, 1], y))
+    expected = (2 * (probs * data).sum() - probs.pow(2).sum()).item()
+    two, eight = brier_u_statistic(x[:, :2], y), brier_u_statistic(x, y)
+    assert abs(eight.mean().item() - expected) < 0.01  # std of the mean ~ 0.002
+    assert eight.var() < 0.7 * two.var()
+    with pytest.raises(ValueError, match="at least 2"):
+        brier_u_statistic(x[:, :1], y)
+
+
+def test_probability_estimate_of_brier_n_matches_the_exact_value_on_a_toy_chain():
+    """A two-step autoregressive model small enough to enumerate: Brier-2 = 2 P(y1 y2) -
+    sum_ab P(a)^2 P(b|a)^2 exactly; the estimate from probabilities (exact P(y), the collision
+    term from the samples' own probabilities) and the sample-only U-statistic both match it."""
+    g = torch.Generator().manual_seed(5)
+    V, T, R = 4, 60_000, 2
+    p1 = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    p2 = torch.softmax(torch.randn(V, V, generator=g) * 2, -1)  # P(b | a)
+    joint = p1[:, None] * p2  # [V, V]
+    y1 = torch.multinomial(torch.full((V,), 0.25), T, replacement=True, generator=g)  # observations
+    y2 = torch.multinomial(torch.full((V,), 0.25), T, replacement=True, generator=g)
+    exact = {1: (2 * p1[y1] - p1.pow(2).sum()).mean().item(),
+             2: (2 * joint[y1, y2] - joint.pow(2).sum()).mean().item()}
+    x1 = torch.multinomial(p1, T * R, replacement=True, generator=g).view(T, R)
+    x2 = torch.multinomial(p2[x1.flatten()], 1, generator=g).view(T, R)
+    logp_true = torch.stack([p1[y1].log(), p2[y1, y2].log()], -1)  # [T, 2]
+    logp_samp = torch.stack([p1[x1].log(), p2[x1, x2].log()], -1)  # [T, R, 2]
+    from_probs = brier_n_from_probs(logp_true, logp_samp, p1.pow(2).sum().expand(T), orders=(1, 2))
+    sampled = brier_n_estimates(torch.stack([x1, x2], -1), torch.stack([y1, y2], -1), orders=(1, 2))
+    assert from_probs[1].mean().item() == pytest.approx(exact[1], abs=1e-6)  # Brier-1 is exact
+    for n in (1, 2):
+        assert abs(sampled[n].mean().item() - exact[n]) < 0.01
+    assert abs(from_probs[2].mean().item() - exact[2]) < 0.003
+    assert from_probs[2].var() < 0.2 * sampled[2].var()
