@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The whole CALM chain on one corpus, each stage resumable: tokenizer -> stage 1 (autoencoder,
 Ray Train + DeepSpeed) -> reconstruction report -> latents (Ray Data, Parquet) -> stage 2 (the
-CALM model, Ray Train + DeepSpeed). Later stages (evaluation, generation) join this chain as they
-land; the baseline has its own job (jobs/baseline.py).
+CALM model, Ray Train + DeepSpeed, with its held-out BrierLM) -> a generated sample. The baseline
+has its own job (jobs/baseline.py), generation too (jobs/generate.py).
 
     python jobs/run_all.py                      # demo config, Shakespeare plays, runs/demo
     python jobs/run_all.py --config small --corpus data/train.txt --run runs/small
@@ -15,7 +15,9 @@ from pipelines.ray_env import init_ray
 
 
 def main(argv=None):
-    args, cfg, run = parse(make_parser(__doc__.split("\n\n")[0]), argv)
+    p = make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", default="", help="text the final sample continues (default: a new document)")
+    args, cfg, run = parse(p, argv)
     from pipelines.ae_report import ae_report
     from pipelines.precompute import precompute_latents
     from pipelines.stage1 import run_stage1
@@ -26,7 +28,15 @@ def main(argv=None):
     run_stage1(cfg, args.corpus, run, overwrite=args.overwrite)
     ae_report(cfg, args.corpus, run)
     precompute_latents(cfg, args.corpus, run, overwrite=args.overwrite, replace_stale=True)
-    run_stage2(cfg, run, "calm", overwrite=args.overwrite, replace_stale=True)
+    m = run_stage2(cfg, run, "calm", overwrite=args.overwrite, replace_stale=True)["metrics"]
+    briers = ", ".join(f"{m.get(k, float('nan')):.3f}" for k in ("val_brier1", "val_brier2", "val_brier3", "val_brier4"))
+    print(f"[run_all] CALM held-out BrierLM {m.get('val_brierlm', float('nan')):.2f} (Brier-1..4 {briers})", flush=True)
+    from pipelines.generation import Generator
+
+    gen = Generator.from_run(run)
+    out = gen.complete(args.prompt, chunks=24, temperature=0.5, candidates=200, stop_at_end=False)
+    print(f"[run_all] a sample (temperature 0.5, {out['tokens']} tokens in {out['steps']} steps of "
+          f"{gen.model.K} tokens, {out['seconds']:.1f}s):\n{out['prompt_used']}{out['completion']}", flush=True)
 
 
 if __name__ == "__main__":

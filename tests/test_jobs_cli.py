@@ -78,3 +78,9 @@ def test_precompute_needs_an_autoencoder(tmp_path, tiny_corpus):
     _one_line_error(p, "nowhere", "does not exist")
     p = _job(["--help"], script="precompute_latents.py")
     assert p.returncode == 0 and "--ae" in p.stdout
+
+
+def test_generate_bad_inputs_are_one_line_errors(tmp_path):
+    _one_line_error(_job(["--run", str(tmp_path / "none")], script="generate.py"), "does not exist", "ae")
+    _one_line_error(_job(["--run", str(tmp_path), "--temperature", "2"], script="generate.py"), "--temperature")
+    _one_line_error(_job(["--run", str(tmp_path), "--chunks", "0"], script="generate.py"), "--chunks")

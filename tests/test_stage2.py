@@ -3,18 +3,23 @@ latents Parquet, checkpoint and resume by rerun, artifacts that load with plain 
 latents of another AE refused."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError
+from pipelines.generation import Generator
 from pipelines.precompute import precompute_latents
 from pipelines.stage2 import load_stage2_dir, run_stage2
 from pipelines.storage import RunDir
 from test_latents import make_ae
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _steps(path):
@@ -50,6 +55,19 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
     losses = [json.loads(line)["val_loss"] for line in (tmp_path / "run" / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert mb["metrics"]["step"] == 12 and losses[-1] < losses[0]
     assert 0.0 <= mb["metrics"]["val_brierlm"] <= 100.0 and "val_brier1_exact" in mb["metrics"]
+    assert 0.0 <= mb["metrics"]["val_sampled_brierlm"] <= 100.0
+    assert mb["metrics"]["val_positions"] == m2["metrics"]["val_positions"]  # the same chunk starts
+
+    # generation from the run, the way a user runs it; another AE is refused
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--run", str(tmp_path / "run"),
+                          "--prompt", "the cat", "--chunks", "3", "--candidates", "8", "--samples", "2", "--no-stop"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("--- sample") == 2 and "in 3 steps" in out.stdout
+    other = tmp_path / "other_ae"
+    make_ae(other, tiny_corpus.read_text(), seed=5)
+    with pytest.raises(ArtifactError, match="another autoencoder"):
+        Generator.from_run(run, str(other))
 
     # a complete run is left alone; a rerun with another model is refused, naming the key
     assert run_stage2(full, run, "calm")["files"] == m2["files"]

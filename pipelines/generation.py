@@ -1,0 +1,64 @@
+"""Text generation from a trained run: RUN/calm + the AE it was trained on -> text.
+
+Plain PyTorch on the driver (``calm_core.generate``); Ray Serve will wrap the same ``Generator``.
+The CALM artifact names its AE by hash; another AE is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
+from calm_core.calm_model import CALM
+from calm_core.generate import generate, prompt_chunks
+from calm_core.tokenizer import CalmTokenizer
+from pipelines import latents as LT
+from pipelines.stage2 import load_stage2_dir
+from pipelines.storage import RunDir
+
+
+@dataclass
+class Generator:
+    model: CALM
+    ae: ChunkAutoencoder
+    tok: CalmTokenizer
+
+    @classmethod
+    def from_run(cls, run: RunDir, ae_path: str | None = None) -> "Generator":
+        """Load RUN/calm and its AE (RUN/ae or ``ae_path``), checking the AE's hash."""
+        ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
+        ae, _, _, ae_manifest = load_autoencoder_dir(ae_dir)
+        ident = LT.ae_identity(ae_dir, ae_manifest)
+        model, _, tok, _ = load_stage2_dir(run.local_artifact("calm"), "calm", expected_ae_sha256=ident["ae_sha256"])
+        return cls(model.eval(), ae.eval(), tok)
+
+    def complete(self, prompt: str, chunks: int = 16, temperature: float = 1.0, candidates: int = 200,
+                 seed: int = 0, stop_at_end: bool = True) -> dict:
+        """Continue ``prompt`` by ``chunks`` chunks (K tokens each). The text stops at the first
+        end-of-text, or (``stop_at_end=False``) shows every document break as a new line."""
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        tok, K = self.tok, self.model.K
+        context, kept = prompt_chunks(tok.encode(prompt), K, tok.eot_id, tok.pad_id)
+        t0 = time.perf_counter()
+        out = generate(self.model, self.ae, context, chunks, temperature, candidates,
+                       torch.Generator().manual_seed(seed))[0].flatten().tolist()  # [chunks * K]
+        seconds = time.perf_counter() - t0
+        ended = tok.eot_id in out
+        if stop_at_end:
+            ids = out[: out.index(tok.eot_id)] if ended else out
+            text = tok.decode(ids)
+        else:
+            ids, docs = out, [[]]
+            for i in out:  # split at end-of-text; one line per document
+                if i == tok.eot_id:
+                    docs.append([])
+                else:
+                    docs[-1].append(i)
+            text = "\n".join(tok.decode(d) for d in (docs[:-1] if not docs[-1] else docs))
+        return {"prompt_used": tok.decode(kept), "completion": text, "tokens": len(ids),
+                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds}
