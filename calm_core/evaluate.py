@@ -26,6 +26,7 @@ from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates,
 from calm_core.calm_model import CALM
 
 Sums = dict[str, torch.Tensor]
+BRANCHES_PER_PASS = 4096  # sampled baseline continuations decoded together (memory: this x vocabulary floats)
 
 
 def _as_sums(sums: dict[str, float]) -> Sums:
@@ -89,12 +90,14 @@ def baseline_heldout(lm: TokenLM, val: dict[str, torch.Tensor], batch: int, K: i
             sums["blocks"] += b
             sums["tokens"] += b * (T - 1)
             starts = torch.arange(K, T - n + 1, K, device=device)  # chunk starts with n true tokens after
-            br = lm.branches(tok, starts, n, samples, generator=g)
-            _add(sums, "brier", brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1),
-                                                  br.collision1.flatten()))
-            truth = tok[:, starts[:, None] + torch.arange(n, device=device)].flatten(0, 1)  # [P, n]
-            _add(sums, "sampled_brier", brier_n_estimates(br.samples.flatten(0, 1), truth))
-            sums["positions"] += truth.shape[0]
+            rows = max(1, BRANCHES_PER_PASS // (len(starts) * samples))  # bounds the [rows, S*R, V] logits
+            for j in range(0, b, rows):
+                br = lm.branches(tok[j : j + rows], starts, n, samples, generator=g)
+                _add(sums, "brier", brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1),
+                                                      br.collision1.flatten()))
+                truth = tok[j : j + rows, starts[:, None] + torch.arange(n, device=device)].flatten(0, 1)  # [P, n]
+                _add(sums, "sampled_brier", brier_n_estimates(br.samples.flatten(0, 1), truth))
+                sums["positions"] += truth.shape[0]
     lm.train(was)
     return _as_sums(sums)
 
