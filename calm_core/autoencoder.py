@@ -156,6 +156,17 @@ class ChunkAutoencoder(nn.Module):
 # ---------------------------------------------------------------------------- evaluation helpers
 
 
+def _matmul_weights(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 2)
+
+
+def encoder_flops_per_token(model: ChunkAutoencoder) -> float:
+    """Forward FLOPs of the frozen encoder per token (what precomputing the latents costs once):
+    2 * (per-token weights (enc_tok) + per-chunk weights (enc_compress, enc_lat, enc_out) / K)."""
+    per_chunk = sum(_matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out))
+    return 2.0 * (_matmul_weights(model.enc_tok) + per_chunk / model.cfg.K)
+
+
 def num_parameters(model: nn.Module) -> int:
     """Number of parameters (the tied embedding counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -91,8 +91,13 @@ class TokenLM(nn.Module):
                                ignore_index=-100 if pad_id is None else pad_id)
 
 
-def baseline_train_flops_per_token(model: TokenLM) -> float:
-    """backbone_flops_per_position(d, layers, ffn, T = L*K - 1) + 6 * V * d for the softmax head."""
+def baseline_train_flops_per_token(model: TokenLM) -> dict[str, float]:
+    """Training FLOPs per token, documented:
+
+        backbone     : backbone_flops_per_position(d, layers, ffn, T = L*K - 1)
+        softmax head : 6 * V * d              (tied embedding; the lookup is free)
+    """
     m = model.mcfg
-    T = m.block_chunks * model.K - 1
-    return backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, T) + 6.0 * model.embed.weight.numel()
+    backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks * model.K - 1)
+    head = 6.0 * model.embed.weight.numel()
+    return {"backbone": backbone, "head": head, "total": backbone + head}

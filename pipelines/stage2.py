@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
+from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token, load_autoencoder_dir
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
 from calm_core.calm_model import CALM, calm_train_flops_per_token
 from calm_core.brierlm import ORDERS
@@ -49,7 +49,12 @@ def build_model(kind: str, cfg: Config, vocab_size: int) -> torch.nn.Module:
 
 
 def flops_per_token(kind: str, model) -> float:
-    return calm_train_flops_per_token(model)["total"] if kind == "calm" else baseline_train_flops_per_token(model)
+    return flops_breakdown(kind, model)["total"]
+
+
+def flops_breakdown(kind: str, model) -> dict[str, float]:
+    """Training FLOPs per token by part (formulas in calm_core/calm_model.py and calm_core/baseline.py)."""
+    return calm_train_flops_per_token(model) if kind == "calm" else baseline_train_flops_per_token(model)
 
 
 # ============================================================================ worker side
@@ -203,8 +208,10 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         discard()
     t0 = time.perf_counter()
     ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
-    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
+    ae_model, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     cfg.ae = ae_cfg.ae  # K and the latent width come from the AE
+    flops = {**flops_breakdown(kind, build_model(kind, cfg, tok.vocab_size)),
+             "encoder_forward_once": encoder_flops_per_token(ae_model)}  # per token; not in "total"
     if cfg.ae.K < max(ORDERS):
         raise ConfigError(f"the autoencoder at '{ae_dir}' has K = {cfg.ae.K}; BrierLM compares the first "
                           f"{max(ORDERS)} tokens of one predicted chunk, so stage 2 needs K >= {max(ORDERS)}")
@@ -254,16 +261,17 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         "live_log": run.path("logs", f"{name}.metrics.jsonl") if run.is_local else None,
         "tb_dir": run.path("logs", "tb", name) if run.is_local else None,
     }, d, run, name, {"train": train})
-    return _publish(kind, cfg, run, tok, result, ae_ident, identity)
+    return _publish(kind, cfg, run, tok, result, ae_ident, identity, flops)
 
 
-def _publish(kind: str, cfg: Config, run: RunDir, tok: CalmTokenizer, result, ae_ident: dict, identity: dict) -> dict:
+def _publish(kind: str, cfg: Config, run: RunDir, tok: CalmTokenizer, result, ae_ident: dict, identity: dict,
+             flops: dict[str, float]) -> dict:
     _, artifact = KINDS[kind]
     manifest, uri = tc.publish_trained(
         run, artifact, kind, result, cfg.to_yaml(), tok,
         inputs={"ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": tok.sha256, "config_sha256": cfg.section_hash()},
         load_model=lambda d: load_stage2_dir(d, kind, verify=False)[0],
-        extra={"flops_per_token": result.metrics.get("flops_per_token"), "K": cfg.ae.K,
+        extra={"flops_per_token": result.metrics.get("flops_per_token"), "flops_per_token_by_part": flops, "K": cfg.ae.K,
                "latent_dim": cfg.ae.latent_dim, "identity": identity},
     )
     final = manifest["metrics"]

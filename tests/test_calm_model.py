@@ -189,4 +189,17 @@ def test_flop_accounting():
     assert calm16["head"] == pytest.approx(2 * calm8["head"], rel=0.1)  # head cost scales with N
     assert calm16["backbone"] == calm8["backbone"]
     base = baseline_train_flops_per_token(TokenLM(m, V, K))
-    assert base > calm8["backbone"]  # the baseline runs the backbone K times as often
+    weights = 2 * (4 * 32 * 32 + 3 * 32 * 64)  # layers x (attention + SwiGLU) matmul weights
+    assert base["total"] == 6 * weights + 6 * 2 * (6 * K - 1) * 32 + 6 * V * 32  # + causal attention, softmax
+    assert calm8["backbone"] == (6 * weights + 6 * 2 * (6 - 1) * 32) / K  # once per chunk of K tokens
+
+
+def test_encoder_flops_match_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
+
+    ae = ChunkAutoencoder(AEConfig(K=4, latent_dim=8, d_model=32, ffn_dim=64), V, V - 1, V - 2)
+    with FlopCounterMode(display=False) as fc:
+        ae.encode(torch.randint(0, V, (10, 4)))
+    assert encoder_flops_per_token(ae) == pytest.approx(fc.get_total_flops() / 40, rel=1e-6)

@@ -41,6 +41,9 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
                 "tokens_per_s", "tokens_seen"):
         assert key in m2["metrics"], key
     assert m2["metrics"]["train_flops"] == pytest.approx(m2["flops_per_token"] * m2["metrics"]["tokens_seen"])
+    parts = m2["flops_per_token_by_part"]
+    assert parts["total"] == pytest.approx(m2["flops_per_token"]) and parts["encoder_forward_once"] > 0
+    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"])
     assert m2["metrics"]["tokens_seen"] == 6 * 2 * 4 * 8 * 4  # steps x workers x batch x L x K
 
     ae_sha = m2["inputs"]["ae_sha256"]
