@@ -81,9 +81,35 @@ def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) ->
             return (time.perf_counter() - t0) / (steps - warm)
 
 
+def report(res: dict) -> None:
+    """The tables and learning curves of a result (also: --from-json PATH)."""
+    results, plain, ray_step = res["results"], res["plain_step_s"], res["ray_step_s"]
+    L, K = res["L"], res["K"]
+    print(f"\nstage 2 vs baseline, config {res['config']}, L={L} chunks (K={K}: {L * K} tokens), corpus {res['corpus']}")
+    print(f"held-out: {results[0]['eval'].get('val_positions', '?')} chunk starts, {res.get('brier_samples', '?')} samples each")
+    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM "
+          "| sample-only BrierLM | exact Brier-1, every token |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        e = r["eval"]
+        print(f"| {r['budget']:.2g} | {r['kind']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {e['val_loss']:.4f} | "
+              + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
+              + f" | {e['val_brierlm']:.2f} | {e.get('val_sampled_brierlm', e['val_brierlm']):.2f}"
+              + f" | {e.get('val_brier1_exact', float('nan')):.4f} |")
+    print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for k in plain:
+        print(f"| {k} | {ray_step[k]:.3f} | {plain[k]:.3f} | {ray_step[k] / plain[k]:.2f} |")
+    print("\nlearning curves (in-training validation: training FLOPs: held-out loss / BrierLM):")
+    for r in results:
+        pts = "; ".join(f"{c['train_flops']:.2g}: {c['val_loss']:.3f} / {c['val_brierlm']:.2f}" for c in r["curve"]
+                        if c.get("val_loss") is not None)
+        print(f"- {r['kind']} ({r['budget']:.2g} budget): {pts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="run directory holding RUN/ae (RUN/latents is made if missing)")
+    ap.add_argument("--run", help="run directory holding RUN/ae (RUN/latents is made if missing)")
     ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
     ap.add_argument("--config", default="small")
     ap.add_argument("--budgets", type=float, nargs="+", default=[6e12, 1.2e13, 2.4e13],
@@ -95,7 +121,13 @@ def main() -> None:
     ap.add_argument("--plain-seconds", type=float, default=30.0)
     ap.add_argument("--out", default="bench/results/stage2.json")
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--from-json", default=None, help="only print the tables of a saved result and exit")
     args = ap.parse_args()
+    if args.from_json:
+        report(json.loads(Path(args.from_json).read_text()))
+        return
+    if not args.run:
+        ap.error("--run is required (a run directory holding RUN/ae)")
 
     from pipelines import latents as LT
     from pipelines.precompute import precompute_latents
@@ -155,25 +187,11 @@ def main() -> None:
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
            "corpus": args.corpus, "config": args.config, "L": L, "K": K, "results": results,
            "plain_step_s": plain, "ray_step_s": ray_step,
-           "step_time_ratio": {k: ray_step[k] / plain[k] for k in plain}}
+           "step_time_ratio": {k: ray_step[k] / plain[k] for k in plain}, "brier_samples": args.brier_samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
 
-    print(f"\nstage 2 vs baseline, config {args.config}, L={L} chunks (K={K}: {L * K} tokens), corpus {args.corpus}")
-    print(f"held-out: {int(results[0]['eval']['val_positions'])} chunk starts, {args.brier_samples} samples each")
-    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM "
-          "| sample-only BrierLM | exact Brier-1, every token |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in results:
-        e = r["eval"]
-        print(f"| {r['budget']:.2g} | {r['kind']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {e['val_loss']:.4f} | "
-              + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
-              + f" | {e['val_brierlm']:.2f} | {e.get('val_sampled_brierlm', e['val_brierlm']):.2f}"
-              + f" | {e.get('val_brier1_exact', float('nan')):.4f} |")
-    print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    for k in plain:
-        print(f"| {k} | {ray_step[k]:.3f} | {plain[k]:.3f} | {ray_step[k] / plain[k]:.2f} |")
+    report(res)
     print(f"\nwrote {args.out}")
 
 
