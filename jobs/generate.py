@@ -37,6 +37,8 @@ def main(argv=None):
                            stop_at_end=not args.no_stop)
         print(f"--- sample {i + 1} ({out['tokens']} tokens in {out['steps']} steps, {out['seconds']:.2f}s"
               f"{', stopped at end-of-text' if out['ended'] and not args.no_stop else ''}; prompt used: {out['prompt_used']!r})")
+        if out["warning"]:
+            print(f"warning: {out['warning']}")
         print(out["prompt_used"] + out["completion"], flush=True)
 
 

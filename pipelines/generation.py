@@ -42,8 +42,16 @@ class Generator:
         end-of-text, or (``stop_at_end=False``) shows every document break as a new line."""
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
-        tok, K = self.tok, self.model.K
-        context, kept = prompt_chunks(tok.encode(prompt), K, tok.eot_id, tok.pad_id)
+        tok, K, L = self.tok, self.model.K, self.model.mcfg.block_chunks
+        ids = tok.encode(prompt)
+        room = max(0, L - chunks - 1) * K  # prompt tokens that fit in the trained context with the output
+        context, kept = prompt_chunks(ids[len(ids) - room:] if len(ids) > room else ids, K, tok.eot_id, tok.pad_id)
+        warning = None
+        if chunks > L - 1:
+            warning = (f"{chunks} chunks exceed the {L}-chunk context the model was trained on "
+                       f"(model.block_chunks); positions beyond it are extrapolated")
+        elif len(ids) > room:
+            warning = f"the prompt was cut to its last {room} tokens to fit the {L}-chunk trained context"
         t0 = time.perf_counter()
         out = generate(self.model, self.ae, context, chunks, temperature, candidates,
                        torch.Generator().manual_seed(seed))[0].flatten().tolist()  # [chunks * K]
@@ -61,4 +69,4 @@ class Generator:
                     docs[-1].append(i)
             text = "\n".join(tok.decode(d) for d in (docs[:-1] if not docs[-1] else docs))
         return {"prompt_used": tok.decode(kept), "completion": text, "tokens": len(ids),
-                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds}
+                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds, "warning": warning}

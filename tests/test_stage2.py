@@ -67,6 +67,10 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("--- sample") == 2 and "in 3 steps" in out.stdout
+    gen = Generator.from_run(run)
+    long = gen.complete("the cat sat " * 50, chunks=3, temperature=1.0)
+    assert "cut to its last 16 tokens" in long["warning"] and long["steps"] == 3  # (L=8 - 3 - 1) chunks of 4
+    assert "exceed the 8-chunk context" in gen.complete("", chunks=9, temperature=1.0, stop_at_end=False)["warning"]
     other = tmp_path / "other_ae"
     make_ae(other, tiny_corpus.read_text(), seed=5)
     with pytest.raises(ArtifactError, match="another autoencoder"):
