@@ -83,6 +83,23 @@ class TokenLM(nn.Module):
         shape = (B, S, R, n)
         return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true, collision1)
 
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n tokens after prompt [B, T] with a KV cache (one backbone step per token) -> [B, n].
+        Temperature scales the logits (softmax(logits / T)); this model has likelihoods."""
+        h, past = self.backbone.prefix(self.embed(prompt.long()))
+        logits, out, T = F.linear(h[:, -1], self.embed.weight), [], prompt.shape[1]
+        for i in range(n):
+            probs = (logits.float() / temperature).softmax(-1)  # [B, V]
+            x = torch.multinomial(probs.cpu(), 1, generator=generator).to(prompt.device)  # [B, 1]
+            out.append(x)
+            if i == n - 1:
+                break
+            h, past = self.backbone.extend(self.embed(x), torch.tensor([T + i], device=x.device), past)
+            logits = F.linear(h[:, -1], self.embed.weight)
+        return torch.cat(out, 1)
+
     def forward(self, tokens: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over tokens [B, T] (targets equal to pad_id are ignored)."""
         logits = self.logits(tokens[:, :-1])

@@ -34,28 +34,26 @@ def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int) -> tuple[tor
     return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept
 
 
-def _levels(s: float) -> list[float]:
-    """Exponents tried in turn: s itself, then the integers below it down to 1."""
-    out = [s] + [float(m) for m in range(math.floor(s), 0, -1)]
-    return list(dict.fromkeys(out))
-
-
-def _binom(count: torch.Tensor, m: float) -> torch.Tensor:
+def _binom(count: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """C(count, m) = Gamma(count + 1) / (Gamma(m + 1) Gamma(count - m + 1)), for count >= m."""
-    c = count.double()
-    return torch.exp(torch.lgamma(c + 1) - math.lgamma(m + 1) - torch.lgamma(c - m + 1))
+    c, m = count.double(), m.double()
+    return torch.exp(torch.lgamma(c + 1) - torch.lgamma(m + 1) - torch.lgamma(c - m + 1))
 
 
 def pick_by_counts(chunks: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The batch approximation for one position: candidate chunks [N, K] -> the chosen chunk [K]."""
-    uniq, inverse, counts = torch.unique(chunks, dim=0, return_inverse=True, return_counts=True)  # [U, K], [N], [U]
-    for m in _levels(1.0 / temperature):
-        ok = counts >= m
-        if ok.any():
-            w = torch.where(ok, _binom(counts.clamp(min=m), m), torch.zeros((), dtype=torch.float64))
-            i = torch.multinomial(w.float().cpu(), 1, generator=generator).item()
-            return uniq[i]
-    raise AssertionError("unreachable: every candidate was seen at least once")
+    """The batch approximation, every row at once: candidate chunks [B, N, K] -> chosen [B, K].
+
+    count_i = how many candidates equal candidate i; the order m is s = 1/T if some chunk was seen
+    s times, else the largest integer below s that some chunk reached. Picking candidate i with
+    weight C(count_i, m) / count_i picks each distinct chunk with weight C(count, m).
+    """
+    counts = (chunks[:, :, None, :] == chunks[:, None, :, :]).all(-1).sum(-1).double()  # [B, N]
+    s = 1.0 / temperature
+    top = counts.max(-1, keepdim=True).values  # [B, 1]
+    m = torch.where(top >= s, torch.full_like(top, s), torch.clamp(top, max=float(math.floor(s))))  # [B, 1]
+    w = torch.where(counts >= m, _binom(counts.clamp(min=1.0).maximum(m), m) / counts, torch.zeros_like(counts))
+    i = torch.multinomial(w.float().cpu(), 1, generator=generator).to(chunks.device)  # [B, 1]
+    return chunks.gather(1, i[..., None].expand(-1, 1, chunks.shape[-1]))[:, 0]  # [B, K]
 
 
 @torch.no_grad()
@@ -68,9 +66,7 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
     z = model.sample(h, n, generator=generator)  # [B, n, l]
     dtype = next(ae.parameters()).dtype
     chunks = ae.decode(z.flatten(0, 1).to(dtype)).argmax(-1).view(h.shape[0], n, -1)  # [B, n, K]
-    if n == 1:
-        return chunks[:, 0]
-    return torch.stack([pick_by_counts(c, temperature, generator) for c in chunks])
+    return chunks[:, 0] if n == 1 else pick_by_counts(chunks, temperature, generator)
 
 
 @torch.no_grad()

@@ -180,6 +180,20 @@ def test_baseline_loss_falls_and_exact_brier_matches_two_sample():
     assert abs(est.item() - brier1_exact(probs, y).mean().item()) < 0.01
 
 
+def test_baseline_cached_generation_equals_recomputing_every_step():
+    torch.manual_seed(0)
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=8)
+    lm = TokenLM(m, V, K).eval()
+    prompt = torch.randint(0, V, (2, 5))
+    out = lm.generate(prompt, 6, 0.8, generator=torch.Generator().manual_seed(2))
+    g, seq = torch.Generator().manual_seed(2), prompt
+    with torch.no_grad():
+        for _ in range(6):
+            probs = (lm.logits(seq)[:, -1] / 0.8).softmax(-1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
+    assert torch.equal(out, seq[:, 5:])
+
+
 def test_flop_accounting():
     calm8 = calm_train_flops_per_token(tiny())
     m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6)

@@ -44,7 +44,7 @@ def test_temperature_batch_approximation_weights_chunks_by_binomial_counts():
     g = torch.Generator().manual_seed(0)
 
     def freq(T, n=6000):
-        picks = [tuple(pick_by_counts(cands, T, g).tolist()) for _ in range(n)]
+        picks = [tuple(x) for x in pick_by_counts(cands.expand(n, -1, -1), T, g).tolist()]
         return [picks.count(tuple(x)) / n for x in (a, b, c)]
 
     f = freq(0.5)  # weights C(6,2)=15, C(3,2)=3, C(1,2)=0
@@ -55,8 +55,17 @@ def test_temperature_batch_approximation_weights_chunks_by_binomial_counts():
     w6, w3 = (math.gamma(n + 1) / (math.gamma(3.5) * math.gamma(n - 1.5)) for n in (6, 3))
     assert f[2] == 0 and abs(f[0] - w6 / (w6 + w3)) < 0.02
     # nobody seen twice: falls back to m = 1, uniform over the candidates
-    f = [tuple(pick_by_counts(torch.tensor([a, b, c]), 0.25, g).tolist()) for _ in range(3000)]
+    f = [tuple(x) for x in pick_by_counts(torch.tensor([a, b, c]).expand(3000, -1, -1), 0.25, g).tolist()]
     assert all(abs(f.count(tuple(x)) / 3000 - 1 / 3) < 0.04 for x in (a, b, c))
+
+
+def test_temperature_choice_is_per_row():
+    """Rows of a batch are independent: a row whose candidates all agree always gets that chunk."""
+    g = torch.Generator().manual_seed(0)
+    cands = torch.stack([torch.tensor([[1, 1]] * 5), torch.tensor([[2, 2], [3, 3], [2, 2], [4, 4], [2, 2]])])
+    for _ in range(20):
+        out = pick_by_counts(cands, 0.5, g)
+        assert out[0].tolist() == [1, 1] and out[1].tolist() == [2, 2]  # [2, 2] is the only chunk seen twice
 
 
 def test_prompt_chunks_start_at_a_document_boundary_and_keep_the_prompt_end():

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Generation speed: CALM (one backbone step per chunk of K tokens) against the same-backbone token
+baseline (one step per token), both with a KV cache, on the same prompts.
+
+    python bench/bench_generation.py --run /tmp/bench-small \
+        --corpus ../shared/data/tinystories-sample/train.txt
+
+Needs RUN/calm, RUN/baseline and RUN/ae (bench/bench_stage2.py makes them). Prompts are the first
+--prompt-tokens tokens of documents from --corpus (plain text, one document per blank-line or
+<|endoftext|> block). For every batch size: generated tokens per second of CALM at temperature 1
+(one head sample per step), CALM at --temperature with --candidates head samples per step (the
+likelihood-free batch approximation), and the baseline at temperature 1; the median of --repeats
+runs after one warm-up. Plain PyTorch in one process (no Ray): what a serving replica runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from calm_core.generate import generate  # noqa: E402
+
+
+def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
+    text = Path(corpus).read_text(encoding="utf-8", errors="replace")
+    docs = [d.strip() for d in re.split(r"<\|endoftext\|>|\n\s*\n", text) if d.strip()]
+    out = []
+    for d in docs:
+        ids = tok.encode(d)
+        if len(ids) >= length:
+            out.append(ids[: length - length % K])
+        if len(out) == n:
+            return out
+    raise SystemExit(f"error: fewer than {n} documents of >= {length} tokens in {corpus}")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="run directory with RUN/calm, RUN/baseline and RUN/ae")
+    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens to generate per sequence")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--temperature", type=float, default=0.5)
+    ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default="bench/results/generation.json")
+    args = ap.parse_args()
+
+    from pipelines.generation import Generator
+    from pipelines.stage2 import load_stage2_dir
+    from pipelines.storage import RunDir
+
+    torch.set_num_threads(args.threads)
+    run = RunDir(args.run)
+    gen = Generator.from_run(run)
+    lm = load_stage2_dir(run.local_artifact("baseline"), "baseline")[0].eval()
+    tok, K = gen.tok, gen.model.K
+    chunks = args.tokens // K
+    rows = []
+    for B in args.batch_sizes:
+        ids = torch.tensor(prompts_from(args.corpus, tok, B, args.prompt_tokens, K))  # [B, T]
+        ctx = torch.cat([torch.tensor([[tok.eot_id] + [tok.pad_id] * (K - 1)]).expand(B, -1), ids], 1).view(B, -1, K)
+        g = torch.Generator().manual_seed(0)
+        cases = {
+            "CALM, T=1": lambda: generate(gen.model, gen.ae, ctx, chunks, 1.0, generator=g),
+            f"CALM, T={args.temperature} ({args.candidates} candidates)":
+                lambda: generate(gen.model, gen.ae, ctx, chunks, args.temperature, args.candidates, g),
+            "baseline, T=1": lambda: lm.generate(ids, chunks * K, 1.0, generator=g),
+        }
+        for name, fn in cases.items():
+            s = timed(fn, args.repeats)
+            steps = chunks if name.startswith("CALM") else chunks * K
+            rows.append({"batch": B, "model": name, "seconds": s, "steps": steps,
+                         "tokens_per_s": B * chunks * K / s, "ms_per_step": 1000 * s / steps})
+            print(f"[bench] batch {B} {name}: {B * chunks * K / s:,.0f} tokens/s", flush=True)
+
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {args.threads} threads, Python "
+                      f"{platform.python_version()}, torch {torch.__version__}",
+           "run": args.run, "tokens": chunks * K, "prompt_tokens": args.prompt_tokens, "K": K, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"\ngeneration, {chunks * K} new tokens after {args.prompt_tokens}-token prompts, K={K}, {res['machine']}")
+    print("| batch | model | steps | ms / step | tokens/s | vs baseline |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        base = next(x for x in rows if x["batch"] == r["batch"] and x["model"].startswith("baseline"))
+        print(f"| {r['batch']} | {r['model']} | {r['steps']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
