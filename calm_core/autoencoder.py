@@ -172,11 +172,15 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def decode_tokens(model: ChunkAutoencoder, z: torch.Tensor) -> torch.Tensor:
+    """argmax_v decode(z): latents z [..., l] -> tokens [..., K] (long)."""
+    return model.decode(z.flatten(0, -2)).argmax(-1).view(*z.shape[:-1], model.cfg.K)
+
+
 @torch.no_grad()
 def reconstruct(model: ChunkAutoencoder, tokens: torch.Tensor) -> torch.Tensor:
     """argmax_v decode(mu(tokens)): tokens [B, K] -> tokens [B, K] (long)."""
-    mu, _ = model.encode(tokens)
-    return model.decode(mu).argmax(-1)
+    return decode_tokens(model, model.encode(tokens)[0])
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ class Branches(NamedTuple):
     logp: torch.Tensor  # [B, S, R, n] log P(x_i | context, x_<i) along each sample
     logp_true: torch.Tensor  # [B, S, n] log P(y_i | context, y_<i) of the true continuation
     collision1: torch.Tensor  # [B, S] sum_x P(x)^2 of the first token
+    logp_next: torch.Tensor  # [B, T, V] log P(next token | tokens up to t): the teacher-forced pass
 
 
 class TokenLM(nn.Module):
@@ -50,8 +51,8 @@ class TokenLM(nn.Module):
         """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]).
 
         tokens [B, T]; starts [S] with 1 <= e and e + n <= T. -> Branches with samples [B, S, R, n],
-        their log-probabilities [B, S, R, n], the true continuation's [B, S, n] and the exact
-        first-token collision sum_x P(x)^2 [B, S].
+        their log-probabilities [B, S, R, n], the true continuation's [B, S, n], the exact
+        first-token collision sum_x P(x)^2 [B, S], and the block's own next-token log-probabilities.
         """
         B, T = tokens.shape
         S = len(starts)
@@ -81,7 +82,8 @@ class TokenLM(nn.Module):
             h, past = self.backbone.extend(self.embed(x), pos, past, mask)
             step_logp = F.linear(h, self.embed.weight).float().log_softmax(-1)  # [B, S*R, V]
         shape = (B, S, R, n)
-        return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true, collision1)
+        return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true,
+                        collision1, logp)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,

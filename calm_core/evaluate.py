@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_core.autoencoder import ChunkAutoencoder
+from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.baseline import TokenLM
 from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates, brier_n_from_probs
 from calm_core.calm_model import CALM
@@ -57,8 +57,7 @@ def calm_heldout(model: CALM, ae: ChunkAutoencoder, val: dict[str, torch.Tensor]
                 sums[k] += float(getattr(out, k)) * b
             sums["blocks"] += b
             z = model.sample(out.hidden, samples, generator=g)  # [b, L-1, R, l]
-            chunks = ae.decode(z.flatten(0, 2).to(next(ae.parameters()).dtype)).argmax(-1)  # [b*(L-1)*R, K]
-            chunks = chunks.view(-1, samples, chunks.shape[-1])  # [P, R, K]
+            chunks = decode_tokens(ae, z).flatten(0, 1)  # [P, R, K]
             truth = tok[:, 1:].flatten(0, 1)  # [P, K]
             _add(sums, "brier", brier_n_estimates(chunks, truth))
             sums["positions"] += truth.shape[0]
@@ -70,46 +69,50 @@ def baseline_heldout(lm: TokenLM, val: dict[str, torch.Tensor], batch: int, K: i
                      seed: int = 0, pad_id: int = -100) -> Sums:
     """Sums over held-out blocks (tokens [N, L, K]): cross-entropy, exact Brier-1 over every token,
     and at the L-1 chunk starts Brier-n from probabilities and from ``samples`` samples. The
-    cross-entropy ignores ``pad_id`` targets, as training does."""
+    cross-entropy ignores ``pad_id`` targets, as training does. One teacher-forced pass per block
+    (inside ``TokenLM.branches``) serves all of them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {"loss": 0.0, "blocks": 0.0, "brier1_exact": 0.0, "tokens": 0.0, "positions": 0.0,
+    sums = {"loss": 0.0, "loss_tokens": 0.0, "blocks": 0.0, "brier1_exact": 0.0, "tokens": 0.0, "positions": 0.0,
             **{f"brier{n}": 0.0 for n in ORDERS}, **{f"sampled_brier{n}": 0.0 for n in ORDERS}}
+    if len(val["tokens"]) == 0:
+        return _as_sums(sums)
     device = next(lm.parameters()).device
     n = max(ORDERS)
+    T = val["tokens"][0].numel()
+    starts = torch.arange(K, T - n + 1, K, device=device)  # chunk starts with n true tokens after them
+    rows = max(1, min(batch, BRANCHES_PER_PASS // (len(starts) * samples)))  # bounds the [rows, S*R, V] logits
     was = lm.training
     lm.eval()
     with torch.no_grad():
-        for i in range(0, len(val["tokens"]), batch):
-            tok = val["tokens"][i : i + batch].to(device).flatten(1).long()  # [b, L*K]
-            b, T = tok.shape
-            logits = lm.logits(tok[:, :-1]).float()  # [b, T-1, V]
-            target = tok[:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=pad_id)
-            sums["loss"] += float(ce) * b
-            sums["brier1_exact"] += float(brier1_exact(logits.softmax(-1).flatten(0, 1), target.flatten()).sum())
-            sums["blocks"] += b
-            sums["tokens"] += b * (T - 1)
-            starts = torch.arange(K, T - n + 1, K, device=device)  # chunk starts with n true tokens after
-            rows = max(1, BRANCHES_PER_PASS // (len(starts) * samples))  # bounds the [rows, S*R, V] logits
-            for j in range(0, b, rows):
-                br = lm.branches(tok[j : j + rows], starts, n, samples, generator=g)
-                _add(sums, "brier", brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1),
-                                                      br.collision1.flatten()))
-                truth = tok[j : j + rows, starts[:, None] + torch.arange(n, device=device)].flatten(0, 1)  # [P, n]
-                _add(sums, "sampled_brier", brier_n_estimates(br.samples.flatten(0, 1), truth))
-                sums["positions"] += truth.shape[0]
+        for i in range(0, len(val["tokens"]), rows):
+            tok = val["tokens"][i : i + rows].to(device).flatten(1).long()  # [b, L*K]
+            br = lm.branches(tok, starts, n, samples, generator=g)
+            logp, target = br.logp_next[:, :-1].flatten(0, 1), tok[:, 1:].flatten()  # [b*(T-1), V], [b*(T-1)]
+            keep = target != pad_id
+            sums["loss"] -= float(logp[keep].gather(-1, target[keep, None]).sum())
+            sums["loss_tokens"] += int(keep.sum())
+            sums["brier1_exact"] += float(brier1_exact(logp.exp(), target).sum())
+            sums["blocks"] += tok.shape[0]
+            sums["tokens"] += target.numel()
+            _add(sums, "brier", brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1),
+                                                  br.collision1.flatten()))
+            truth = tok[:, starts[:, None] + torch.arange(n, device=device)].flatten(0, 1)  # [P, n]
+            _add(sums, "sampled_brier", brier_n_estimates(br.samples.flatten(0, 1), truth))
+            sums["positions"] += truth.shape[0]
     lm.train(was)
     return _as_sums(sums)
 
 
 def heldout_record(kind: str, tot: Sums) -> dict[str, float]:
-    """Means and BrierLM from (all-reduced) sums: val_loss, val_brier1..4, val_brierlm, and
+    """Means and BrierLM from (all-reduced) sums: val_loss (CALM: per block; baseline: per non-pad
+    token), val_brier1..4, val_brierlm, and
     CALM: val_fidelity, val_diversity; baseline: val_brier1_exact (every token) and
     val_sampled_brier1..4 / val_sampled_brierlm (the sample-only estimate beside the main one)."""
     blocks = max(1.0, float(tot["blocks"]))
     pos = max(1.0, float(tot["positions"]))
     brier = {n: float(tot[f"brier{n}"]) / pos for n in ORDERS}
-    rec = {"val_loss": float(tot["loss"]) / blocks, **{f"val_brier{n}": brier[n] for n in ORDERS},
+    loss = float(tot["loss"]) / (blocks if kind == "calm" else max(1.0, float(tot["loss_tokens"])))
+    rec = {"val_loss": loss, **{f"val_brier{n}": brier[n] for n in ORDERS},
            "val_brierlm": brier_lm(brier), "val_positions": pos}
     if kind == "calm":
         rec["val_fidelity"] = float(tot["fidelity"]) / blocks

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from calm_core.autoencoder import ChunkAutoencoder
+from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.calm_model import CALM
 
 
@@ -63,9 +63,7 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
     if not 0.0 < temperature <= 1.0:
         raise ValueError(f"temperature must be in (0, 1], got {temperature}")
     n = 1 if temperature == 1.0 else candidates
-    z = model.sample(h, n, generator=generator)  # [B, n, l]
-    dtype = next(ae.parameters()).dtype
-    chunks = ae.decode(z.flatten(0, 1).to(dtype)).argmax(-1).view(h.shape[0], n, -1)  # [B, n, K]
+    chunks = decode_tokens(ae, model.sample(h, n, generator=generator))  # [B, n, K]
     return chunks[:, 0] if n == 1 else pick_by_counts(chunks, temperature, generator)
 
 

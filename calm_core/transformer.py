@@ -55,7 +55,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
-        """x [B, T, d] -> (y [B, T, d], (k, v) [B, H, T, h] of these positions, rotated).
+        """x [B, T, d] -> (y [B, T, d], the layer's cache: rotated (k, v) [B, H, Tp + T, h], past first).
         Without ``past`` attention is causal; with it, ``mask`` [T, Tp + T] (True = may attend)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, h] x3
@@ -63,8 +63,8 @@ class CausalSelfAttention(nn.Module):
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, h]
         else:
-            ks, vs = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, Tp + T, h]
-            y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, Tp + T, h]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
 
 
@@ -116,7 +116,7 @@ class Backbone(nn.Module):
         cache = []
         for block, kv_past in zip(self.blocks, past):
             x, kv = block(x, cos, sin, kv_past, mask)
-            cache.append((torch.cat([kv_past[0], kv[0]], 2), torch.cat([kv_past[1], kv[1]], 2)))
+            cache.append(kv)
         return self.norm(x), cache
 
 
