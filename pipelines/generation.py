@@ -57,16 +57,17 @@ class Generator:
                        torch.Generator().manual_seed(seed))[0].flatten().tolist()  # [chunks * K]
         seconds = time.perf_counter() - t0
         ended = tok.eot_id in out
+        docs = [[]]  # the generated ids split at end-of-text
+        for i in out:
+            if i == tok.eot_id:
+                docs.append([])
+            else:
+                docs[-1].append(i)
         if stop_at_end:
-            ids = out[: out.index(tok.eot_id)] if ended else out
-            text = tok.decode(ids)
-        else:
-            ids, docs = out, [[]]
-            for i in out:  # split at end-of-text; one line per document
-                if i == tok.eot_id:
-                    docs.append([])
-                else:
-                    docs[-1].append(i)
-            text = "\n".join(tok.decode(d) for d in (docs[:-1] if not docs[-1] else docs))
-        return {"prompt_used": tok.decode(kept), "completion": text, "tokens": len(ids),
+            docs = docs[:1]
+        elif not docs[-1]:
+            docs.pop()  # ended exactly at an end-of-text
+        text = "\n".join(tok.decode(d) for d in docs)
+        generated = len(docs[0]) if stop_at_end else len(out)
+        return {"prompt_used": tok.decode(kept), "completion": text, "tokens": generated,
                 "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds, "warning": warning}

@@ -134,11 +134,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                     f"active {val_m['active_dims']}/{cfg.ae.latent_dim} | {thr.rate():,.0f} tok/s"
                 )
             thr.reset()
-            over_budget = t.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= t.max_minutes
-            if tc.any_rank(over_budget, device) and step < t.max_steps:
+            if tc.budget_reached(t, t_start, step, device, rank, "stage1"):
                 stopped_early = True
-                if rank == 0:
-                    tc.progress(f"[stage1] wall-clock budget of {t.max_minutes} min reached at step {step}")
                 break
             if step % t.checkpoint_every == 0 and step < t.max_steps:
                 report({"step": step, **record, "final": False}, final=False)

@@ -28,8 +28,8 @@ import torch
 
 from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token, load_autoencoder_dir
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
-from calm_core.calm_model import CALM, calm_train_flops_per_token
 from calm_core.brierlm import ORDERS
+from calm_core.calm_model import CALM, calm_train_flops_per_token
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, ConfigError, DataError
 from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
@@ -140,11 +140,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                             f"{rec['val_loss']:.4f} BrierLM {rec['val_brierlm']:.2f} (Brier-1 {rec['val_brier1']:.3f}) "
                             f"| {thr.rate():,.0f} tok/s | {rec['train_flops']:.3g} FLOPs")
             thr.reset()
-            over = t.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= t.max_minutes
-            if tc.any_rank(over, device) and step < t.max_steps:
+            if tc.budget_reached(t, t_start, step, device, rank, kind):
                 stopped_early = True
-                if rank == 0:
-                    tc.progress(f"[{kind}] wall-clock budget of {t.max_minutes} min reached at step {step}")
                 break
             if step % t.checkpoint_every == 0 and step < t.max_steps:
                 report({**rec, "final": False}, final=False)
@@ -210,8 +207,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
     ae_model, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     cfg.ae = ae_cfg.ae  # K and the latent width come from the AE
-    flops = {**flops_breakdown(kind, build_model(kind, cfg, tok.vocab_size)),
-             "encoder_forward_once": encoder_flops_per_token(ae_model)}  # per token; not in "total"
+    with torch.device("meta"):  # shapes only: no weights allocated on the driver
+        flops = flops_breakdown(kind, build_model(kind, cfg, tok.vocab_size))
+    flops["encoder_forward_once"] = encoder_flops_per_token(ae_model)  # per token; not in "total"
     if cfg.ae.K < max(ORDERS):
         raise ConfigError(f"the autoencoder at '{ae_dir}' has K = {cfg.ae.K}; BrierLM compares the first "
                           f"{max(ORDERS)} tokens of one predicted chunk, so stage 2 needs K >= {max(ORDERS)}")

@@ -130,6 +130,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def budget_reached(t, t_start: float, step: int, device: torch.device, rank: int, name: str) -> bool:
+    """True on every rank when any rank has spent ``t.max_minutes`` since ``t_start`` and the run
+    is not at its last step anyway (rank 0 says so); a collective: call it on every rank."""
+    over = t.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= t.max_minutes
+    if not any_rank(over, device) or step >= t.max_steps:
+        return False
+    if rank == 0:
+        progress(f"[{name}] wall-clock budget of {t.max_minutes} min reached at step {step}")
+    return True
+
+
 # ----------------------------------------------------------------------------- weights
 
 
