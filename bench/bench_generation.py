@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -29,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from calm_core.generate import generate  # noqa: E402
+from calm_core.generate import generate, prompt_chunks  # noqa: E402
 
 
 def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
-    text = Path(corpus).read_text(encoding="utf-8", errors="replace")
-    docs = [d.strip() for d in re.split(r"<\|endoftext\|>|\n\s*\n", text) if d.strip()]
+    """The first ``length`` tokens (a multiple of K) of the first n documents that long."""
+    from pipelines.ingest import split_text
+
     out = []
-    for d in docs:
-        ids = tok.encode(d)
+    for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
+        ids = tok.encode(raw.decode("utf-8", errors="replace").strip())
         if len(ids) >= length:
             out.append(ids[: length - length % K])
         if len(out) == n:
@@ -81,8 +81,9 @@ def main() -> None:
     chunks = args.tokens // K
     rows = []
     for B in args.batch_sizes:
-        ids = torch.tensor(prompts_from(args.corpus, tok, B, args.prompt_tokens, K))  # [B, T]
-        ctx = torch.cat([torch.tensor([[tok.eot_id] + [tok.pad_id] * (K - 1)]).expand(B, -1), ids], 1).view(B, -1, K)
+        prompts = prompts_from(args.corpus, tok, B, args.prompt_tokens, K)
+        ids = torch.tensor(prompts)  # [B, T]
+        ctx = torch.cat([prompt_chunks(p, K, tok.eot_id, tok.pad_id)[0] for p in prompts])  # [B, 1 + T/K, K]
         g = torch.Generator().manual_seed(0)
         cases = {
             "CALM, T=1": lambda: generate(gen.model, gen.ae, ctx, chunks, 1.0, generator=g),

@@ -211,7 +211,7 @@ def _marker_re(marker: str) -> re.Pattern:
     return re.compile(rb"(?m)^" + _WS + re.escape(marker.strip().encode("utf-8")) + _WS + rb"$\n?")
 
 
-def _split_text(data: bytes, separator: str, marker: str) -> Iterator[bytes]:
+def split_text(data: bytes, separator: str, marker: str) -> Iterator[bytes]:
     """The raw bytes of each document of a text file (whitespace-only pieces kept in eot/file)."""
     if separator == "auto":
         separator = "eot_line" if _marker_re(marker).search(data) else "blank_line"
@@ -236,7 +236,7 @@ def _text_documents(data: bytes, opts: dict) -> Iterator[tuple[str | None, str]]
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    for raw in _split_text(data, opts["separator"], opts["eot_marker"]):
+    for raw in split_text(data, opts["separator"], opts["eot_marker"]):
         yield _decode(raw)
 
 
