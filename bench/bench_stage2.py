@@ -4,6 +4,9 @@ training-FLOP budgets, on the same tokenizer, corpus, split and blocks.
 
     python bench/bench_stage2.py --run /tmp/bench-small \
         --corpus ../shared/data/tinystories-sample/train.txt --budgets 6e12 1.2e13 2.4e13
+    # head A/Bs: CALM variants only, each a name and its overrides
+    python bench/bench_stage2.py --run /tmp/ab/demo --config demo --budgets 3.05e13 --no-baseline \
+        --variants adanorm:head.arch=adanorm,head.init=torch paper:head.arch=paper,head.init=normal
 
 Needs RUN/ae (e.g. from bench/bench_stage1.py --run DIR); makes RUN/latents if missing. For every
 budget and model: a fresh Ray Train + DeepSpeed run whose max_steps spends the budget (cosine
@@ -83,28 +86,68 @@ def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) ->
 
 def report(res: dict) -> None:
     """The tables and learning curves of a result (also: --from-json PATH)."""
-    results, plain, ray_step = res["results"], res["plain_step_s"], res["ray_step_s"]
+    results, plain, ray_step = res["results"], res.get("plain_step_s", {}), res.get("ray_step_s", {})
     L, K = res["L"], res["K"]
+    ae = res.get("ae_cost")
     print(f"\nstage 2 vs baseline, config {res['config']}, L={L} chunks (K={K}: {L * K} tokens), corpus {res['corpus']}")
     print(f"held-out: {results[0]['eval'].get('val_positions', '?')} chunk starts, {res.get('brier_samples', '?')} samples each")
-    print("| budget (FLOPs) | model | steps | tokens/s | held-out loss | Brier-1 | Brier-2 | Brier-3 | Brier-4 | BrierLM "
-          "| sample-only BrierLM | exact Brier-1, every token |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if ae:
+        print(f"autoencoder: {ae['train_flops']:.3g} stage-1 training FLOPs + {ae['encode_flops']:.3g} to encode the "
+              f"{ae['train_tokens']:,} training tokens once = {ae['train_flops'] + ae['encode_flops']:.3g} (in CALM's "
+              "'incl. AE' column)")
+    print("| budget (FLOPs) | model | steps | passes | tokens/s | FLOPs incl. AE | held-out loss | Brier-1 | Brier-2 "
+          "| Brier-3 | Brier-4 | BrierLM | sample-only BrierLM | exact Brier-1, every token |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         e = r["eval"]
-        print(f"| {r['budget']:.2g} | {r['kind']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {e['val_loss']:.4f} | "
+        incl = r["flops"] + (ae["train_flops"] + ae["encode_flops"] if ae and r["kind"] == "calm" else 0)
+        passes = f"{r['passes']:.2f}" if "passes" in r else "?"
+        print(f"| {r['budget']:.2g} | {r.get('name', r['kind'])} | {r['steps']} | {passes} | {r['tokens_per_s']:,.0f} "
+              f"| {incl:.3g} | {e['val_loss']:.4f} | "
               + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
               + f" | {e['val_brierlm']:.2f} | {e.get('val_sampled_brierlm', e['val_brierlm']):.2f}"
               + f" | {e.get('val_brier1_exact', float('nan')):.4f} |")
-    print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    for k in plain:
-        print(f"| {k} | {ray_step[k]:.3f} | {plain[k]:.3f} | {ray_step[k] / plain[k]:.2f} |")
+    if plain:
+        print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
+        print("| --- | ---: | ---: | ---: |")
+        for k in plain:
+            print(f"| {k} | {ray_step[k]:.3f} | {plain[k]:.3f} | {ray_step[k] / plain[k]:.2f} |")
     print("\nlearning curves (in-training validation: training FLOPs: held-out loss / BrierLM):")
     for r in results:
         pts = "; ".join(f"{c['train_flops']:.2g}: {c['val_loss']:.3f} / {c['val_brierlm']:.2f}" for c in r["curve"]
                         if c.get("val_loss") is not None)
-        print(f"- {r['kind']} ({r['budget']:.2g} budget): {pts}")
+        print(f"- {r.get('name', r['kind'])} ({r['budget']:.2g} budget): {pts}")
+
+
+def ae_cost(ae_dir: Path, ae_model, train_chunks: int) -> dict:
+    """The autoencoder's share: its stage-1 training FLOPs (from its manifest, or steps x batch x K x
+    workers x FLOPs per token for an AE published before the manifest recorded them) and the one-off
+    encoding of the training latents."""
+    from calm_core.autoencoder import autoencoder_train_flops_per_token, encoder_flops_per_token
+    from calm_core.config import config_from_yaml
+
+    man = json.loads((ae_dir / "manifest.json").read_text())
+    train = man.get("train_flops")
+    if train is None:
+        c = config_from_yaml((ae_dir / "config.yaml").read_text())
+        m = man["metrics"]
+        train = (autoencoder_train_flops_per_token(ae_model) * m["step"] * c.stage1.batch_size * c.ae.K
+                 * m.get("num_workers", c.distributed.num_workers))
+    tokens = train_chunks * ae_model.cfg.K
+    return {"train_flops": float(train), "encode_flops": encoder_flops_per_token(ae_model) * tokens, "train_tokens": tokens}
+
+
+def parse_variants(specs: list[str] | None) -> list[tuple[str, list[str]]]:
+    """["name:a.b=1,c.d=x", ...] -> [(name, overrides)]; none given: one plain CALM."""
+    if not specs:
+        return [("calm", [])]
+    out = []
+    for v in specs:
+        name, _, ov = v.partition(":")
+        if not name:
+            raise SystemExit(f"--variants: '{v}' has no name (NAME:key=value,...)")
+        out.append((name, [x for x in ov.split(",") if x]))
+    return out
 
 
 def main() -> None:
@@ -118,8 +161,14 @@ def main() -> None:
                     "(CALM: decoded head samples; baseline: sampled continuations)")
     ap.add_argument("--val-chunks", type=int, default=16384, help="held-out chunks for the driver-side evaluation "
                     "(cut into blocks of L; the whole held-out split if it is smaller)")
-    ap.add_argument("--plain-seconds", type=float, default=30.0)
-    ap.add_argument("--out", default="bench/results/stage2.json")
+    ap.add_argument("--plain-seconds", type=float, default=30.0, help="seconds of the plain-torch step timing "
+                    "(0 = skip it)")
+    ap.add_argument("--out", default="bench/results/stage2.json",
+                    help="result JSON, rewritten after every run; rows already in it (same budget and model) are "
+                         "kept and not rerun, so an interrupted or multi-session benchmark resumes")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME:KEY=VALUE,...",
+                    help="train CALM once per variant (its name and comma-separated overrides) at every budget")
+    ap.add_argument("--no-baseline", action="store_true", help="train only CALM (with --variants: the head A/Bs)")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--from-json", default=None, help="only print the tables of a saved result and exit")
     args = ap.parse_args()
@@ -139,7 +188,7 @@ def main() -> None:
     init_ray(base.ray)
     run = RunDir(args.run)
     ae_dir = run.local_artifact("ae")
-    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
+    ae_model, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     if not run.has_artifact("latents"):
         precompute_latents(load_config(args.config, args.overrides), args.corpus, run)
     ae_ident = LT.ae_identity(ae_dir, ae_manifest)
@@ -147,17 +196,36 @@ def main() -> None:
     base.ae = ae_cfg.ae
     L, K = base.model.block_chunks, base.ae.K
     val = held_out_blocks(run, lman, ae_ident, L, args.val_chunks, base.data.read_cpus)
+    train_chunks = int(lman["metrics"]["rows_per_split"]["train"])
 
-    results = []
+    out = Path(args.out)
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
+           "corpus": args.corpus, "config": args.config, "overrides": args.overrides, "L": L, "K": K, "results": [],
+           "brier_samples": args.brier_samples, "ae_cost": ae_cost(ae_dir, ae_model, train_chunks),
+           "train_chunks": train_chunks}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if (old.get("config"), old.get("corpus"), old.get("overrides", [])) == (args.config, args.corpus, args.overrides):
+            res["results"] = old["results"]
+            print(f"[bench] {out}: keeping {len(old['results'])} finished runs", flush=True)
+    done = {(r["budget"], r.get("name", r["kind"])) for r in res["results"]}
+
+    models = [("calm", "stage2", name, ov) for name, ov in parse_variants(args.variants)]
+    if not args.no_baseline:
+        models.append(("baseline", "baseline", "baseline", []))
     for budget in args.budgets:
-        for kind, section in (("calm", "stage2"), ("baseline", "baseline")):
-            t = getattr(base, section)
-            fpt = flops_per_token(kind, build_model(kind, base, tok.vocab_size))
-            tokens_per_step = t.batch_size * base.distributed.num_workers * L * K
+        for kind, section, name, var_ov in models:
+            if (budget, name) in done:
+                continue
+            vcfg = load_config(args.config, [*args.overrides, *var_ov])
+            vcfg.ae = ae_cfg.ae
+            t = getattr(vcfg, section)
+            fpt = flops_per_token(kind, build_model(kind, vcfg, tok.vocab_size))
+            tokens_per_step = t.batch_size * vcfg.distributed.num_workers * L * K
             steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
             ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",
                   f"{section}.checkpoint_every={steps}", f"{section}.warmup_steps={max(1, steps // 20)}"]
-            cfg = load_config(args.config, [*args.overrides, *ov])
+            cfg = load_config(args.config, [*args.overrides, *var_ov, *ov])
             t0 = time.perf_counter()
             m = run_stage2(cfg, run, kind, overwrite=True)
             wall = time.perf_counter() - t0
@@ -166,33 +234,35 @@ def main() -> None:
             t_eval = time.perf_counter()
             ev = evaluate(kind, run, ae_dir, val, args.brier_samples)
             eval_s = time.perf_counter() - t_eval
-            row = {"budget": budget, "kind": kind, "steps": steps, "flops": m["metrics"]["train_flops"],
-                   "flops_per_token": fpt, "wall_s": wall, "eval_s": eval_s,
+            row = {"budget": budget, "kind": kind, "name": name, "overrides": var_ov, "steps": steps,
+                   "flops": m["metrics"]["train_flops"], "flops_per_token": fpt,
+                   "flops_per_token_by_part": m.get("flops_per_token_by_part"), "wall_s": wall, "eval_s": eval_s,
+                   "passes": steps * tokens_per_step / (train_chunks * K),
                    "tokens_per_s": float(np.median([r["tokens_per_s"] for r in records[1:]] or [records[-1]["tokens_per_s"]])),
                    "eval": ev, "curve": [{k: r.get(k) for k in ("step", "train_flops", "val_loss", "val_brierlm")}
                                          for r in records]}
-            results.append(row)
-            print(f"[bench] {kind} budget {budget:.2g}: {steps} steps, BrierLM {ev['val_brierlm']:.2f}, "
+            res["results"].append(row)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+            print(f"[bench] {name} budget {budget:.2g}: {steps} steps, BrierLM {ev['val_brierlm']:.2f}, "
                   f"held-out loss {ev['val_loss']:.4f}", flush=True)
 
     import ray
 
     ray.shutdown()
-    plain = {}
-    for kind in ("calm", "baseline"):
-        plain[kind] = plain_step_time(kind, base, tok.vocab_size, val, args.plain_seconds)
-    last = {r["kind"]: r for r in results if r["budget"] == args.budgets[-1]}
-    ray_step = {k: (getattr(base, "stage2" if k == "calm" else "baseline").batch_size * base.distributed.num_workers
-                    * L * K) / last[k]["tokens_per_s"] for k in last}
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
-           "corpus": args.corpus, "config": args.config, "L": L, "K": K, "results": results,
-           "plain_step_s": plain, "ray_step_s": ray_step,
-           "step_time_ratio": {k: ray_step[k] / plain[k] for k in plain}, "brier_samples": args.brier_samples}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.plain_seconds > 0:
+        # the plain loop runs the config without variant overrides: compare it with the plain runs only
+        last = {r["kind"]: r for r in res["results"] if r["budget"] == args.budgets[-1] and not r.get("overrides")}
+        for kind in last:
+            res.setdefault("plain_step_s", {})[kind] = plain_step_time(kind, base, tok.vocab_size, val, args.plain_seconds)
+        res["ray_step_s"] = {k: (getattr(base, "stage2" if k == "calm" else "baseline").batch_size
+                                 * base.distributed.num_workers * L * K) / last[k]["tokens_per_s"] for k in last}
+        res["step_time_ratio"] = {k: res["ray_step_s"][k] / res["plain_step_s"][k] for k in last}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
 
     report(res)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

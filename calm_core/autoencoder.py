@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm_core import rng
 from calm_core.config import AEConfig
 from calm_core.layers import ResidualMLPBlock, RMSNorm, init_weights
 
@@ -129,14 +130,14 @@ class ChunkAutoencoder(nn.Module):
         """Training: each non-pad token -> mask_id with probability mask_prob; eval: unchanged. [B, K]"""
         if not self.training or self.cfg.mask_prob <= 0:
             return tokens
-        hit = (torch.rand(tokens.shape, device=tokens.device) < self.cfg.mask_prob) & (tokens != self.pad_id)
+        hit = rng.bernoulli_mask(tuple(tokens.shape), self.cfg.mask_prob, tokens.device) & (tokens != self.pad_id)
         return torch.where(hit, torch.full_like(tokens, self.mask_id), tokens)
 
     def sample_latent(self, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
         """Training: z = dropout_p(mu + sigma * eps), eps ~ N(0, I); eval: z = mu. [B, l] -> [B, l]"""
         if not self.training:
             return mu
-        z = mu + torch.exp(log_sigma) * torch.randn_like(mu)
+        z = mu + torch.exp(log_sigma) * rng.normal_like(mu)
         return F.dropout(z, p=self.cfg.latent_dropout, training=True)
 
     # ------------------------------------------------------------------ loss
@@ -165,6 +166,16 @@ def encoder_flops_per_token(model: ChunkAutoencoder) -> float:
     2 * (per-token weights (enc_tok) + per-chunk weights (enc_compress, enc_lat, enc_out) / K)."""
     per_chunk = sum(_matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out))
     return 2.0 * (_matmul_weights(model.enc_tok) + per_chunk / model.cfg.K)
+
+
+def autoencoder_train_flops_per_token(model: ChunkAutoencoder) -> float:
+    """Stage-1 training FLOPs per token (forward + backward = 6 x weights touched): the encoder's and
+    the decoder's per-token weights, their per-chunk weights / K, and the tied vocabulary projection
+    (V x d per token; the embedding lookup is free)."""
+    per_token = sum(_matmul_weights(m) for m in (model.enc_tok, model.dec_tok)) + model.embed.weight.numel()
+    per_chunk = sum(_matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out,
+                                                 model.dec_in, model.dec_lat, model.dec_expand))
+    return 6.0 * (per_token + per_chunk / model.cfg.K)
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -201,8 +212,8 @@ def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id
 
     Accuracy leaves pad positions out: padding is trivially reconstructed and fills up to K-1 of
     every document's last chunk, so counting it would inflate the figure on short documents.
-    The noise eps is drawn on the CPU from ``generator`` (the global RNG when None), so a seeded
-    generator gives the same figures on any device. The model is evaluated in eval mode and left
+    The noise eps is drawn by the rule of ``calm_core.rng`` (on the generator's device, then moved),
+    so a seeded CPU generator gives the same figures on any device. The model is evaluated in eval mode and left
     in the mode it was in.
     """
     was_training = model.training
@@ -213,7 +224,7 @@ def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id
     keep = tokens != pad_id  # [B, K]
 
     def eps() -> torch.Tensor:  # [B, l]
-        return torch.randn(mu32.shape, generator=generator, dtype=torch.float32).to(mu32.device)
+        return rng.normal(tuple(mu32.shape), mu32.device, generator)
 
     def correct(logits: torch.Tensor) -> torch.Tensor:
         return ((logits.argmax(-1) == tokens) & keep).sum()

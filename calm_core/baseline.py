@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm_core import rng
 from calm_core.config import ModelConfig
 from calm_core.layers import init_weights
 from calm_core.transformer import Backbone, backbone_flops_per_position
@@ -70,8 +71,7 @@ class TokenLM(nn.Module):
         step_logp = first.repeat_interleave(R, 1)  # [B, S*R, V]
         samples, logps = [], []
         for i in range(n):
-            x = torch.multinomial(step_logp.exp().flatten(0, 1).cpu(), 1, generator=generator)
-            x = x.view(B, S * R).to(tokens.device)  # [B, S*R]
+            x = rng.categorical(step_logp.exp(), generator)  # [B, S*R]
             samples.append(x)
             logps.append(step_logp.gather(-1, x[..., None]).squeeze(-1))
             if i == n - 1:
@@ -94,7 +94,7 @@ class TokenLM(nn.Module):
         logits, out, T = F.linear(h[:, -1], self.embed.weight), [], prompt.shape[1]
         for i in range(n):
             probs = (logits.float() / temperature).softmax(-1)  # [B, V]
-            x = torch.multinomial(probs.cpu(), 1, generator=generator).to(prompt.device)  # [B, 1]
+            x = rng.categorical(probs, generator)[:, None]  # [B, 1], on the generator's device
             out.append(x)
             if i == n - 1:
                 break

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from calm_core.config import AEConfig, HeadConfig, ModelConfig
-from calm_core.energy import posterior_energy_loss
-from calm_core.heads import EnergyHead, QuadraticHead, quadratic_loss
+from calm_core import rng
+from calm_core.energy import energy_loss_flops_per_position, posterior_energy_loss
+from calm_core.heads import EnergyHead, QuadraticHead, build_energy_head, head_forward_weights, quadratic_loss
 from calm_core.layers import init_weights
 from calm_core.transformer import Backbone, backbone_flops_per_position
 
@@ -59,8 +60,8 @@ class CALM(nn.Module):
         self.backbone = Backbone(d, model.n_layers, model.n_heads, model.ffn_dim, model.rope_theta)
         init_weights(self)
         blocks = head.blocks or max(1, model.n_layers // 4)
-        if head.kind == "energy":
-            self.head = EnergyHead(d, ae.latent_dim, model.ffn_dim, blocks, head.noise_dim)
+        if head.kind == "energy":  # built after init_weights: its own init scheme (head.init)
+            self.head = build_energy_head(head.arch, d, ae.latent_dim, model.ffn_dim, blocks, head.noise_dim, head.init)
         else:
             self.head = QuadraticHead(d, ae.latent_dim)
 
@@ -72,7 +73,7 @@ class CALM(nn.Module):
         if self.latent_in is not None:
             z = mu.to(self.latent_in.weight.dtype)
             if self.training and self.hcfg.input_noise_std > 0:
-                z = z + self.hcfg.input_noise_std * torch.randn_like(z)
+                z = z + self.hcfg.input_noise_std * rng.normal_like(z)
             x = x + self.latent_in(z)
         return x
 
@@ -100,6 +101,8 @@ class CALM(nn.Module):
                 loss = loss + self.hcfg.prior_weight * 0.5 * x.float().mean(-2).pow(2).sum(-1).mean()
         else:
             loss, a, b = quadratic_loss(self.head(h), mu_next, ls_next, self.hcfg.margin)
+            if self.training:
+                self.head.fit_spread(a, self.latent_dim)
         return CALMOutput(loss, a, b, h)
 
 
@@ -108,7 +111,9 @@ def calm_train_flops_per_token(model: CALM) -> dict[str, float]:
 
         backbone  : backbone_flops_per_position(d, layers, ffn, T = L - 1) / K
         input MLP : 6 * (K*d*2d + 2d*d) / K          (embedding lookups are free)
-        head      : 6 * (condition weights + N * per-sample weights) / K
+        head      : 6 * (per-position weights + N * per-sample weights) / K    (``head_forward_weights``:
+                    W_h and the paper head's c halves / the AdaNorm modulation run once per position)
+        loss      : ``energy_loss_flops_per_position`` / K   (the N x M and N x N distance matmuls)
         encoder   : counted separately (precomputed once: 2 * encoder weights / K per token, forward)
     """
     m, K = model.mcfg, model.K
@@ -119,10 +124,8 @@ def calm_train_flops_per_token(model: CALM) -> dict[str, float]:
         inp += 6.0 * linear(model.token_in.mlp) / K
     if model.latent_in is not None:
         inp += 6.0 * model.latent_in.weight.numel() / K
-    if isinstance(model.head, EnergyHead):
-        cond = model.head.cond.weight.numel()
-        per_sample = linear(model.head) - cond
-        head = 6.0 * (cond + model.hcfg.n_samples * per_sample) / K
-    else:
-        head = 6.0 * model.head.proj.weight.numel() / K
-    return {"backbone": backbone, "input": inp, "head": head, "total": backbone + inp + head}
+    n = model.hcfg.n_samples
+    head = 6.0 * head_forward_weights(model.head, n) / K
+    loss = energy_loss_flops_per_position(n, model.hcfg.n_targets, model.latent_dim) / K if isinstance(
+        model.head, EnergyHead) else 0.0
+    return {"backbone": backbone, "input": inp, "head": head, "loss": loss, "total": backbone + inp + head + loss}

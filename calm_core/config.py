@@ -98,6 +98,7 @@ class DistributedConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    compile: bool = False  # torch.compile the training step (for GPUs; validation stays eager)
     max_failures: int = 0  # worker-group restarts Ray Train may do from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept in RUN/_train
 
@@ -121,6 +122,8 @@ class HeadConfig:
     """CALM's next-vector head and its loss (CALM.md section 2; paper defaults)."""
 
     kind: str = "energy"  # energy | quadratic (the seed's ablation)
+    arch: str = "adanorm"  # energy head: paper (the official MLPGenerator) | adanorm (docs/BENCHMARKS.md: head A/Bs)
+    init: str = "torch"  # energy head weights: normal (N(0, 0.02^2), the official code) | torch (PyTorch default)
     noise_dim: int = 64  # width of the U(-0.5, 0.5) noise
     blocks: int = 0  # residual blocks; 0 = one per four backbone layers (paper)
     n_samples: int = 8  # N head samples per position
@@ -381,6 +384,8 @@ def validate(cfg: Config) -> None:
     _choice(m.input_mode, "model.input_mode", ("tokens", "latents", "both"))
     h = cfg.head
     _choice(h.kind, "head.kind", ("energy", "quadratic"))
+    _choice(h.arch, "head.arch", ("paper", "adanorm"))
+    _choice(h.init, "head.init", ("normal", "torch"))
     if h.n_samples < 2:
         raise ConfigError(f"key 'head.n_samples' must be >= 2 (the energy score compares samples), got {h.n_samples}")
     _positive(h.n_targets, "head.n_targets")

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from calm_core import rng
+
 DIST_EPS = 1e-12  # floor of the squared distance under the square root (gradient-safe at 0)
 
 
@@ -92,30 +94,46 @@ def energy_score(samples: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> 
     return div - fid
 
 
-def posterior_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, n_targets: int,
-                          alpha: float = 1.0, weights: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> EnergyLoss:
-    """``energy_score_loss`` with M targets y_m = mu + sigma * eps_m drawn from the posterior of the
-    true next chunk, without materialising the targets.
+def posterior_energy_terms(samples: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, n_targets: int,
+                           alpha: float = 1.0, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position (fidelity, diversity) against M targets y_m = mu + sigma * eps_m drawn from the
+    posterior of the true next chunk, without materialising the targets.
 
-    samples [B, T, N, l], mu / log_sigma [B, T, l]; eps [B, M, l] ~ N(0, I) is drawn fresh per call
-    and shared by the positions of one sequence (every position still gets exact, independent-of-x
-    samples of its own posterior). With a = x - mu and s = sigma:
+    samples [B, T, N, l], mu / log_sigma [B, T, l] -> ([B, T], [B, T]). eps [B, T, M, l] ~ N(0, I) is
+    drawn fresh per call, independently for every position (``calm_core.rng``). With a = x - mu and
+    s = sigma:
 
         ||x_n - y_m||^2 = ||a_n||^2 - 2 (a_n * s) . eps_m + (s^2) . (eps_m^2)
 
-    three matmul-shaped terms: memory B*T*N*M, never B*T*M*l.
+    three matmul-shaped terms: memory B*T*N*M for the distances, never B*T*N*M*l.
     """
     B, T, N, l = samples.shape
-    x = samples.float()
-    a = x - mu.float().unsqueeze(-2)  # [B, T, N, l]
-    s = log_sigma.float().exp()  # [B, T, l]
-    eps = torch.randn(B, 1, n_targets, l, device=x.device, generator=generator)  # [B, 1, M, l]
-    t1 = a.pow(2).sum(-1)  # [B, T, N]
-    t2 = torch.matmul(a * s.unsqueeze(-2), eps.transpose(-1, -2))  # [B, T, N, M]
-    t3 = torch.matmul(s.pow(2), eps.squeeze(1).pow(2).transpose(-1, -2))  # [B, T, M]
-    d2 = (t1.unsqueeze(-1) - 2.0 * t2 + t3.unsqueeze(-2)).clamp_min(DIST_EPS)
     if N < 2:
         raise ValueError("the energy score needs at least 2 head samples per position (N >= 2)")
+    x = samples.float()
+    a = x - mu.float().unsqueeze(-2)  # [B, T, N, l]
+    s = log_sigma.float().exp().unsqueeze(-2)  # [B, T, 1, l]
+    eps = rng.normal((B, T, n_targets, l), x.device, generator)  # [B, T, M, l]
+    t1 = a.pow(2).sum(-1)  # [B, T, N]
+    t2 = torch.matmul(a * s, eps.transpose(-1, -2))  # [B, T, N, M]
+    t3 = torch.matmul(s.pow(2), eps.pow(2).transpose(-1, -2))  # [B, T, 1, M]
+    d2 = (t1.unsqueeze(-1) - 2.0 * t2 + t3).clamp_min(DIST_EPS)  # [B, T, N, M]
     fid = 2.0 * d2.pow(alpha / 2.0).mean(dim=(-2, -1))  # [B, T]
-    return _reduce(fid, _diversity(x, alpha), weights)
+    return fid, _diversity(x, alpha)
+
+
+def posterior_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, n_targets: int,
+                          alpha: float = 1.0, weights: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> EnergyLoss:
+    """``energy_score_loss`` with M posterior targets per position (``posterior_energy_terms``);
+    samples [B, T, N, l], mu / log_sigma [B, T, l], weights [B, T] (optional)."""
+    fid, div = posterior_energy_terms(samples, mu, log_sigma, n_targets, alpha, generator)
+    return _reduce(fid, div, weights)
+
+
+def energy_loss_flops_per_position(n_samples: int, n_targets: int, latent_dim: int) -> float:
+    """Training FLOPs of the loss's matmuls per position (forward 2x multiply-adds; backward again
+    for the samples' gradient, none for the targets): the N x M cross term and the N x N diversity."""
+    N, M, l = n_samples, n_targets, latent_dim
+    return 2.0 * (2 * N * M * l + 2 * N * N * l)  # [forward + backward] x (cross + self distances)

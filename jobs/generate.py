@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate text with a trained CALM run: RUN/calm and the AE it was trained on (checked by hash).
-One Transformer step per chunk of K tokens; temperature < 1 uses the likelihood-free batch
-approximation of CALM.md section 4 (--candidates head samples per step).
+One Transformer step per chunk of K tokens; temperature < 1 is likelihood-free (CALM.md section 4):
+the batch approximation over --candidates head samples per step (default, fast), or --sampler exact
+(law P^(1/T), at most --max-draws draws per step before it falls back to the batch approximation).
 
     python jobs/generate.py --run runs/demo --prompt "ROMEO:" --chunks 24 --temperature 0.5
 """
@@ -20,23 +21,31 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.5, help="in (0, 1]; 1 = one head sample per step "
                    "(default 0.5, the paper's advice for fluent text)")
     p.add_argument("--candidates", type=int, default=200, help="head samples per step when temperature < 1 (default 200)")
+    p.add_argument("--sampler", choices=("batch", "exact"), default="batch",
+                   help="temperature < 1: batch approximation (default) or the exact sampler")
+    p.add_argument("--max-draws", type=int, default=2000, help="exact sampler: draws per step before the "
+                   "batch-approximation fallback (default 2000; fallbacks are reported)")
     p.add_argument("--samples", type=int, default=1, help="independent completions to print (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop", action="store_true", help="keep generating past end-of-text (a new line per document)")
     args, _, run = parse(p, argv)
     if not 0.0 < args.temperature <= 1.0:
         raise ConfigError(f"--temperature must be in (0, 1], got {args.temperature}")
-    for name in ("chunks", "candidates", "samples"):
+    for name in ("chunks", "candidates", "samples", "max_draws"):
         if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from pipelines.generation import Generator
 
     gen = Generator.from_run(run, args.ae)
     for i in range(args.samples):
         out = gen.complete(args.prompt, args.chunks, args.temperature, args.candidates, args.seed + i,
-                           stop_at_end=not args.no_stop)
+                           stop_at_end=not args.no_stop, sampler=args.sampler, max_draws=args.max_draws)
         print(f"--- sample {i + 1} ({out['tokens']} tokens in {out['steps']} steps, {out['seconds']:.2f}s"
               f"{', stopped at end-of-text' if out['ended'] and not args.no_stop else ''}; prompt used: {out['prompt_used']!r})")
+        if out["exact"]:
+            e = out["exact"]
+            print(f"exact sampler: {e['draws']:,} draws for {e['rows']} chunks, {e['fallbacks']} fell back to the "
+                  f"batch approximation after --max-draws {args.max_draws}")
         if out["warning"]:
             print(f"warning: {out['warning']}")
         print(out["prompt_used"] + out["completion"], flush=True)

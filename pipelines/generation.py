@@ -14,7 +14,9 @@ import torch
 
 from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
 from calm_core.calm_model import CALM
+from calm_core import rng
 from calm_core.generate import generate, prompt_chunks
+from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
 from pipelines import latents as LT
 from pipelines.stage2 import load_stage2_dir
@@ -37,9 +39,11 @@ class Generator:
         return cls(model.eval(), ae.eval(), tok)
 
     def complete(self, prompt: str, chunks: int = 16, temperature: float = 1.0, candidates: int = 200,
-                 seed: int = 0, stop_at_end: bool = True) -> dict:
+                 seed: int = 0, stop_at_end: bool = True, sampler: str = "batch", max_draws: int = 2000) -> dict:
         """Continue ``prompt`` by ``chunks`` chunks (K tokens each). The text stops at the first
-        end-of-text, or (``stop_at_end=False``) shows every document break as a new line."""
+        end-of-text, or (``stop_at_end=False``) shows every document break as a new line. Sampling
+        stays on the model's device (a generator seeded with ``seed`` there); ``sampler`` "exact"
+        reports its draws and attempt-cap fallbacks under "exact"."""
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         tok, K, L = self.tok, self.model.K, self.model.mcfg.block_chunks
@@ -52,9 +56,11 @@ class Generator:
                        f"(model.block_chunks); positions beyond it are extrapolated")
         elif len(ids) > room:
             warning = f"the prompt was cut to its last {room} tokens to fit the {L}-chunk trained context"
+        device = next(self.model.parameters()).device
+        stats = ExactStats()
         t0 = time.perf_counter()
-        out = generate(self.model, self.ae, context, chunks, temperature, candidates,
-                       torch.Generator().manual_seed(seed))[0].flatten().tolist()  # [chunks * K]
+        out = generate(self.model, self.ae, context.to(device), chunks, temperature, candidates,
+                       rng.generator_for(device, seed), sampler, max_draws, stats)[0].flatten().tolist()  # [chunks * K]
         seconds = time.perf_counter() - t0
         ended = tok.eot_id in out
         docs = [[]]  # the generated ids split at end-of-text
@@ -70,4 +76,5 @@ class Generator:
         text = "\n".join(tok.decode(d) for d in docs)
         generated = len(docs[0]) if stop_at_end else len(out)
         return {"prompt_used": tok.decode(kept), "completion": text, "tokens": generated,
-                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds, "warning": warning}
+                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds, "warning": warning,
+                "exact": vars(stats) if sampler == "exact" and temperature < 1.0 else None}

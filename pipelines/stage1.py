@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import (ChunkAutoencoder, active_dims, load_autoencoder_dir,
-                                   reconstruction_metrics)
+from calm_core.autoencoder import (ChunkAutoencoder, active_dims, autoencoder_train_flops_per_token,
+                                   load_autoencoder_dir, reconstruction_metrics)
 from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
@@ -77,6 +77,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, config=tc.deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, precision)
     )
+    tc.compile_step(engine, d)
 
     # held-out chunks: rank r takes rows r, r + world, ... (equal counts: collectives line up)
     val_all = torch.as_tensor(np.asarray(loop["val_tokens"], dtype=np.int64))
@@ -122,7 +123,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         boundary = step % t.log_every == 0 or step == t.max_steps
         if boundary:
             model_now = tc.eval_model(engine, d.zero_stage, build, device)
-            val_m = _val_metrics(model_now, val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
+            with tc.eager(d):
+                val_m = _val_metrics(model_now, val, cfg, tok.pad_id, t.batch_size, device, seed=t.seed)
             record = {"step": step, **last, **val_m, "tokens_per_s": thr.rate(),
                       "elapsed_s": time.perf_counter() - t_start}
             if log is not None:
@@ -247,11 +249,16 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
 
 
 def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_info: dict, identity: dict) -> dict:
+    with torch.device("meta"):  # shapes only
+        fpt = autoencoder_train_flops_per_token(ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id))
     manifest, uri = tc.publish_trained(
         run, "ae", "ae", result, cfg.to_yaml(), tok,
         inputs={"tokenizer_sha256": tok.sha256, "corpus": corpus_info, "config_sha256": cfg.section_hash()},
         load_model=lambda d: load_autoencoder_dir(d, verify=False)[0],
-        extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim, "identity": identity},
+        extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim, "identity": identity,
+               "flops_per_token": fpt,  # stage-1 training FLOPs per token (autoencoder_train_flops_per_token)
+               "train_flops": fpt * result.metrics.get("step", 0) * cfg.stage1.batch_size * cfg.ae.K
+               * result.metrics.get("num_workers", cfg.distributed.num_workers)},
     )
     final = manifest["metrics"]
     tc.progress(f"[stage1] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, "

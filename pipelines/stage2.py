@@ -87,6 +87,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt,
         config=tc.deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, tc.resolve_precision(d)))
+    tc.compile_step(engine, d)
 
     nv = (len(loop["val"]["tokens"]) // world) * world
     val = {k: torch.as_tensor(np.asarray(v, dtype=np.int64 if k == "tokens" else np.float32))[:nv][rank::world]
@@ -129,8 +130,9 @@ def train_loop(loop: dict[str, Any]) -> None:
 
         if step % t.log_every == 0 or step == t.max_steps:
             m = tc.eval_model(engine, d.zero_stage, lambda: build_model(kind, cfg, tok.vocab_size), device)
-            sums = (calm_heldout(m, ae, val, t.batch_size, t.brier_samples, t.seed) if kind == "calm"
-                    else baseline_heldout(m, val, t.batch_size, K, t.brier_samples, t.seed, tok.pad_id))
+            with tc.eager(d):
+                sums = (calm_heldout(m, ae, val, t.batch_size, t.brier_samples, t.seed) if kind == "calm"
+                        else baseline_heldout(m, val, t.batch_size, K, t.brier_samples, t.seed, tok.pad_id))
             rec = {"step": step, **last, **heldout_record(kind, tc.all_reduce_sum(sums, device)),
                    "tokens_per_s": thr.rate(), "tokens_seen": tokens_seen,
                    "train_flops": tokens_seen * fpt, "elapsed_s": time.perf_counter() - t_start}

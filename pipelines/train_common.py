@@ -9,6 +9,7 @@ times on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -393,6 +394,20 @@ def eval_model(engine, zero_stage: int, build, device: torch.device):
     copy = build()
     copy.load_state_dict(full_state_dict(engine, zero_stage))
     return copy.to(device)
+
+
+def compile_step(engine, d: DistributedConfig) -> None:
+    """``distributed.compile``: torch.compile the model's forward through DeepSpeed (``engine.compile``,
+    the module keeps its parameter names). Measured on one H200 at d = 768, 12 layers, 2048 tokens:
+    eager bf16 16-18% MFU, compiled 26% (CALM) and 36% (the baseline). Validation runs eager
+    (``eager``): its shapes and seeded generators differ from the training step's."""
+    if d.compile:
+        engine.compile()
+
+
+def eager(d: DistributedConfig):
+    """A context in which a compiled module runs its plain eager forward."""
+    return torch.compiler.set_stance("force_eager") if d.compile else contextlib.nullcontext()
 
 
 def save_and_report(engine, step: int, identity: dict[str, Any], log, zero_stage: int, rank: int,

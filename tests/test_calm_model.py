@@ -7,7 +7,7 @@ from calm_core.baseline import TokenLM, baseline_train_flops_per_token
 from calm_core.brierlm import brier1_exact, brier_two_sample
 from calm_core.calm_model import CALM, calm_train_flops_per_token
 from calm_core.config import AEConfig, HeadConfig, ModelConfig
-from calm_core.energy import energy_score_loss, posterior_energy_loss
+from calm_core.energy import energy_score_loss, posterior_energy_loss, posterior_energy_terms
 from calm_core.transformer import Backbone, apply_rope, rope_tables
 
 V, K, LAT = 20, 2, 8
@@ -25,11 +25,26 @@ def test_posterior_energy_loss_equals_the_loss_on_explicit_targets():
     x = torch.randn(B, T, N, LAT, generator=g)
     mu, ls = torch.randn(B, T, LAT, generator=g), 0.3 * torch.randn(B, T, LAT, generator=g)
     fast = posterior_energy_loss(x, mu, ls, M, generator=torch.Generator().manual_seed(7))
-    eps = torch.randn(B, 1, M, LAT, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(B, T, M, LAT, generator=torch.Generator().manual_seed(7))
     targets = mu.unsqueeze(-2) + ls.exp().unsqueeze(-2) * eps  # [B, T, M, l]
     ref = energy_score_loss(x, targets)
     torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.fidelity, ref.fidelity, rtol=1e-4, atol=1e-4)
+
+
+def test_posterior_targets_are_independent_per_position():
+    """Same samples and posterior at every position: with targets drawn per position the
+    per-position fidelity varies like independent draws; a draw shared by the positions of a
+    sequence would make it identical along the sequence."""
+    B, T, N, M = 2, 64, 4, 8
+    x = torch.randn(1, 1, N, LAT, generator=torch.Generator().manual_seed(0)).expand(B, T, N, LAT)
+    mu, ls = torch.zeros(B, T, LAT), torch.zeros(B, T, LAT)
+    fid, _ = posterior_energy_terms(x, mu, ls, M, generator=torch.Generator().manual_seed(1))  # [B, T]
+    assert fid.shape == (B, T)
+    assert len(torch.unique(fid)) == B * T  # every position its own targets
+    # consecutive positions are uncorrelated (a shared or smoothly varying draw would not be)
+    a, b = fid[:, :-1].flatten(), fid[:, 1:].flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.3
 
 
 def test_rope_scores_depend_on_relative_position_only():
@@ -217,3 +232,35 @@ def test_encoder_flops_match_a_flop_counter():
     with FlopCounterMode(display=False) as fc:
         ae.encode(torch.randint(0, V, (10, 4)))
     assert encoder_flops_per_token(ae) == pytest.approx(fc.get_total_flops() / 40, rel=1e-6)
+
+
+def test_autoencoder_training_flops_match_a_flop_counter():
+    """Stage-1 training FLOPs per token = 3 x the forward FLOPs of encode + decode (the counter's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calm_core.autoencoder import ChunkAutoencoder, autoencoder_train_flops_per_token
+
+    ae = ChunkAutoencoder(AEConfig(K=4, latent_dim=8, d_model=32, ffn_dim=64), V, V - 1, V - 2)
+    with FlopCounterMode(display=False) as fc:
+        ae.decode(ae.encode(torch.randint(0, V, (10, 4)))[0])
+    assert autoencoder_train_flops_per_token(ae) == pytest.approx(3 * fc.get_total_flops() / 40, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["paper", "adanorm"])
+def test_training_forward_compiles_to_one_graph_and_matches_eager(arch):
+    """distributed.compile: the training step's forward has no graph break (fullgraph) and, with the
+    same global seed, the compiled loss equals the eager one (aot_eager: the traced graph, no C++)."""
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6)
+    torch.manual_seed(0)
+    model = CALM(m, HeadConfig(arch=arch, n_targets=16), AEConfig(K=4, latent_dim=LAT), V)
+    tok, mu, ls = torch.randint(0, V, (2, 6, 4)), torch.randn(2, 6, LAT), -torch.ones(2, 6, LAT)
+    torch.manual_seed(1)
+    eager = model(tok, mu, ls).loss
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    loss = compiled(tok, mu, ls).loss
+    torch.testing.assert_close(loss, eager)
+    loss.backward()
+    lm = TokenLM(m, V, 4)
+    seq = torch.randint(0, V, (2, 12))
+    torch.testing.assert_close(torch.compile(lm, backend="aot_eager", fullgraph=True)(seq), lm(seq))

@@ -43,7 +43,7 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
     assert m2["metrics"]["train_flops"] == pytest.approx(m2["flops_per_token"] * m2["metrics"]["tokens_seen"])
     parts = m2["flops_per_token_by_part"]
     assert parts["total"] == pytest.approx(m2["flops_per_token"]) and parts["encoder_forward_once"] > 0
-    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"])
+    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"] + parts["loss"])
     assert m2["metrics"]["tokens_seen"] == 6 * 2 * 4 * 8 * 4  # steps x workers x batch x L x K
 
     ae_sha = m2["inputs"]["ae_sha256"]
@@ -71,6 +71,9 @@ def test_calm_two_workers_checkpoint_resume_and_baseline(ray_session, tiny_corpu
     long = gen.complete("the cat sat " * 50, chunks=3, temperature=1.0)
     assert "cut to its last 16 tokens" in long["warning"] and long["steps"] == 3  # (L=8 - 3 - 1) chunks of 4
     assert "exceed the 8-chunk context" in gen.complete("", chunks=9, temperature=1.0, stop_at_end=False)["warning"]
+    exact = gen.complete("the cat", chunks=3, temperature=0.5, sampler="exact", max_draws=64, candidates=8)
+    assert exact["exact"]["rows"] == 3 and exact["exact"]["draws"] >= 3 * 2  # two agreeing draws per chunk at least
+    assert exact["exact"]["fallbacks"] <= 3 and exact["steps"] == 3
     other = tmp_path / "other_ae"
     make_ae(other, tiny_corpus.read_text(), seed=5)
     with pytest.raises(ArtifactError, match="another autoencoder"):
