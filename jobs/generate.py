@@ -27,6 +27,7 @@ def main(argv=None):
                    "batch-approximation fallback (default 2000; fallbacks are reported)")
     p.add_argument("--samples", type=int, default=1, help="independent completions to print (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-stop", action="store_true", help="keep generating past end-of-text (a new line per document)")
     args, _, run = parse(p, argv)
     if not 0.0 < args.temperature <= 1.0:
@@ -34,9 +35,18 @@ def main(argv=None):
     for name in ("chunks", "candidates", "samples", "max_draws"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    import torch
+
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu or auto")
     from pipelines.generation import Generator
 
-    gen = Generator.from_run(run, args.ae)
+    gen = Generator.from_run(run, args.ae, args.device)
     for i in range(args.samples):
         out = gen.complete(args.prompt, args.chunks, args.temperature, args.candidates, args.seed + i,
                            stop_at_end=not args.no_stop, sampler=args.sampler, max_draws=args.max_draws)

@@ -30,13 +30,16 @@ class Generator:
     tok: CalmTokenizer
 
     @classmethod
-    def from_run(cls, run: RunDir, ae_path: str | None = None) -> "Generator":
-        """Load RUN/calm and its AE (RUN/ae or ``ae_path``), checking the AE's hash."""
+    def from_run(cls, run: RunDir, ae_path: str | None = None, device: str = "cpu") -> "Generator":
+        """Load RUN/calm and its AE (RUN/ae or ``ae_path``), checking the AE's hash, onto ``device``
+        ("auto": a GPU when there is one)."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
         ae, _, _, ae_manifest = load_autoencoder_dir(ae_dir)
         ident = LT.ae_identity(ae_dir, ae_manifest)
         model, _, tok, _ = load_stage2_dir(run.local_artifact("calm"), "calm", expected_ae_sha256=ident["ae_sha256"])
-        return cls(model.eval(), ae.eval(), tok)
+        return cls(model.to(device).eval(), ae.to(device).eval(), tok)
 
     def complete(self, prompt: str, chunks: int = 16, temperature: float = 1.0, candidates: int = 200,
                  seed: int = 0, stop_at_end: bool = True, sampler: str = "batch", max_draws: int = 2000) -> dict:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +85,6 @@ def test_generate_bad_inputs_are_one_line_errors(tmp_path):
     _one_line_error(_job(["--run", str(tmp_path / "none")], script="generate.py"), "does not exist", "ae")
     _one_line_error(_job(["--run", str(tmp_path), "--temperature", "2"], script="generate.py"), "--temperature")
     _one_line_error(_job(["--run", str(tmp_path), "--chunks", "0"], script="generate.py"), "--chunks")
+    _one_line_error(_job(["--run", str(tmp_path), "--device", "warp9"], script="generate.py"), "--device")
+    if not torch.cuda.is_available():
+        _one_line_error(_job(["--run", str(tmp_path), "--device", "cuda"], script="generate.py"), "no CUDA GPU")
