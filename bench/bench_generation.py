@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from calm_core.generate import generate, prompt_chunks  # noqa: E402
+from calm_core.temperature import ExactStats  # noqa: E402
 
 
 def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--max-draws", type=int, default=2000, help="the exact sampler's cap per step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="bench/results/generation.json")
@@ -85,10 +87,14 @@ def main() -> None:
         ids = torch.tensor(prompts)  # [B, T]
         ctx = torch.cat([prompt_chunks(p, K, tok.eot_id, tok.pad_id)[0] for p in prompts])  # [B, 1 + T/K, K]
         g = torch.Generator().manual_seed(0)
+        exact = ExactStats()
         cases = {
             "CALM, T=1": lambda: generate(gen.model, gen.ae, ctx, chunks, 1.0, generator=g),
             f"CALM, T={args.temperature} ({args.candidates} candidates)":
                 lambda: generate(gen.model, gen.ae, ctx, chunks, args.temperature, args.candidates, g),
+            f"CALM, T={args.temperature} (exact sampler)":
+                lambda: generate(gen.model, gen.ae, ctx, chunks, args.temperature, args.candidates, g, "exact",
+                                 args.max_draws, exact),
             "baseline, T=1": lambda: lm.generate(ids, chunks * K, 1.0, generator=g),
         }
         for name, fn in cases.items():
@@ -96,6 +102,8 @@ def main() -> None:
             steps = chunks if name.startswith("CALM") else chunks * K
             rows.append({"batch": B, "model": name, "seconds": s, "steps": steps,
                          "tokens_per_s": B * chunks * K / s, "ms_per_step": 1000 * s / steps})
+            if "exact" in name:  # over the warm-up and the repeats
+                rows[-1].update(draws_per_chunk=exact.draws / exact.rows, fallback_share=exact.fallbacks / exact.rows)
             print(f"[bench] batch {B} {name}: {B * chunks * K / s:,.0f} tokens/s", flush=True)
 
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {args.threads} threads, Python "
@@ -104,12 +112,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"\ngeneration, {chunks * K} new tokens after {args.prompt_tokens}-token prompts, K={K}, {res['machine']}")
-    print("| batch | model | steps | ms / step | tokens/s | vs baseline |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| batch | model | steps | ms / step | tokens/s | vs baseline | exact: draws per chunk, fallbacks |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         base = next(x for x in rows if x["batch"] == r["batch"] and x["model"].startswith("baseline"))
         print(f"| {r['batch']} | {r['model']} | {r['steps']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              + (f"{r['draws_per_chunk']:.0f}, {100 * r['fallback_share']:.1f}% |" if "draws_per_chunk" in r else "- |"))
     print(f"\nwrote {args.out}")
 
 

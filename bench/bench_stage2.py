@@ -106,7 +106,7 @@ def report(res: dict) -> None:
               f"| {incl:.3g} | {e['val_loss']:.4f} | "
               + " | ".join(f"{e[f'val_brier{n}']:.4f}" for n in (1, 2, 3, 4))
               + f" | {e['val_brierlm']:.2f} | {e.get('val_sampled_brierlm', e['val_brierlm']):.2f}"
-              + f" | {e.get('val_brier1_exact', float('nan')):.4f} |")
+              + (f" | {e['val_brier1_exact']:.4f} |" if "val_brier1_exact" in e else " | - |"))
     if plain:
         print("\n| model | Ray Train + DeepSpeed step (s) | plain torch step (s) | ratio |")
         print("| --- | ---: | ---: | ---: |")
@@ -200,14 +200,17 @@ def main() -> None:
 
     out = Path(args.out)
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
-           "corpus": args.corpus, "config": args.config, "overrides": args.overrides, "L": L, "K": K, "results": [],
+           "corpus": lman.get("inputs", {}).get("corpus", {}).get("spec", args.corpus), "config": args.config, "overrides": args.overrides, "L": L, "K": K, "results": [],
            "brier_samples": args.brier_samples, "ae_cost": ae_cost(ae_dir, ae_model, train_chunks),
            "train_chunks": train_chunks}
     if out.exists():
         old = json.loads(out.read_text())
-        if (old.get("config"), old.get("corpus"), old.get("overrides", [])) == (args.config, args.corpus, args.overrides):
-            res["results"] = old["results"]
-            print(f"[bench] {out}: keeping {len(old['results'])} finished runs", flush=True)
+        mine, theirs = (res["config"], res["corpus"], args.overrides), (old.get("config"), old.get("corpus"), old.get("overrides", []))
+        if mine != theirs:
+            raise SystemExit(f"{out} holds results of another setup (config, corpus, overrides {theirs}, not {mine}); "
+                             "give another --out")
+        res["results"] = old["results"]
+        print(f"[bench] {out}: keeping {len(old['results'])} finished runs", flush=True)
     done = {(r["budget"], r.get("name", r["kind"])) for r in res["results"]}
 
     models = [("calm", "stage2", name, ov) for name, ov in parse_variants(args.variants)]
