@@ -119,20 +119,14 @@ def report(res: dict) -> None:
         print(f"- {r.get('name', r['kind'])} ({r['budget']:.2g} budget): {pts}")
 
 
-def ae_cost(ae_dir: Path, ae_model, train_chunks: int) -> dict:
-    """The autoencoder's share: its stage-1 training FLOPs (from its manifest, or steps x batch x K x
-    workers x FLOPs per token for an AE published before the manifest recorded them) and the one-off
-    encoding of the training latents."""
-    from calm_core.autoencoder import autoencoder_train_flops_per_token, encoder_flops_per_token
-    from calm_core.config import config_from_yaml
+def ae_cost(ae_model, ae_cfg, ae_manifest: dict, train_chunks: int) -> dict:
+    """The autoencoder's share: its stage-1 training FLOPs (from its manifest; computed from its
+    metrics for an AE published before the manifest recorded them) and the one-off encoding of the
+    training latents."""
+    from calm_core.autoencoder import encoder_flops_per_token
+    from pipelines.stage1 import ae_train_flops
 
-    man = json.loads((ae_dir / "manifest.json").read_text())
-    train = man.get("train_flops")
-    if train is None:
-        c = config_from_yaml((ae_dir / "config.yaml").read_text())
-        m = man["metrics"]
-        train = (autoencoder_train_flops_per_token(ae_model) * m["step"] * c.stage1.batch_size * c.ae.K
-                 * m.get("num_workers", c.distributed.num_workers))
+    train = ae_manifest.get("train_flops") or ae_train_flops(ae_model, ae_cfg, ae_manifest["metrics"])
     tokens = train_chunks * ae_model.cfg.K
     return {"train_flops": float(train), "encode_flops": encoder_flops_per_token(ae_model) * tokens, "train_tokens": tokens}
 
@@ -201,7 +195,7 @@ def main() -> None:
     out = Path(args.out)
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
            "corpus": lman.get("inputs", {}).get("corpus", {}).get("spec", args.corpus), "config": args.config, "overrides": args.overrides, "L": L, "K": K, "results": [],
-           "brier_samples": args.brier_samples, "ae_cost": ae_cost(ae_dir, ae_model, train_chunks),
+           "brier_samples": args.brier_samples, "ae_cost": ae_cost(ae_model, ae_cfg, ae_manifest, train_chunks),
            "train_chunks": train_chunks}
     if out.exists():
         old = json.loads(out.read_text())
@@ -223,7 +217,8 @@ def main() -> None:
             vcfg = load_config(args.config, [*args.overrides, *var_ov])
             vcfg.ae = ae_cfg.ae
             t = getattr(vcfg, section)
-            fpt = flops_per_token(kind, build_model(kind, vcfg, tok.vocab_size))
+            with torch.device("meta"):  # shapes only
+                fpt = flops_per_token(kind, build_model(kind, vcfg, tok.vocab_size))
             tokens_per_step = t.batch_size * vcfg.distributed.num_workers * L * K
             steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
             ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",

@@ -41,7 +41,7 @@ from torch import nn
 
 from calm_core import rng
 from calm_core.config import AEConfig
-from calm_core.layers import ResidualMLPBlock, RMSNorm, init_weights
+from calm_core.layers import ResidualMLPBlock, RMSNorm, init_weights, matmul_weights
 
 # log sigma is clamped to this range: exp(2 * 5) ~ 2e4 keeps sigma^2 (and the KL) finite in fp32 and
 # bf16, exp(-10) ~ 4.5e-5 keeps 2 log sigma away from -inf. The clamp is straight-through (the
@@ -157,23 +157,19 @@ class ChunkAutoencoder(nn.Module):
 # ---------------------------------------------------------------------------- evaluation helpers
 
 
-def _matmul_weights(module: nn.Module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 2)
-
-
 def encoder_flops_per_token(model: ChunkAutoencoder) -> float:
     """Forward FLOPs of the frozen encoder per token (what precomputing the latents costs once):
     2 * (per-token weights (enc_tok) + per-chunk weights (enc_compress, enc_lat, enc_out) / K)."""
-    per_chunk = sum(_matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out))
-    return 2.0 * (_matmul_weights(model.enc_tok) + per_chunk / model.cfg.K)
+    per_chunk = sum(matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out))
+    return 2.0 * (matmul_weights(model.enc_tok) + per_chunk / model.cfg.K)
 
 
 def autoencoder_train_flops_per_token(model: ChunkAutoencoder) -> float:
     """Stage-1 training FLOPs per token (forward + backward = 6 x weights touched): the encoder's and
     the decoder's per-token weights, their per-chunk weights / K, and the tied vocabulary projection
     (V x d per token; the embedding lookup is free)."""
-    per_token = sum(_matmul_weights(m) for m in (model.enc_tok, model.dec_tok)) + model.embed.weight.numel()
-    per_chunk = sum(_matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out,
+    per_token = sum(matmul_weights(m) for m in (model.enc_tok, model.dec_tok)) + model.embed.weight.numel()
+    per_chunk = sum(matmul_weights(m) for m in (model.enc_compress, model.enc_lat, model.enc_out,
                                                  model.dec_in, model.dec_lat, model.dec_expand))
     return 6.0 * (per_token + per_chunk / model.cfg.K)
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calm_core.config import AEConfig, HeadConfig, ModelConfig
 from calm_core import rng
+from calm_core.config import AEConfig, HeadConfig, ModelConfig
 from calm_core.energy import energy_loss_flops_per_position, posterior_energy_loss
 from calm_core.heads import EnergyHead, QuadraticHead, build_energy_head, head_forward_weights, quadratic_loss
-from calm_core.layers import init_weights
+from calm_core.layers import init_weights, matmul_weights
 from calm_core.transformer import Backbone, backbone_flops_per_position
 
 
@@ -117,11 +117,10 @@ def calm_train_flops_per_token(model: CALM) -> dict[str, float]:
         encoder   : counted separately (precomputed once: 2 * encoder weights / K per token, forward)
     """
     m, K = model.mcfg, model.K
-    linear = lambda mod: sum(p.numel() for n, p in mod.named_parameters() if n.endswith("weight") and p.dim() == 2)  # noqa: E731
     backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks - 1) / K
     inp = 0.0
     if model.token_in is not None:
-        inp += 6.0 * linear(model.token_in.mlp) / K
+        inp += 6.0 * matmul_weights(model.token_in.mlp) / K
     if model.latent_in is not None:
         inp += 6.0 * model.latent_in.weight.numel() / K
     n = model.hcfg.n_samples

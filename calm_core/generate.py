@@ -22,8 +22,6 @@ from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.calm_model import CALM
 from calm_core.temperature import ExactStats, exact_pick, pick_by_counts
 
-__all__ = ["generate", "next_chunks", "pick_by_counts", "prompt_chunks"]
-
 
 def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int) -> tuple[torch.Tensor, list[int]]:
     """Prompt token ids -> (chunks [1, T, K] starting with a boundary chunk, the ids kept)."""
@@ -49,10 +47,11 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
     def draw(rows: torch.Tensor, n: int) -> torch.Tensor:  # [b] -> [b, n, K]
         return decode_tokens(ae, model.sample(h[rows], n, generator=generator))
 
+    every = torch.arange(h.shape[0], device=h.device)
     if temperature == 1.0:
-        return draw(torch.arange(h.shape[0], device=h.device), 1)[:, 0]
+        return draw(every, 1)[:, 0]
     if sampler == "batch":
-        return pick_by_counts(draw(torch.arange(h.shape[0], device=h.device), candidates), temperature, generator)
+        return pick_by_counts(draw(every, candidates), temperature, generator)
     chunks, st = exact_pick(draw, h.shape[0], temperature, h.device, max_draws, candidates=candidates,
                             generator=generator)
     if stats is not None:

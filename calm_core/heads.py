@@ -41,11 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_core import rng
-from calm_core.layers import RMSNorm, SwiGLU, init_weights
-
-
-def _linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+from calm_core.layers import RMSNorm, SwiGLU, init_weights, matmul_weights
 
 
 def _noise(h: torch.Tensor, n_samples: int, noise_dim: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -177,11 +173,9 @@ def build_energy_head(arch: str, d: int, latent_dim: int, ffn: int, blocks: int,
 
 def head_forward_weights(head: nn.Module, n_samples: int) -> float:
     """Weights a forward pass multiplies per position with N samples (2x this = forward FLOPs):
-    the per-position ones once, the rest N times."""
-    if isinstance(head, QuadraticHead):
-        return float(head.proj.weight.numel())
+    the per-position ones (``per_position_weights``) once, the rest N times."""
     once = head.per_position_weights()
-    return float(once + n_samples * (_linear_weights(head) - once))
+    return float(once + n_samples * (matmul_weights(head) - once))
 
 
 # ----------------------------------------------------------------------------- the quadratic ablation
@@ -199,6 +193,10 @@ class QuadraticHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [.., d] -> [.., l]
         return self.proj(h)
+
+    def per_position_weights(self) -> int:
+        """All of them: the point prediction is made once per position (its samples are noise)."""
+        return self.proj.weight.numel()
 
     @torch.no_grad()
     def fit_spread(self, expected_energy: torch.Tensor, latent_dim: int) -> None:

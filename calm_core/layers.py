@@ -58,6 +58,11 @@ class ResidualMLPBlock(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
+def matmul_weights(module: nn.Module) -> int:
+    """Entries of the module's 2-D weight matrices: the multiply-adds one input row costs (FLOP counts)."""
+    return sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 2)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """N(0, std^2) for every linear and embedding weight, zeros for biases; RMSNorm gains stay 1."""
     for m in module.modules():

@@ -91,11 +91,10 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
     a = s - n if s - n > 1e-9 else 0.0
     per_call = 1 if (n, a) == (1, 0.0) else max(n, batch - batch % n)  # whole stage-1 attempts per call
     rows = torch.arange(B, device=device)
-    result = torch.full((B, 0), 0, dtype=torch.long, device=device)  # shaped once the first draw says K
+    result = cand = None  # [B, K] each, made once the first draw says K; cand: x* of the rows in stage 2
     done = torch.zeros(B, dtype=torch.bool, device=device)
     factory = torch.zeros(B, dtype=torch.bool, device=device)  # in stage 2
     i = torch.ones(B, dtype=torch.float64, device=device)  # factory draw index
-    cand = None  # [B, K]: x* of the rows in stage 2
     used = torch.zeros(B, dtype=torch.long, device=device)
     stats = ExactStats(rows=B)
     while True:
@@ -103,7 +102,7 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
         if len(active) == 0:
             break
         x = draw(active, per_call)  # [b, D, K]
-        if result.shape[1] == 0:
+        if result is None:
             result = torch.zeros(B, x.shape[-1], dtype=x.dtype, device=device)
             cand = torch.zeros_like(result)
         used[active] += per_call

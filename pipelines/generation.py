@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from calm_core import rng
 from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
 from calm_core.calm_model import CALM
-from calm_core import rng
 from calm_core.generate import generate, prompt_chunks
 from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer

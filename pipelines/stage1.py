@@ -248,17 +248,22 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
     return _publish_ae(cfg, run, tok, result, corpus_info, identity)
 
 
+def ae_train_flops(model: ChunkAutoencoder, cfg: Config, metrics: dict[str, Any]) -> float:
+    """Stage-1 training FLOPs of a run: FLOPs per token x steps x batch x K x workers."""
+    return (autoencoder_train_flops_per_token(model) * metrics.get("step", 0) * cfg.stage1.batch_size * cfg.ae.K
+            * metrics.get("num_workers", cfg.distributed.num_workers))
+
+
 def _publish_ae(cfg: Config, run: RunDir, tok: CalmTokenizer, result, corpus_info: dict, identity: dict) -> dict:
     with torch.device("meta"):  # shapes only
-        fpt = autoencoder_train_flops_per_token(ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id))
+        shapes = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
     manifest, uri = tc.publish_trained(
         run, "ae", "ae", result, cfg.to_yaml(), tok,
         inputs={"tokenizer_sha256": tok.sha256, "corpus": corpus_info, "config_sha256": cfg.section_hash()},
         load_model=lambda d: load_autoencoder_dir(d, verify=False)[0],
         extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim, "identity": identity,
-               "flops_per_token": fpt,  # stage-1 training FLOPs per token (autoencoder_train_flops_per_token)
-               "train_flops": fpt * result.metrics.get("step", 0) * cfg.stage1.batch_size * cfg.ae.K
-               * result.metrics.get("num_workers", cfg.distributed.num_workers)},
+               "flops_per_token": autoencoder_train_flops_per_token(shapes),  # stage-1 training, per token
+               "train_flops": ae_train_flops(shapes, cfg, result.metrics)},
     )
     final = manifest["metrics"]
     tc.progress(f"[stage1] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, "

@@ -8,7 +8,8 @@ import torch
 from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.calm_model import CALM
 from calm_core.config import AEConfig, HeadConfig, ModelConfig
-from calm_core.generate import generate, next_chunks, pick_by_counts, prompt_chunks
+from calm_core.generate import generate, next_chunks, prompt_chunks
+from calm_core.temperature import pick_by_counts
 
 V, K, LAT = 20, 2, 8
 
