@@ -34,7 +34,7 @@ from calm_core.temperature import ExactStats  # noqa: E402
 
 def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
     """The first ``length`` tokens (a multiple of K) of the first n documents that long."""
-    from pipelines.ingest import split_text
+    from pipelines.data.ingest import split_text
 
     out = []
     for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/generation.json")
     args = ap.parse_args()
 
-    from pipelines.generation import Generator
-    from pipelines.stage2 import load_stage2_dir
+    from pipelines.serve.generation import Generator
+    from pipelines.train.stage2 import load_stage2_dir
     from pipelines.storage import RunDir
 
     torch.set_num_threads(args.threads)

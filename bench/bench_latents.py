@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipelines  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -32,18 +31,18 @@ import torch  # noqa: E402
 from calm_core.autoencoder import load_autoencoder_dir  # noqa: E402
 from calm_core.chunking import chunk_documents  # noqa: E402
 from calm_core.config import load_config  # noqa: E402
-from pipelines import latents as L  # noqa: E402
+from pipelines.data import latents as LT  # noqa: E402
 
 
 def plain_loop(ae_dir: Path, texts: list[str], batch: int, dtype: str, out: Path) -> dict:
     """One process, one thread: tokenise -> chunk -> encode (same batch size) -> Parquet."""
     torch.set_num_threads(1)
     model, cfg, tok, _ = load_autoencoder_dir(ae_dir)
-    schema = L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, dtype)
+    schema = LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, dtype)
     t0 = time.perf_counter()
     enc_s = 0.0
     rows = 0
-    writer = pq.ParquetWriter(out, schema, **L.PARQUET_OPTIONS)
+    writer = pq.ParquetWriter(out, schema, **LT.PARQUET_OPTIONS)
     for i in range(0, len(texts), 256):
         docs = texts[i : i + 256]
         chunks, doc_index, position = chunk_documents(tok.encode_batch(docs), cfg.ae.K, tok.eot_id, tok.pad_id)
@@ -54,7 +53,7 @@ def plain_loop(ae_dir: Path, texts: list[str], batch: int, dtype: str, out: Path
             with torch.inference_mode():
                 mu, ls = model.encode(torch.from_numpy(x.astype(np.int64)))
             enc_s += time.perf_counter() - te
-            writer.write_table(L.to_table(doc_ids[b : b + batch], position[b : b + batch], x, mu, ls, schema, dtype))
+            writer.write_table(LT.to_table(doc_ids[b : b + batch], position[b : b + batch], x, mu, ls, schema, dtype))
             rows += len(x)
     writer.close()
     dt = time.perf_counter() - t0
@@ -64,7 +63,7 @@ def plain_loop(ae_dir: Path, texts: list[str], batch: int, dtype: str, out: Path
 
 
 def ray_job(ae_dir: Path, corpus: str, overrides: list[str]) -> dict:
-    from pipelines.precompute import precompute_latents
+    from pipelines.data.precompute import precompute_latents
     from pipelines.storage import RunDir
 
     run_dir = Path(tempfile.mkdtemp(prefix="calm-bench-latents-"))
@@ -89,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     ae_dir = Path(args.ae)
 
-    from pipelines.ingest import iter_texts, load_corpus
+    from pipelines.data.ingest import iter_texts, load_corpus
     from pipelines.ray_env import init_ray
 
     cfg = load_config("small")

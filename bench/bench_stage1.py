@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipelines  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
     run_dir = args.run or tempfile.mkdtemp(prefix="calm-bench-stage1-")
 
     from pipelines.ray_env import init_ray
-    from pipelines.stage1 import run_stage1
+    from pipelines.train.stage1 import run_stage1
     from pipelines.storage import RunDir
 
     init_ray(cfg.ray)
@@ -95,7 +94,7 @@ def main() -> None:
 
     from calm_core.chunking import chunk_documents
     from calm_core.tokenizer import CalmTokenizer
-    from pipelines.ingest import load_corpus
+    from pipelines.data.ingest import load_corpus
 
     train_docs, _, _ = load_corpus(args.corpus, cfg.data)
     texts = [r["text"] for r in train_docs.limit(2000).take_all()]

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipelines  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +41,7 @@ from calm_core.optim import param_groups  # noqa: E402
 
 def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 0) -> dict:
     from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
-    from pipelines.stage2 import load_stage2_dir
+    from pipelines.train.stage2 import load_stage2_dir
 
     _, artifact = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}[kind]
     model, cfg, tok, _ = load_stage2_dir(Path(run.path(artifact)), kind)
@@ -58,7 +57,7 @@ def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 
 
 def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) -> float:
     """Seconds per step of the same model and global batch in one process (no Ray, no DeepSpeed)."""
-    from pipelines.stage2 import build_model
+    from pipelines.train.stage2 import build_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -124,7 +123,7 @@ def ae_cost(ae_model, ae_cfg, ae_manifest: dict, train_chunks: int) -> dict:
     metrics for an AE published before the manifest recorded them) and the one-off encoding of the
     training latents."""
     from calm_core.autoencoder import encoder_flops_per_token
-    from pipelines.stage1 import ae_train_flops
+    from pipelines.train.stage1 import ae_train_flops
 
     train = ae_manifest.get("train_flops") or ae_train_flops(ae_model, ae_cfg, ae_manifest["metrics"])
     tokens = train_chunks * ae_model.cfg.K
@@ -172,10 +171,10 @@ def main() -> None:
     if not args.run:
         ap.error("--run is required (a run directory holding RUN/ae)")
 
-    from pipelines import latents as LT
-    from pipelines.precompute import precompute_latents
+    from pipelines.data import latents as LT
+    from pipelines.data.precompute import precompute_latents
     from pipelines.ray_env import init_ray
-    from pipelines.stage2 import build_model, flops_per_token, held_out_blocks, run_stage2
+    from pipelines.train.stage2 import build_model, flops_per_token, held_out_blocks, run_stage2
     from pipelines.storage import RunDir
 
     base = load_config(args.config, args.overrides)

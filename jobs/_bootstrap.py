@@ -7,4 +7,3 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import pipelines  # noqa: E402,F401  (sets the Ray environment before anything imports ray)

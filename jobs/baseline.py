@@ -13,7 +13,7 @@ checkpoint; a finished run is left alone (raise baseline.max_steps to extend it)
 import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main
-from pipelines.stage2 import job
+from pipelines.train.stage2 import job
 
 if __name__ == "__main__":
     raise SystemExit(job_main(job("baseline", __doc__.split("\n\n")[0])))

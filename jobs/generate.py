@@ -44,7 +44,7 @@ def main(argv=None):
             raise ConfigError(f"--device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu or auto")
-    from pipelines.generation import Generator
+    from pipelines.serve.generation import Generator
 
     gen = Generator.from_run(run, args.ae, args.device)
     for i in range(args.samples):

@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--ae", default=None, help="the autoencoder artifact to use (default: RUN/ae)")
     args, cfg, run = parse(parser, argv)
     from calm_core.autoencoder import load_autoencoder_dir
-    from pipelines.precompute import precompute_latents
+    from pipelines.data.precompute import precompute_latents
 
     ae_dir = args.ae or str(run.local_artifact("ae"))  # a missing or damaged AE fails before Ray starts
     load_autoencoder_dir(ae_dir)

@@ -18,10 +18,10 @@ def main(argv=None):
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="", help="text the final sample continues (default: a new document)")
     args, cfg, run = parse(p, argv)
-    from pipelines.ae_report import ae_report
-    from pipelines.precompute import precompute_latents
-    from pipelines.stage1 import run_stage1
-    from pipelines.stage2 import run_stage2
+    from pipelines.eval.ae_report import ae_report
+    from pipelines.data.precompute import precompute_latents
+    from pipelines.train.stage1 import run_stage1
+    from pipelines.train.stage2 import run_stage2
 
     print(f"[run_all] run directory {run.uri()}, corpus {args.corpus}", flush=True)
     init_ray(cfg.ray)
@@ -31,7 +31,7 @@ def main(argv=None):
     m = run_stage2(cfg, run, "calm", overwrite=args.overwrite, replace_stale=True)["metrics"]
     briers = ", ".join(f"{m.get(k, float('nan')):.3f}" for k in ("val_brier1", "val_brier2", "val_brier3", "val_brier4"))
     print(f"[run_all] CALM held-out BrierLM {m.get('val_brierlm', float('nan')):.2f} (Brier-1..4 {briers})", flush=True)
-    from pipelines.generation import Generator
+    from pipelines.serve.generation import Generator
 
     gen = Generator.from_run(run)
     out = gen.complete(args.prompt, chunks=24, temperature=0.5, candidates=200, stop_at_end=False)

@@ -17,7 +17,7 @@ from pipelines.ray_env import init_ray
 
 def main(argv=None):
     args, cfg, run = parse(make_parser(__doc__.split("\n\n")[0]), argv)
-    from pipelines.stage1 import run_stage1
+    from pipelines.train.stage1 import run_stage1
 
     init_ray(cfg.ray)
     run_stage1(cfg, args.corpus, run, overwrite=args.overwrite)

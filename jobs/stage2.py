@@ -12,7 +12,7 @@ checkpoint; a finished run is left alone (raise stage2.max_steps to extend it).
 import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main
-from pipelines.stage2 import job
+from pipelines.train.stage2 import job
 
 if __name__ == "__main__":
     raise SystemExit(job_main(job("calm", __doc__.split("\n\n")[0])))

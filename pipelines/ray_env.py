@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pipelines  # noqa: F401  (sets RAY_AUTH_MODE etc. before ray is imported)
 from calm_core.config import RayConfig
 
 

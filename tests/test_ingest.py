@@ -13,8 +13,8 @@ import pytest
 
 from calm_core.config import DataConfig
 from calm_core.errors import DataError
-from pipelines import ingest
-from pipelines.ingest import CorpusStats, iter_texts, load_corpus, read_documents, resolve_corpus_files, split_of
+from pipelines.data import ingest
+from pipelines.data.ingest import CorpusStats, iter_texts, load_corpus, read_documents, resolve_corpus_files, split_of
 
 ALL_TRAIN = {"val_fraction": 0.0}
 NON_ASCII = "Café au lait, naïve façade — 日本語のテキスト, Ελληνικά, emoji 🙂"

@@ -17,8 +17,8 @@ from calm_core.checkpoint import save_weights, write_manifest
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError, DataError
 from calm_core.tokenizer import CalmTokenizer
-from pipelines import latents as L
-from pipelines.precompute import precompute_latents
+from pipelines.data import latents as LT
+from pipelines.data.precompute import precompute_latents
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -45,14 +45,14 @@ def cfg_for(*overrides):
 
 
 def read_rows(run: RunDir, manifest: dict, split: str):
-    files = L.part_files(run, manifest, split)
+    files = LT.part_files(run, manifest, split)
     tables = [pq.read_table(f) for f in files]
     return tables
 
 
 def content_hash(run: RunDir, manifest: dict) -> str:
     h = hashlib.sha256()
-    for split in L.SPLITS:
+    for split in LT.SPLITS:
         for t in read_rows(run, manifest, split):
             h.update("\n".join(t.column("doc_id").to_pylist()).encode())
             for name in ("position", "tokens", "mu", "log_sigma"):
@@ -75,18 +75,18 @@ def test_schema_metadata_and_stored_values_equal_the_encoder(ray_session, setup,
     m = precompute_latents(cfg_for(f"latents.dtype={dtype}"), str(corpus), run)
     assert m["identity"]["dtype"] == dtype and m["metrics"]["rows"] > 0
     assert len(m["parts"]["train"]) >= 2  # several shards (20 documents each)
-    expected_schema = L.latents_schema(4, 16, dtype)
+    expected_schema = LT.latents_schema(4, 16, dtype)
     n_rows = 0
-    for split in L.SPLITS:
+    for split in LT.SPLITS:
         for t in read_rows(run, m, split):
             assert t.schema.remove_metadata().equals(expected_schema.remove_metadata())
-            meta = json.loads(t.schema.metadata[L.META_KEY])
+            meta = json.loads(t.schema.metadata[LT.META_KEY])
             assert meta["ae_sha256"] == m["identity"]["ae_sha256"] and meta["K"] == 4 and meta["dtype"] == dtype
-            tokens = torch.from_numpy(L.column_matrix(t, "tokens").astype(np.int64))
+            tokens = torch.from_numpy(LT.column_matrix(t, "tokens").astype(np.int64))
             with torch.no_grad():
                 mu, log_sigma = model.encode(tokens)
-            got_mu = L.decode_floats(L.column_matrix(t, "mu"), dtype)
-            got_ls = L.decode_floats(L.column_matrix(t, "log_sigma"), dtype)
+            got_mu = LT.decode_floats(LT.column_matrix(t, "mu"), dtype)
+            got_ls = LT.decode_floats(LT.column_matrix(t, "log_sigma"), dtype)
             torch.testing.assert_close(got_mu, mu, rtol=tol, atol=tol)
             torch.testing.assert_close(got_ls, log_sigma, rtol=tol, atol=tol)
             # stream order: the chunks of a document are consecutive, positions 0, 1, 2, ...
@@ -102,14 +102,14 @@ def test_schema_metadata_and_stored_values_equal_the_encoder(ray_session, setup,
 
 def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
     from calm_core.chunking import chunk_documents
-    from pipelines.ingest import iter_texts, load_corpus
+    from pipelines.data.ingest import iter_texts, load_corpus
 
     run, model, tok, corpus = setup
     cfg = cfg_for()
     m = precompute_latents(cfg, str(corpus), run)
     train_docs, _, _ = load_corpus(str(corpus), cfg.data)
     want, _, _ = chunk_documents(tok.encode_batch(list(iter_texts(train_docs))), 4, tok.eot_id, tok.pad_id)
-    got = np.concatenate([L.column_matrix(t, "tokens") for t in read_rows(run, m, "train")])
+    got = np.concatenate([LT.column_matrix(t, "tokens") for t in read_rows(run, m, "train")])
     np.testing.assert_array_equal(got, want)
 
 
@@ -144,7 +144,7 @@ def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setu
     run, model, tok, corpus = setup
     cfg = cfg_for()
     m = precompute_latents(cfg, str(corpus), run)
-    mine = L.ae_identity(run.local_root / "ae", json.loads((run.local_root / "ae" / "manifest.json").read_text()))
+    mine = LT.ae_identity(run.local_root / "ae", json.loads((run.local_root / "ae" / "manifest.json").read_text()))
 
     with pytest.raises(ArtifactError, match="dtype"):
         precompute_latents(cfg_for("latents.dtype=float16"), str(corpus), run)
@@ -153,11 +153,11 @@ def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setu
     with pytest.raises(ArtifactError, match="ae_sha256"):
         precompute_latents(cfg, str(corpus), run, ae_path=str(other_dir))
 
-    ds, _ = L.read_latents(run, "train", expected=mine)
+    ds, _ = LT.read_latents(run, "train", expected=mine)
     assert ds.count() == m["metrics"]["rows_per_split"]["train"]
-    other = L.ae_identity(other_dir, json.loads((other_dir / "manifest.json").read_text()))
+    other = LT.ae_identity(other_dir, json.loads((other_dir / "manifest.json").read_text()))
     with pytest.raises(ArtifactError, match="ae_sha256"):
-        L.read_latents(run, "train", expected=other)
+        LT.read_latents(run, "train", expected=other)
 
     # --overwrite replaces them
     m2 = precompute_latents(cfg, str(corpus), run, ae_path=str(other_dir), overwrite=True)
@@ -172,26 +172,26 @@ def test_truncated_or_corrupted_part_is_detected(ray_session, setup):
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="corrupted"):
-        L.read_latents(run, "train")
+        LT.read_latents(run, "train")
     part.write_bytes(bytes(data[:-100]))
     with pytest.raises(ArtifactError, match="truncated"):
-        L.read_latents(run, "train")
+        LT.read_latents(run, "train")
     (run.local_root / "latents" / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="incomplete"):
-        L.read_latents(run, "train")
+        LT.read_latents(run, "train")
 
 
 def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
     run, model, tok, corpus = setup
     m = precompute_latents(cfg_for("latents.dtype=bfloat16"), str(corpus), run)
-    ds, _ = L.read_latents(run, "train")
-    blocks = L.latent_blocks(ds, m, L=8).take_all()
+    ds, _ = LT.read_latents(run, "train")
+    blocks = LT.latent_blocks(ds, m, L=8).take_all()
     assert blocks and all(b["tokens"].shape == (8, 4) and b["mu"].shape == (8, 16) for b in blocks)
     assert blocks[0]["mu"].dtype == np.float32
     # every block is 8 consecutive chunks of the stream (blocks may arrive in any order)
     tables = read_rows(run, m, "train")
-    stream = np.concatenate([L.column_matrix(t, "tokens") for t in tables])
-    mus = torch.cat([L.decode_floats(L.column_matrix(t, "mu"), "bfloat16") for t in tables]).numpy()
+    stream = np.concatenate([LT.column_matrix(t, "tokens") for t in tables])
+    mus = torch.cat([LT.decode_floats(LT.column_matrix(t, "mu"), "bfloat16") for t in tables]).numpy()
     for b in blocks:
         starts = [i for i in range(len(stream) - 7) if np.array_equal(stream[i : i + 8], b["tokens"])]
         assert starts, "a block is not a run of consecutive chunks"
@@ -208,4 +208,4 @@ def test_empty_corpus_and_missing_ae(ray_session, tmp_path, setup):
     with pytest.raises(ArtifactError, match="does not exist"):
         precompute_latents(cfg_for(), str(corpus), RunDir(str(tmp_path / "no_run")))
     with pytest.raises(ArtifactError, match="does not exist"):
-        L.read_latents(RunDir(str(tmp_path / "no_run")), "train")
+        LT.read_latents(RunDir(str(tmp_path / "no_run")), "train")

@@ -5,7 +5,7 @@ import pytest
 
 from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
-from pipelines.stage1 import run_stage1
+from pipelines.train.stage1 import run_stage1
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from calm_core.autoencoder import load_autoencoder_dir, reconstruct
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError, DataError
-from pipelines.stage1 import run_stage1
+from pipelines.train.stage1 import run_stage1
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow

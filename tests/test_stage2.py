@@ -12,9 +12,9 @@ import torch
 
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError
-from pipelines.generation import Generator
-from pipelines.precompute import precompute_latents
-from pipelines.stage2 import load_stage2_dir, run_stage2
+from pipelines.serve.generation import Generator
+from pipelines.data.precompute import precompute_latents
+from pipelines.train.stage2 import load_stage2_dir, run_stage2
 from pipelines.storage import RunDir
 from test_latents import make_ae
 

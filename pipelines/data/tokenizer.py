@@ -15,7 +15,7 @@ from calm_core.config import Config
 from calm_core.errors import ArtifactError
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.storage import RunDir
-from pipelines.train_common import progress
+from pipelines.progress import progress
 
 
 def load_run_tokenizer(run: RunDir) -> CalmTokenizer:
@@ -50,7 +50,7 @@ def ensure_tokenizer(cfg: Config, run: RunDir, train_docs=None, corpus_info: dic
     else:
         if train_docs is None:
             raise ArtifactError("no tokenizer in the run directory and no corpus to train one on")
-        from pipelines.ingest import iter_texts
+        from pipelines.data.ingest import iter_texts
 
         progress(f"[tokenizer] training byte-level BPE, vocab {tc.vocab_size}, "
                  f"on up to {tc.max_train_documents} training documents")

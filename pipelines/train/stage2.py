@@ -35,8 +35,8 @@ from calm_core.errors import ArtifactError, ConfigError, DataError
 from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
 from calm_core.optim import lr_at, param_groups
 from calm_core.tokenizer import CalmTokenizer
-from pipelines import latents as LT
-from pipelines import train_common as tc
+from pipelines.data import latents as LT
+from pipelines.train import common as tc
 from pipelines.storage import RunDir
 
 KINDS = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}  # kind -> (config section, artifact)

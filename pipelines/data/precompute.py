@@ -31,9 +31,9 @@ from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.checkpoint import code_version
 from calm_core.config import Config
 from calm_core.errors import ArtifactError
-from pipelines import latents as L
+from pipelines.data import latents as LT
 from pipelines.storage import RunDir
-from pipelines.train_common import progress
+from pipelines.progress import progress
 
 
 class EncodeChunks:
@@ -55,13 +55,13 @@ class EncodeChunks:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.dtype = dtype
-        self.schema = L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, dtype, schema_meta)
+        self.schema = LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, dtype, schema_meta)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         tokens = np.asarray(batch["tokens"])  # [B, K]
         with torch.inference_mode():
             mu, log_sigma = self.model.encode(torch.from_numpy(tokens.astype(np.int64)).to(self.device))  # [B, l]
-        return L.to_table(batch["doc_id"], batch["position"], tokens, mu, log_sigma, self.schema, self.dtype)
+        return LT.to_table(batch["doc_id"], batch["position"], tokens, mu, log_sigma, self.schema, self.dtype)
 
 
 def _ordered_names():
@@ -100,15 +100,15 @@ def _identity(cfg: Config, ae_ident: dict, stats, corpus: str) -> dict[str, Any]
 
 
 def _check_identity(run: RunDir, ident: dict[str, Any]) -> None:
-    path = (L.ARTIFACT, "_identity.json")
+    path = (LT.ARTIFACT, "_identity.json")
     if run.exists(*path):
         old = run.read_json(*path)
         if old != ident:
             keys = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            raise ArtifactError(f"'{run.uri(L.ARTIFACT)}' holds latents of another setup (differs in: "
+            raise ArtifactError(f"'{run.uri(LT.ARTIFACT)}' holds latents of another setup (differs in: "
                                 f"{', '.join(keys)}); pass --overwrite to replace them, or use another --run")
-    elif run.exists(L.ARTIFACT):
-        raise ArtifactError(f"'{run.uri(L.ARTIFACT)}' exists but has no identity record (not made by this "
+    elif run.exists(LT.ARTIFACT):
+        raise ArtifactError(f"'{run.uri(LT.ARTIFACT)}' exists but has no identity record (not made by this "
                             "pipeline, or from an older version); pass --overwrite to replace it")
     else:
         run.write_text(json.dumps(ident, indent=1, sort_keys=True), *path)
@@ -116,11 +116,11 @@ def _check_identity(run: RunDir, ident: dict[str, Any]) -> None:
 
 def _committed(run: RunDir, split: str, shard: int) -> dict[str, Any] | None:
     """The shard's commit record if it exists and its files are all there with their sizes."""
-    rec_path = (L.ARTIFACT, split, f"shard-{shard:05d}.json")
+    rec_path = (LT.ARTIFACT, split, f"shard-{shard:05d}.json")
     if not run.exists(*rec_path):
         return None
     rec = run.read_json(*rec_path)
-    sizes = dict(run.list_files(L.ARTIFACT, split, f"shard-{shard:05d}"))
+    sizes = dict(run.list_files(LT.ARTIFACT, split, f"shard-{shard:05d}"))
     if all(sizes.get(Path(p["path"]).name) == p["bytes"] for p in rec["parts"]):
         return rec
     progress(f"[latents] {split} shard {shard}: committed files are missing or changed; writing it again")
@@ -131,12 +131,12 @@ def _committed(run: RunDir, split: str, shard: int) -> dict[str, Any] | None:
 def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, blob: dict, meta: dict) -> dict:
     import ray.data
 
-    from pipelines.chunks import chunk_dataset
+    from pipelines.data.chunks import chunk_dataset
 
     lc = cfg.latents
-    folder = (L.ARTIFACT, split, f"shard-{shard:05d}")
+    folder = (LT.ARTIFACT, split, f"shard-{shard:05d}")
     run.delete(*folder)  # whatever an interrupted attempt left
-    schema = L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype, {**meta, "split": split, "shard": shard})
+    schema = LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype, {**meta, "split": split, "shard": shard})
     chunks = chunk_dataset(docs, tok, cfg.ae.K, cfg.data.read_cpus)
     encoded = chunks.map_batches(
         EncodeChunks,
@@ -155,7 +155,7 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
     try:
         encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
                               schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
-                              mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=16384, **L.PARQUET_OPTIONS)
+                              mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=16384, **LT.PARQUET_OPTIONS)
     finally:
         ctx.execution_options.preserve_order = keep
     parts = []
@@ -164,9 +164,9 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
         with run.fs.open_input_file(path) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
         parts.append({"path": f"{split}/shard-{shard:05d}/{name}", "rows": rows, "bytes": size,
-                      "sha256": L.sha256_of(run, path)})
+                      "sha256": LT.sha256_of(run, path)})
     rec = {"split": split, "shard": shard, "parts": parts, "rows": sum(p["rows"] for p in parts)}
-    run.write_text(json.dumps(rec, indent=1), L.ARTIFACT, split, f"shard-{shard:05d}.json")  # the commit
+    run.write_text(json.dumps(rec, indent=1), LT.ARTIFACT, split, f"shard-{shard:05d}.json")  # the commit
     return rec
 
 
@@ -177,24 +177,24 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
     Latents of another setup are refused unless ``overwrite``; ``replace_stale`` (the chained
     ``run_all`` job) replaces them with a message instead, since there they are stale outputs of
     the same run's earlier AE."""
-    from pipelines.ingest import load_corpus
+    from pipelines.data.ingest import load_corpus
 
     t0 = time.perf_counter()
     ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
     _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)  # verifies the AE's files
     # the chunking and the model come from the AE, not from the job's config
     cfg.ae = ae_cfg.ae
-    ae_ident = L.ae_identity(ae_dir, ae_manifest)
+    ae_ident = LT.ae_identity(ae_dir, ae_manifest)
     if overwrite:
-        run.delete(L.ARTIFACT)
+        run.delete(LT.ARTIFACT)
 
     train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
     progress(f"[corpus] {stats.summary()}")
     ident = _identity(cfg, ae_ident, stats, corpus)
-    if run.has_artifact(L.ARTIFACT):
-        m = run.read_json(L.ARTIFACT, "manifest.json")
+    if run.has_artifact(LT.ARTIFACT):
+        m = run.read_json(LT.ARTIFACT, "manifest.json")
         if m.get("identity") == ident:
-            progress(f"[latents] {run.uri(L.ARTIFACT)} is complete ({m['metrics']['rows']:,} rows); nothing to do "
+            progress(f"[latents] {run.uri(LT.ARTIFACT)} is complete ({m['metrics']['rows']:,} rows); nothing to do "
                      "(--overwrite recomputes)")
             return m
     try:
@@ -203,7 +203,7 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
         if not replace_stale:
             raise
         progress(f"[latents] {e}; recomputing them for the current AE")
-        run.delete(L.ARTIFACT)
+        run.delete(LT.ARTIFACT)
         _check_identity(run, ident)
 
     lc = cfg.latents
@@ -249,7 +249,7 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
         "identity": ident,
         "inputs": {"ae": str(ae_dir), "ae_sha256": ae_ident["ae_sha256"],
                    "tokenizer_sha256": ae_ident["tokenizer_sha256"], "corpus": {"spec": corpus, **stats.to_dict()}},
-        "schema": str(L.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype)),
+        "schema": str(LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype)),
         "parts": parts,
         "metrics": {"rows": total, "rows_per_split": rows, "tokens": total * cfg.ae.K, "bytes": nbytes,
                     "bytes_per_token": nbytes / max(1, total * cfg.ae.K), "wall_s": dt,
@@ -258,9 +258,9 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
         "code_version": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    run.write_text(cfg.to_yaml(), L.ARTIFACT, "config.yaml")
-    run.write_text(json.dumps(manifest, indent=1), L.ARTIFACT, "manifest.json")  # last: marks completion
-    progress(f"[latents] wrote {run.uri(L.ARTIFACT)}: {total:,} chunks ({rows.get('train', 0):,} train / "
+    run.write_text(cfg.to_yaml(), LT.ARTIFACT, "config.yaml")
+    run.write_text(json.dumps(manifest, indent=1), LT.ARTIFACT, "manifest.json")  # last: marks completion
+    progress(f"[latents] wrote {run.uri(LT.ARTIFACT)}: {total:,} chunks ({rows.get('train', 0):,} train / "
              f"{rows.get('val', 0):,} val), {nbytes / 2**20:.1f} MiB, {nbytes / max(1, total * cfg.ae.K):.1f} "
              f"bytes/token, {written_rows * cfg.ae.K / dt:,.0f} tokens/s overall in {dt:.1f}s")
     return manifest

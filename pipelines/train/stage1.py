@@ -27,7 +27,7 @@ from calm_core.config import Config, config_from_dict
 from calm_core.errors import ArtifactError, DataError
 from calm_core.optim import lr_at, param_groups
 from calm_core.tokenizer import CalmTokenizer
-from pipelines import train_common as tc
+from pipelines.train import common as tc
 from pipelines.storage import RunDir
 
 RUN_NAME = "stage1"
@@ -192,9 +192,9 @@ def _val_tokens(val_chunks, train_chunks, limit: int) -> np.ndarray:
 
 def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume, or skip if complete) the autoencoder; returns the RUN/ae manifest."""
-    from pipelines.chunks import chunk_dataset
-    from pipelines.ingest import load_corpus
-    from pipelines.tokenizer_stage import ensure_tokenizer
+    from pipelines.data.chunks import chunk_dataset
+    from pipelines.data.ingest import load_corpus
+    from pipelines.data.tokenizer import ensure_tokenizer
 
     if overwrite:
         for p in (("ae",), ("_train", RUN_NAME), ("_train", f"{RUN_NAME}.identity.json")):

@@ -60,7 +60,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-import pipelines  # noqa: F401  (sets RAY_AUTH_MODE etc. before ray is imported)
 from calm_core.config import DataConfig
 from calm_core.errors import DataError
 

@@ -18,8 +18,8 @@ from calm_core.calm_model import CALM
 from calm_core.generate import generate, prompt_chunks
 from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
-from pipelines import latents as LT
-from pipelines.stage2 import load_stage2_dir
+from pipelines.data import latents as LT
+from pipelines.train.stage2 import load_stage2_dir
 from pipelines.storage import RunDir
 
 

@@ -21,7 +21,7 @@ from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
 
 from pipelines.storage import RunDir
-from pipelines.train_common import progress
+from pipelines.progress import progress
 
 ARTIFACT = "eval/ae_reconstruction"
 
@@ -31,8 +31,8 @@ def _strip(ids: list[int], eot: int, pad: int) -> list[int]:
 
 
 def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, examples: int = 3) -> dict[str, Any]:
-    from pipelines.chunks import chunk_dataset
-    from pipelines.ingest import load_corpus
+    from pipelines.data.chunks import chunk_dataset
+    from pipelines.data.ingest import load_corpus
 
     model, ae_cfg, tok, manifest = load_autoencoder_dir(run.local_artifact("ae"))
     _, val_docs, stats = load_corpus(corpus, cfg.data)
