@@ -133,7 +133,11 @@ def posterior_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: to
 
 
 def energy_loss_flops_per_position(n_samples: int, n_targets: int, latent_dim: int) -> float:
-    """Training FLOPs of the loss's matmuls per position (forward 2x multiply-adds; backward again
-    for the samples' gradient, none for the targets): the N x M cross term and the N x N diversity."""
+    """Training FLOPs of the loss's matmuls per position (2 per multiply-add). Forward: the N x M cross
+    term (a * s) eps^T, the 1 x M term s^2 (eps^2)^T and the N x N self-distances x x^T. Backward: the
+    cross term's gradient for the samples (the targets need none), and the self-distances' for both
+    of their operands (both are the samples)."""
     N, M, l = n_samples, n_targets, latent_dim
-    return 2.0 * (2 * N * M * l + 2 * N * N * l)  # [forward + backward] x (cross + self distances)
+    forward = 2 * N * M * l + 2 * M * l + 2 * N * N * l
+    backward = 2 * N * M * l + 2 * (2 * N * N * l)
+    return float(forward + backward)

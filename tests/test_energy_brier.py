@@ -149,3 +149,18 @@ def test_probability_estimate_of_brier_n_matches_the_exact_value_on_a_toy_chain(
         assert abs(sampled[n].mean().item() - exact[n]) < 0.01
     assert abs(from_probs[2].mean().item() - exact[2]) < 0.003
     assert from_probs[2].var() < 0.2 * sampled[2].var()
+
+
+def test_energy_loss_flops_match_a_flop_counter():
+    """energy_loss_flops_per_position = the matmul FLOPs torch counts in the loss's forward and
+    backward (samples need gradients, the posterior's mu and sigma do not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calm_core.energy import energy_loss_flops_per_position, posterior_energy_loss
+
+    B, T, N, M, l = 2, 3, 8, 16, 8
+    samples = torch.randn(B, T, N, l, requires_grad=True)
+    mu, log_sigma = torch.randn(B, T, l), torch.randn(B, T, l) * 0.1
+    with FlopCounterMode(display=False) as fc:
+        posterior_energy_loss(samples, mu, log_sigma, M, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert energy_loss_flops_per_position(N, M, l) * B * T == fc.get_total_flops()
