@@ -34,7 +34,7 @@ from calm_core.temperature import ExactStats  # noqa: E402
 
 def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
     """The first ``length`` tokens (a multiple of K) of the first n documents that long."""
-    from pipelines.data.ingest import split_text
+    from pipelines.data.parsers import split_text
 
     out = []
     for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
@@ -72,13 +72,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipelines.serve.generation import Generator
-    from pipelines.train.stage2 import load_stage2_dir
+    from calm_core.artifacts import load_model
     from pipelines.storage import RunDir
 
     torch.set_num_threads(args.threads)
     run = RunDir(args.run)
     gen = Generator.from_run(run)
-    lm = load_stage2_dir(run.local_artifact("baseline"), "baseline")[0].eval()
+    lm = load_model(run.local_artifact("baseline"), "baseline").model
     tok, K = gen.tok, gen.model.K
     chunks = args.tokens // K
     rows = []

@@ -21,6 +21,7 @@ in a plain single-process torch loop against the Ray run. Prints tables and writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,10 +42,10 @@ from calm_core.optim import param_groups  # noqa: E402
 
 def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 0) -> dict:
     from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
-    from pipelines.train.stage2 import load_stage2_dir
+    from calm_core.artifacts import load_model
 
-    _, artifact = {"calm": ("stage2", "calm"), "baseline": ("baseline", "baseline")}[kind]
-    model, cfg, tok, _ = load_stage2_dir(Path(run.path(artifact)), kind)
+    art = load_model(Path(run.path(kind)), kind)
+    model, cfg, tok = art.model, art.cfg, art.tok
     torch.set_num_threads(os.cpu_count() or 1)
     v = {k: torch.as_tensor(np.asarray(x, dtype=np.int64 if k == "tokens" else np.float32)) for k, x in val.items()}
     if kind == "calm":
@@ -57,7 +58,7 @@ def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 
 
 def plain_step_time(kind: str, cfg, vocab: int, blocks: dict, seconds: float) -> float:
     """Seconds per step of the same model and global batch in one process (no Ray, no DeepSpeed)."""
-    from pipelines.train.stage2 import build_model
+    from calm_core.artifacts import build_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -174,7 +175,8 @@ def main() -> None:
     from pipelines.data import latents as LT
     from pipelines.data.precompute import precompute_latents
     from pipelines.ray_env import init_ray
-    from pipelines.train.stage2 import build_model, flops_per_token, held_out_blocks, run_stage2
+    from calm_core.artifacts import build_model, flops_breakdown, load_ae
+    from pipelines.train.stage2 import held_out_blocks, run_stage2
     from pipelines.storage import RunDir
 
     base = load_config(args.config, args.overrides)
@@ -184,9 +186,9 @@ def main() -> None:
     ae_model, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     if not run.has_artifact("latents"):
         precompute_latents(load_config(args.config, args.overrides), args.corpus, run)
-    ae_ident = LT.ae_identity(ae_dir, ae_manifest)
+    ae_ident = load_ae(ae_dir).identity
     lman = LT.latents_manifest(run)
-    base.ae = ae_cfg.ae
+    base = dataclasses.replace(base, ae=ae_cfg.ae)
     L, K = base.model.block_chunks, base.ae.K
     val = held_out_blocks(run, lman, ae_ident, L, args.val_chunks, base.data.read_cpus)
     train_chunks = int(lman["metrics"]["rows_per_split"]["train"])
@@ -213,11 +215,10 @@ def main() -> None:
         for kind, section, name, var_ov in models:
             if (budget, name) in done:
                 continue
-            vcfg = load_config(args.config, [*args.overrides, *var_ov])
-            vcfg.ae = ae_cfg.ae
+            vcfg = dataclasses.replace(load_config(args.config, [*args.overrides, *var_ov]), ae=ae_cfg.ae)
             t = getattr(vcfg, section)
             with torch.device("meta"):  # shapes only
-                fpt = flops_per_token(kind, build_model(kind, vcfg, tok.vocab_size))
+                fpt = flops_breakdown(kind, build_model(kind, vcfg, tok.vocab_size))["total"]
             tokens_per_step = t.batch_size * vcfg.distributed.num_workers * L * K
             steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
             ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",

@@ -38,14 +38,24 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
 
 
 def code_version() -> str:
-    """git commit of the code (with '+dirty' when the tree has changes), or 'unknown'."""
+    """git commit of the code (with '+dirty' when the tree has changes), or 'unknown'.
+
+    Only a checkout of this project counts: the folder holding calm_core/ must be the root of the
+    enclosing git repository. Code copied into some other repository (vendored, unpacked inside
+    another checkout) would otherwise record that repository's commit."""
     root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return "unknown"
+        sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

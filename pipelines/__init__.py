@@ -1,6 +1,8 @@
-"""Everything Ray: corpus ingest on Ray Data, Ray Train + DeepSpeed loops, run-directory I/O.
+"""Everything Ray, thin over ``calm_core``: ``data/`` (Ray Data ingest, chunks, latents), ``train/``
+(one Ray Train + DeepSpeed loop and its stages), ``eval/``, ``serve/``, the run directory
+(``storage``) and the artifact claim rule (``claim``); docs/PIPELINE.md "Layout".
 
-Thin over ``calm_core``. Importing this package sets the environment every Ray process needs
+Importing this package sets the environment every Ray process needs
 (before ``ray`` is imported): Ray 2.60 enables token auth after the first local ``ray.init``
 unless ``RAY_AUTH_MODE`` is set, and usage stats would try to reach the network.
 """

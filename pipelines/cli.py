@@ -50,11 +50,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argp
     args = parser.parse_args(argv)
     cfg = load_config(args.config, getattr(args, "overrides", []))
     if getattr(args, "corpus", "absent") is None:
-        from pipelines.data.ingest import default_corpus
+        from pipelines.data.files import default_corpus
 
         args.corpus = default_corpus()
     if getattr(args, "corpus", None):
-        from pipelines.data.ingest import resolve_corpus_files
+        from pipelines.data.files import resolve_corpus_files
 
         resolve_corpus_files(args.corpus, cfg.data.format)  # a bad path fails here, before Ray starts
     name = args.config.rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")

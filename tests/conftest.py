@@ -44,9 +44,15 @@ def ray_session(_ray_teardown):
     return _start_ray()
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path: Path) -> Path:
-    """A small text corpus with <|endoftext|> separators, made by the test itself."""
+@pytest.fixture(scope="module")
+def ray_module(_ray_teardown):
+    """``ray_session`` for a module-scoped fixture (one expensive set-up shared by a module's tests)."""
+    return _start_ray()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_text() -> str:
+    """The text of ``tiny_corpus`` (the same every time), for fixtures wider than one test."""
     import random
 
     rng = random.Random(0)
@@ -55,6 +61,43 @@ def tiny_corpus(tmp_path: Path) -> Path:
     for i in range(60):
         n = rng.randint(5, 40)
         docs.append(" ".join(rng.choice(words) for _ in range(n)).capitalize() + ".")
+    return "\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n"
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path, tiny_corpus_text: str) -> Path:
+    """A small text corpus with <|endoftext|> separators, made by the test itself."""
     p = tmp_path / "corpus.txt"
-    p.write_text("\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n")
+    p.write_text(tiny_corpus_text)
     return p
+
+
+def write_random_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int = 16):
+    """RUN/ae of a tiny randomly initialised autoencoder, written by the project's own artifact
+    writer (``calm_core.artifacts.write_trained``, as training publishes it) -> (model in eval mode,
+    tokenizer). The tokenizer is trained on the documents of ``corpus_text``."""
+    import torch
+
+    from calm_core.artifacts import ae_inputs, write_trained
+    from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
+    from calm_core.config import load_config
+    from calm_core.tokenizer import CalmTokenizer
+
+    cfg = load_config("debug", [f"ae.latent_dim={latent_dim}"])
+    docs = [d for d in corpus_text.split("<|endoftext|>") if d.strip()]
+    tok = CalmTokenizer.train(docs, vocab_size=cfg.tokenizer.vocab_size, min_frequency=1)
+    torch.manual_seed(seed)
+    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    directory = Path(directory)
+    directory.mkdir(parents=True)  # write_trained writes into an existing folder
+    write_trained(directory, "ae", model.state_dict(), cfg, tok, records=[], final={"step": 0},
+                  inputs=ae_inputs(cfg, tok, {}), extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim},
+                  load=lambda d: load_autoencoder_dir(d, verify=False)[0])
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def make_ae():
+    """``make_ae(directory, corpus_text, seed=0, latent_dim=16) -> (model, tok)``: writes a random
+    tiny AE artifact (``write_random_ae``); session-scoped, so wider fixtures can use it too."""
+    return write_random_ae

@@ -209,18 +209,65 @@ def test_baseline_cached_generation_equals_recomputing_every_step():
     assert torch.equal(out, seq[:, 5:])
 
 
-def test_flop_accounting():
-    calm8 = calm_train_flops_per_token(tiny())
-    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6)
-    h16 = HeadConfig(n_samples=16, n_targets=16)
-    calm16 = calm_train_flops_per_token(CALM(m, h16, AEConfig(K=K, latent_dim=LAT), V))
-    assert all(v > 0 for v in calm8.values())
-    assert calm16["head"] == pytest.approx(2 * calm8["head"], rel=0.1)  # head cost scales with N
-    assert calm16["backbone"] == calm8["backbone"]
-    base = baseline_train_flops_per_token(TokenLM(m, V, K))
-    weights = 2 * (4 * 32 * 32 + 3 * 32 * 64)  # layers x (attention + SwiGLU) matmul weights
-    assert base["total"] == 6 * weights + 6 * 2 * (6 * K - 1) * 32 + 6 * V * 32  # + causal attention, softmax
-    assert calm8["backbone"] == (6 * weights + 6 * 2 * (6 - 1) * 32) / K  # once per chunk of K tokens
+def _forward_flops(forward) -> dict[str, dict[str, int]]:
+    """Forward matmul FLOPs by module ("CALM.backbone", ...) and op, counted by torch's
+    FlopCounterMode. Attention runs on the math kernel: the counter does not count the CPU's fused
+    attention kernel, but counts the math kernel's dense T x T score and value matmuls (aten.bmm)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        forward()
+    return {name: {str(op): n for op, n in ops.items()} for name, ops in fc.get_flop_counts().items()}
+
+
+def _backbone_train_flops(ops: dict[str, int]) -> float:
+    """Training FLOPs of a backbone pass = 3 x forward: every weight matmul, and half of the dense
+    attention matmuls (causal: a query attends to half the block on average)."""
+    ops = dict(ops)
+    attention = ops.pop("aten.bmm")  # q k^T and p v, per head
+    return 3.0 * (sum(ops.values()) + attention / 2)
+
+
+@pytest.mark.parametrize("kind,arch,n,mode", [("energy", "paper", 8, "tokens"), ("energy", "adanorm", 16, "both"),
+                                              ("quadratic", "paper", 8, "latents")])
+def test_calm_flops_per_token_match_a_flop_counter(kind, arch, n, mode):
+    """calm_train_flops_per_token, part by part, = 3 x the forward FLOPs the counter measures in that
+    part of a training forward (B blocks of L chunks: L - 1 positions of K tokens each). The head
+    draws N samples per position, its per-position weights counted once."""
+    B, L = 3, 6
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=L, input_mode=mode)
+    torch.manual_seed(0)
+    model = CALM(m, HeadConfig(kind=kind, arch=arch, n_samples=n, n_targets=16), AEConfig(K=K, latent_dim=LAT), V)
+    counts = _forward_flops(lambda: model(torch.randint(0, V, (B, L, K)), torch.randn(B, L, LAT),
+                                          torch.zeros(B, L, LAT)))
+    tokens = B * (L - 1) * K
+
+    def train_flops(module: str) -> float:
+        return 3.0 * sum(counts.get(f"CALM.{module}", {}).values())
+
+    parts = calm_train_flops_per_token(model)
+    assert parts["backbone"] == pytest.approx(_backbone_train_flops(counts["CALM.backbone"]) / tokens, rel=1e-9)
+    assert parts["input"] == pytest.approx((train_flops("token_in") + train_flops("latent_in")) / tokens, rel=1e-9)
+    assert parts["head"] == pytest.approx(train_flops("head") / tokens, rel=1e-9)
+    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"] + parts["loss"])
+
+
+def test_baseline_flops_per_token_match_a_flop_counter():
+    """baseline_train_flops_per_token = 3 x the counted forward FLOPs per token of the backbone over
+    L*K - 1 token positions, and of the tied softmax head (one V x d matmul per position)."""
+    B, L = 3, 6
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=L)
+    torch.manual_seed(0)
+    lm = TokenLM(m, V, K)
+    counts = _forward_flops(lambda: lm(torch.randint(0, V, (B, L * K))))
+    tokens = B * (L * K - 1)
+    head = sum(counts["TokenLM"].values()) - sum(counts["TokenLM.backbone"].values())  # outside the backbone
+
+    parts = baseline_train_flops_per_token(lm)
+    assert parts["backbone"] == pytest.approx(_backbone_train_flops(counts["TokenLM.backbone"]) / tokens, rel=1e-9)
+    assert parts["head"] == pytest.approx(3.0 * head / tokens, rel=1e-9)
+    assert parts["total"] == pytest.approx(parts["backbone"] + parts["head"])
 
 
 def test_encoder_flops_match_a_flop_counter():

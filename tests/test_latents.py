@@ -1,7 +1,8 @@
 """Offline latent precomputation (Ray Data actor pool -> Parquet) and the reader stage 2 uses.
 
-The AE artifact is built by the test itself (a randomly initialised tiny autoencoder: what matters
-here is that the stored values are exactly what the encoder computes), so no Ray Train run is needed.
+The AE artifact is a randomly initialised tiny autoencoder written by the project's artifact writer
+(conftest ``make_ae``: what matters here is that the stored values are exactly what the encoder
+computes), so no Ray Train run is needed.
 """
 
 import hashlib
@@ -12,32 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from calm_core.autoencoder import ChunkAutoencoder
-from calm_core.checkpoint import save_weights, write_manifest
+from calm_core.artifacts import load_ae
 from calm_core.config import load_config
 from calm_core.errors import ArtifactError, DataError
-from calm_core.tokenizer import CalmTokenizer
 from pipelines.data import latents as LT
 from pipelines.data.precompute import precompute_latents
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
-
-
-def make_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int = 16):
-    """A RUN/ae artifact of a tiny random autoencoder (same files and manifest as stage 1 writes)."""
-    cfg = load_config("debug", [f"ae.latent_dim={latent_dim}"])
-    docs = [d for d in corpus_text.split("<|endoftext|>") if d.strip()]
-    tok = CalmTokenizer.train(docs, vocab_size=cfg.tokenizer.vocab_size, min_frequency=1)
-    torch.manual_seed(seed)
-    model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
-    directory.mkdir(parents=True)
-    save_weights(model.state_dict(), directory / "model.safetensors")
-    (directory / "config.yaml").write_text(cfg.to_yaml())
-    tok.save(directory)
-    write_manifest(directory, "ae", inputs={"tokenizer_sha256": tok.sha256}, metrics={},
-                   extra={"K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim})
-    return model.eval(), tok
 
 
 def cfg_for(*overrides):
@@ -63,7 +46,7 @@ def content_hash(run: RunDir, manifest: dict) -> str:
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_corpus):
+def setup(tmp_path, tiny_corpus, make_ae):
     run = RunDir(str(tmp_path / "run"))
     model, tok = make_ae(tmp_path / "run" / "ae", tiny_corpus.read_text())
     return run, model, tok, tiny_corpus
@@ -140,11 +123,11 @@ def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup,
     assert third["parts"] == again["parts"]
 
 
-def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setup, tmp_path):
+def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setup, tmp_path, make_ae):
     run, model, tok, corpus = setup
     cfg = cfg_for()
     m = precompute_latents(cfg, str(corpus), run)
-    mine = LT.ae_identity(run.local_root / "ae", json.loads((run.local_root / "ae" / "manifest.json").read_text()))
+    mine = load_ae(run.local_root / "ae").identity
 
     with pytest.raises(ArtifactError, match="dtype"):
         precompute_latents(cfg_for("latents.dtype=float16"), str(corpus), run)
@@ -155,7 +138,7 @@ def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setu
 
     ds, _ = LT.read_latents(run, "train", expected=mine)
     assert ds.count() == m["metrics"]["rows_per_split"]["train"]
-    other = LT.ae_identity(other_dir, json.loads((other_dir / "manifest.json").read_text()))
+    other = load_ae(other_dir).identity
     with pytest.raises(ArtifactError, match="ae_sha256"):
         LT.read_latents(run, "train", expected=other)
 

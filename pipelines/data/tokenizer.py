@@ -14,6 +14,7 @@ from calm_core.checkpoint import read_manifest, write_manifest
 from calm_core.config import Config
 from calm_core.errors import ArtifactError
 from calm_core.tokenizer import CalmTokenizer
+from pipelines.claim import Spot, claim
 from pipelines.storage import RunDir
 from pipelines.progress import progress
 
@@ -27,34 +28,34 @@ def load_run_tokenizer(run: RunDir) -> CalmTokenizer:
     return tok
 
 
+def tokenizer_identity(cfg: Config) -> dict:
+    t = cfg.tokenizer
+    return {"tokenizer.path": t.path, "tokenizer.vocab_size": t.vocab_size, "tokenizer.min_frequency": t.min_frequency,
+            "tokenizer.max_train_documents": t.max_train_documents}
+
+
 def ensure_tokenizer(cfg: Config, run: RunDir, train_docs=None, corpus_info: dict | None = None) -> CalmTokenizer:
-    """Load RUN/tokenizer, or make it (from ``cfg.tokenizer.path`` or by training on ``train_docs``)."""
-    tc = cfg.tokenizer
-    if run.has_artifact("tokenizer"):
-        tok = load_run_tokenizer(run)
-        made_with = read_manifest(run.local_artifact("tokenizer"), verify=False)["inputs"].get("tokenizer_config", {})
-        wanted = {"path": tc.path, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
-                  "max_train_documents": tc.max_train_documents}
-        if made_with and made_with != wanted:
-            changed = ", ".join(f"tokenizer.{k}: {made_with.get(k)!r} -> {v!r}" for k, v in wanted.items()
-                                if made_with.get(k) != v)
-            raise ArtifactError(f"'{run.uri('tokenizer')}' was made with other settings ({changed}); "
-                                "use a new --run directory")
-        progress(f"[tokenizer] using {run.uri('tokenizer')} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
-        return tok
+    """Load RUN/tokenizer, or make it (from ``cfg.tokenizer.path`` or by training on ``train_docs``);
+    one made with other tokenizer settings is refused (``pipelines.claim``)."""
+    tcfg = cfg.tokenizer
+    identity = tokenizer_identity(cfg)
+    spot = Spot(run, "tokenizer", record=None, label="tokenizer", what="a tokenizer", remedy="use a new --run directory")
+    if claim(spot, identity, lambda m: f"vocab {m['metrics']['vocab_size']}, sha256 {m['sha256'][:12]}",
+             hint="every stage of this run uses it") is not None:
+        return load_run_tokenizer(run)
 
     t0 = time.perf_counter()
-    if tc.path:
-        tok = CalmTokenizer.from_file(tc.path)
-        source = f"file:{tc.path}"
+    if tcfg.path:
+        tok = CalmTokenizer.from_file(tcfg.path)
+        source = f"file:{tcfg.path}"
     else:
         if train_docs is None:
             raise ArtifactError("no tokenizer in the run directory and no corpus to train one on")
         from pipelines.data.ingest import iter_texts
 
-        progress(f"[tokenizer] training byte-level BPE, vocab {tc.vocab_size}, "
-                 f"on up to {tc.max_train_documents} training documents")
-        tok = CalmTokenizer.train(iter_texts(train_docs, tc.max_train_documents), tc.vocab_size, tc.min_frequency)
+        progress(f"[tokenizer] training byte-level BPE, vocab {tcfg.vocab_size}, "
+                 f"on up to {tcfg.max_train_documents} training documents")
+        tok = CalmTokenizer.train(iter_texts(train_docs, tcfg.max_train_documents), tcfg.vocab_size, tcfg.min_frequency)
         source = "trained"
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
@@ -63,10 +64,11 @@ def ensure_tokenizer(cfg: Config, run: RunDir, train_docs=None, corpus_info: dic
             tmp,
             "tokenizer",
             inputs={"source": source, "corpus": corpus_info or {}, "tokenizer_config": {
-                "path": tc.path, "vocab_size": tc.vocab_size, "min_frequency": tc.min_frequency,
-                "max_train_documents": tc.max_train_documents}},
+                "path": tcfg.path, "vocab_size": tcfg.vocab_size, "min_frequency": tcfg.min_frequency,
+                "max_train_documents": tcfg.max_train_documents}},
             metrics={"vocab_size": tok.vocab_size},
-            extra={"sha256": tok.sha256, "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id}},
+            extra={"sha256": tok.sha256, "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id},
+                   "identity": identity},
         )
         uri = run.publish_artifact(tmp, "tokenizer")
     progress(f"[tokenizer] wrote {uri} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "

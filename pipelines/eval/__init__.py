@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Evaluation of trained artifacts; loads them with calm_core alone, never imports pipelines.train."""

@@ -30,6 +30,36 @@ def _strip(ids: list[int], eot: int, pad: int) -> list[int]:
     return [i for i in ids if i not in (eot, pad)]
 
 
+def _examples(model, tok, rows: list[dict], examples: int) -> list[dict]:
+    """A few held-out passages next to their reconstructions (decoding mu)."""
+    shown = []
+    doc_ids = []
+    for r in rows:
+        if r["doc_id"] not in doc_ids:
+            doc_ids.append(r["doc_id"])
+        if len(doc_ids) > examples:
+            break
+    for did in doc_ids[:examples]:
+        doc_chunks = torch.as_tensor(np.stack([np.asarray(r["tokens"], np.int64) for r in rows if r["doc_id"] == did][:24]))
+        rec = reconstruct(model, doc_chunks)
+        orig_text = tok.decode(_strip(doc_chunks.reshape(-1).tolist(), tok.eot_id, tok.pad_id))
+        rec_text = tok.decode(_strip(rec.reshape(-1).tolist(), tok.eot_id, tok.pad_id))
+        shown.append({"original": orig_text, "reconstructed": rec_text, "identical": orig_text == rec_text})
+    return shown
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    progress(f"[report] autoencoder reconstruction on {report['chunks']:,} {report['split']} chunks "
+             f"({report['tokens']:,} tokens, padding excluded):")
+    progress(f"[report]   token accuracy decoding mu           {100 * report['acc_mu']:.2f}%")
+    progress(f"[report]   token accuracy decoding z ~ q(z|x)    {100 * report['acc_sample']:.2f}%")
+    progress(f"[report]   token accuracy decoding mu + N(0,{report['noise_std']}^2) {100 * report['acc_noise']:.2f}%")
+    progress(f"[report]   active latent dimensions          {report['active_dims']}/{report['latent_dim']}")
+    for ex in report["examples"]:
+        progress(f"[report] original:      {ex['original'][:160]!r}")
+        progress(f"[report] reconstructed: {ex['reconstructed'][:160]!r}")
+
+
 def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, examples: int = 3) -> dict[str, Any]:
     from pipelines.data.chunks import chunk_dataset
     from pipelines.data.ingest import load_corpus
@@ -63,20 +93,7 @@ def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, ex
         "latent_dim": ae_cfg.ae.latent_dim,
         "ae_step": manifest["metrics"].get("step"),
     }
-    # a few held-out passages next to their reconstructions (decoding mu)
-    shown = []
-    doc_ids = []
-    for r in rows:
-        if r["doc_id"] not in doc_ids:
-            doc_ids.append(r["doc_id"])
-        if len(doc_ids) > examples:
-            break
-    for did in doc_ids[:examples]:
-        doc_chunks = torch.as_tensor(np.stack([np.asarray(r["tokens"], np.int64) for r in rows if r["doc_id"] == did][:24]))
-        rec = reconstruct(model, doc_chunks)
-        orig_text = tok.decode(_strip(doc_chunks.reshape(-1).tolist(), tok.eot_id, tok.pad_id))
-        rec_text = tok.decode(_strip(rec.reshape(-1).tolist(), tok.eot_id, tok.pad_id))
-        shown.append({"original": orig_text, "reconstructed": rec_text, "identical": orig_text == rec_text})
+    shown = _examples(model, tok, rows, examples)
     report["examples"] = shown
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,14 +101,6 @@ def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, ex
         write_manifest(tmp, "ae_reconstruction", inputs={"ae_manifest_files": manifest["files"], "corpus": corpus},
                        metrics={k: v for k, v in report.items() if k != "examples"})
         uri = run.publish_artifact(tmp, ARTIFACT)
-    progress(f"[report] autoencoder reconstruction on {report['chunks']:,} {split} chunks "
-             f"({report['tokens']:,} tokens, padding excluded):")
-    progress(f"[report]   token accuracy decoding mu           {100 * report['acc_mu']:.2f}%")
-    progress(f"[report]   token accuracy decoding z ~ q(z|x)    {100 * report['acc_sample']:.2f}%")
-    progress(f"[report]   token accuracy decoding mu + N(0,{report['noise_std']}^2) {100 * report['acc_noise']:.2f}%")
-    progress(f"[report]   active latent dimensions          {report['active_dims']}/{report['latent_dim']}")
-    for ex in shown:
-        progress(f"[report] original:      {ex['original'][:160]!r}")
-        progress(f"[report] reconstructed: {ex['reconstructed'][:160]!r}")
+    _print_report(report)
     progress(f"[report] wrote {uri}/report.json")
     return report

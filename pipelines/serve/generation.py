@@ -1,6 +1,7 @@
 """Text generation from a trained run: RUN/calm + the AE it was trained on -> text.
 
-Plain PyTorch on the driver (``calm_core.generate``); Ray Serve will wrap the same ``Generator``.
+Plain PyTorch (``calm_core.generate``, ``calm_core.artifacts``); Ray Serve will wrap the same
+``Generator``. Imports no training code (tests/test_layering.py).
 The CALM artifact names its AE by hash; another AE is refused.
 """
 
@@ -13,13 +14,12 @@ from pathlib import Path
 import torch
 
 from calm_core import rng
-from calm_core.autoencoder import ChunkAutoencoder, load_autoencoder_dir
+from calm_core.artifacts import load_ae, load_model
+from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.calm_model import CALM
 from calm_core.generate import generate, prompt_chunks
 from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
-from pipelines.data import latents as LT
-from pipelines.train.stage2 import load_stage2_dir
 from pipelines.storage import RunDir
 
 
@@ -35,11 +35,9 @@ class Generator:
         ("auto": a GPU when there is one)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        ae_dir = Path(ae_path) if ae_path else run.local_artifact("ae")
-        ae, _, _, ae_manifest = load_autoencoder_dir(ae_dir)
-        ident = LT.ae_identity(ae_dir, ae_manifest)
-        model, _, tok, _ = load_stage2_dir(run.local_artifact("calm"), "calm", expected_ae_sha256=ident["ae_sha256"])
-        return cls(model.to(device).eval(), ae.to(device).eval(), tok)
+        ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))
+        calm = load_model(run.local_artifact("calm"), "calm", expected_ae_sha256=ae.sha256)
+        return cls(calm.model.to(device).eval(), ae.model.to(device).eval(), calm.tok)
 
     def complete(self, prompt: str, chunks: int = 16, temperature: float = 1.0, candidates: int = 200,
                  seed: int = 0, stop_at_end: bool = True, sampler: str = "batch", max_draws: int = 2000) -> dict:

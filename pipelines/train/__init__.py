@@ -1,1 +1,1 @@
-"""placeholder"""
+"""One training loop on Ray Train + DeepSpeed (loop.py) and the stages that plug into it (docs/PIPELINE.md)."""

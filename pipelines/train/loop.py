@@ -1,0 +1,136 @@
+"""The training loop every stage shares (stage 1, CALM, the baseline), run by each Ray Train worker.
+
+    plan (TrainPlan, from the driver) -> stage = Stage(plan, device) -> DeepSpeed engine over stage.build()
+    -> resume from Ray Train's latest checkpoint (same identity only) -> until max_steps:
+         next batch of this worker's shard -> stage.step -> backward, optimizer step
+         every log_every steps and at the last: stage.validate on this rank's held-out slice (summed
+         over ranks) -> a metrics record -> progress line -> wall-clock budget -> checkpoint
+    -> the final report, carrying rank 0's consolidated model.safetensors
+
+A stage supplies only what differs (``Stage``): its model, one step, its validation, its progress
+line. docs/PIPELINE.md "Adding a stage" says how a new one plugs in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from calm_core.config import Config
+from calm_core.errors import DataError
+from calm_core.optim import lr_at
+from pipelines.progress import progress
+from pipelines.train.checkpoints import eval_model, resume, save_and_report
+from pipelines.train.metrics import Clock, MetricsLog
+from pipelines.train.worker import budget_reached, count_nodes, eager, make_engine, setup_worker
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything the driver hands the workers, as one pickled object."""
+
+    kind: str  # "stage1", "calm" or "baseline": the stage's name in progress lines
+    section: str  # the config section that holds its training settings (stage1, stage2, baseline)
+    config: Config
+    tokenizer_json: str
+    val: dict[str, np.ndarray]  # held-out rows (tokens [N, ...], ...); rank r validates rows r, r + world, ...
+    identity: dict[str, Any]  # what a checkpoint must carry to be resumed
+    live_log: str | None = None  # rank 0 appends every record here (local runs)
+    tb_dir: str | None = None  # TensorBoard events (local runs, when tensorboardX is installed)
+    ae_weights: bytes = b""  # CALM: the frozen AE's safetensors, for the in-training BrierLM
+
+
+class Stage(Protocol):
+    """What a stage gives the loop; built on the worker as ``Stage(plan, device)``."""
+
+    tokens_per_batch: int  # tokens in one worker's batch
+    too_small: str  # the DataError when a worker's shard cannot fill one batch
+
+    def build(self) -> torch.nn.Module: ...
+
+    def flops_per_token(self, model: torch.nn.Module) -> float: ...
+
+    def step(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def validate(self, model: torch.nn.Module, val: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+    def describe(self, rec: dict[str, Any]) -> str: ...
+
+
+def rank_slice(val: dict[str, np.ndarray], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rows rank, rank + world, ... of every held-out array (equal counts, so collectives line up)."""
+    n = (len(next(iter(val.values()))) // world) * world
+    return {k: torch.from_numpy(np.ascontiguousarray(v[:n][rank::world])) for k, v in val.items()}
+
+
+def epoch_batches(shard, batch_size: int, shuffle_buffer: int, seed: int, too_small: str):
+    """Endless batches of a Ray Train dataset shard, reshuffled locally each epoch."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                          local_shuffle_buffer_size=shuffle_buffer or None,
+                                          local_shuffle_seed=seed + epoch):
+            n += 1
+            yield b
+        if n == 0:
+            raise DataError(too_small)
+        epoch += 1
+
+
+def run_worker(stage_cls: type, plan: TrainPlan) -> None:
+    """The loop of the module docstring, on one Ray Train worker."""
+    import ray.train
+
+    d, t = plan.config.distributed, getattr(plan.config, plan.section)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = setup_worker(d)
+    stage = stage_cls(plan, device)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = stage.build()
+    fpt = stage.flops_per_token(model)
+    engine = make_engine(model, t, d)
+    val = rank_slice(plan.val, rank, world)
+    num_nodes = count_nodes()
+    if rank == 0:
+        progress(f"[{plan.kind}] {world} workers on {num_nodes} node(s)")
+    step, records = resume(engine, plan.identity, rank, plan.kind)
+    log = MetricsLog(records, plan.live_log, plan.tb_dir) if rank == 0 else None
+    # a distinct random stream per rank (masking, noise, targets), fresh after a resume
+    torch.manual_seed(t.seed + 1000 * rank + 1_000_003 * step + 1)
+    data = epoch_batches(ray.train.get_dataset_shard("train"), t.batch_size, t.shuffle_buffer, t.seed, stage.too_small)
+    clock = Clock(records[-1].get("tokens_seen", 0) if records else 0)
+    report = lambda metrics, final: save_and_report(  # noqa: E731
+        engine, step, plan.identity, log, d.zero_stage, rank, metrics, final)
+    stopped_early = False
+    engine.train()
+    while step < t.max_steps:
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss, last = stage.step(engine, next(data))
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        clock.add(stage.tokens_per_batch * world)
+        if step % t.log_every == 0 or step == t.max_steps:
+            with eager(d):
+                val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
+            rec = {"step": step, **last, "lr": lr, **val_m, **clock.record(fpt)}
+            if log is not None:
+                log.log(rec)
+                progress(f"[{plan.kind}] step {step}/{t.max_steps} {stage.describe(rec)}")
+            if budget_reached(t, clock.t_start, step, device, rank, plan.kind):
+                stopped_early = True
+                break
+            if step % t.checkpoint_every == 0 and step < t.max_steps:
+                report({**rec, "final": False}, final=False)
+    final = dict(log.records[-1]) if log and log.records else {}
+    report({**final, "step": step, "final": True, "stopped_early": stopped_early, "num_workers": world,
+            "num_nodes": num_nodes, "flops_per_token": fpt}, final=True)
+    if log is not None:
+        log.close()
