@@ -90,7 +90,8 @@ def report(res: dict) -> None:
     L, K = res["L"], res["K"]
     ae = res.get("ae_cost")
     print(f"\nstage 2 vs baseline, config {res['config']}, L={L} chunks (K={K}: {L * K} tokens), corpus {res['corpus']}")
-    print(f"held-out: {results[0]['eval'].get('val_positions', '?')} chunk starts, {res.get('brier_samples', '?')} samples each")
+    print(f"held-out: {results[0]['eval'].get('val_positions', '?')} chunk starts of "
+          f"{res.get('heldout', 'the held-out split of the training corpus')}, {res.get('brier_samples', '?')} samples each")
     if ae:
         print(f"autoencoder: {ae['train_flops']:.3g} stage-1 training FLOPs + {ae['encode_flops']:.3g} to encode the "
               f"{ae['train_tokens']:,} training tokens once = {ae['train_flops'] + ae['encode_flops']:.3g} (in CALM's "
@@ -155,6 +156,10 @@ def main() -> None:
                     "(CALM: decoded head samples; baseline: sampled continuations)")
     ap.add_argument("--val-chunks", type=int, default=16384, help="held-out chunks for the driver-side evaluation "
                     "(cut into blocks of L; the whole held-out split if it is smaller)")
+    ap.add_argument("--heldout-run", default=None, metavar="DIR",
+                    help="score on the latents of another run directory made with the same AE (e.g. a held-out "
+                         "corpus encoded with jobs/precompute_latents.py --ae RUN/ae data.val_fraction=1.0); "
+                         "default: the held-out split of --run's latents")
     ap.add_argument("--plain-seconds", type=float, default=30.0, help="seconds of the plain-torch step timing "
                     "(0 = skip it)")
     ap.add_argument("--out", default="bench/results/stage2.json",
@@ -190,19 +195,24 @@ def main() -> None:
     lman = LT.latents_manifest(run)
     base = dataclasses.replace(base, ae=ae_cfg.ae)
     L, K = base.model.block_chunks, base.ae.K
-    val = held_out_blocks(run, lman, ae_ident, L, args.val_chunks, base.data.read_cpus)
+    hrun = RunDir(args.heldout_run) if args.heldout_run else run
+    val = held_out_blocks(hrun, LT.latents_manifest(hrun), ae_ident, L, args.val_chunks, base.data.read_cpus)
     train_chunks = int(lman["metrics"]["rows_per_split"]["train"])
 
     out = Path(args.out)
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
            "corpus": lman.get("inputs", {}).get("corpus", {}).get("spec", args.corpus), "config": args.config, "overrides": args.overrides, "L": L, "K": K, "results": [],
-           "brier_samples": args.brier_samples, "ae_cost": ae_cost(ae_model, ae_cfg, ae_manifest, train_chunks),
+           "brier_samples": args.brier_samples,
+           "heldout": (LT.latents_manifest(hrun).get("inputs", {}).get("corpus", {}).get("spec")
+                       if args.heldout_run else "the held-out split of the training corpus"), "ae_cost": ae_cost(ae_model, ae_cfg, ae_manifest, train_chunks),
            "train_chunks": train_chunks}
     if out.exists():
         old = json.loads(out.read_text())
-        mine, theirs = (res["config"], res["corpus"], args.overrides), (old.get("config"), old.get("corpus"), old.get("overrides", []))
+        mine = (res["config"], res["corpus"], args.overrides, res["heldout"])
+        theirs = (old.get("config"), old.get("corpus"), old.get("overrides", []),
+                  old.get("heldout", "the held-out split of the training corpus"))
         if mine != theirs:
-            raise SystemExit(f"{out} holds results of another setup (config, corpus, overrides {theirs}, not {mine}); "
+            raise SystemExit(f"{out} holds results of another setup (config, corpus, overrides, held-out {theirs}, not {mine}); "
                              "give another --out")
         res["results"] = old["results"]
         print(f"[bench] {out}: keeping {len(old['results'])} finished runs", flush=True)
