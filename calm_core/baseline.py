@@ -14,7 +14,7 @@ start s and its own sampled tokens, nothing else.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,17 @@ class Branches(NamedTuple):
     logp_true: torch.Tensor  # [B, S, n] log P(y_i | context, y_<i) of the true continuation
     collision1: torch.Tensor  # [B, S] sum_x P(x)^2 of the first token
     logp_next: torch.Tensor  # [B, T, V] log P(next token | tokens up to t): the teacher-forced pass
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p filtering of probs [B, V]: keep the most likely tokens until their mass reaches top_p
+    (at least one), renormalised; top_p >= 1 returns probs unchanged."""
+    if top_p >= 1.0:
+        return probs
+    p, idx = probs.sort(-1, descending=True)
+    keep = (p.cumsum(-1) - p) < top_p  # the mass before a token is still short of top_p
+    p = p * keep
+    return torch.zeros_like(probs).scatter(-1, idx, p / p.sum(-1, keepdim=True))
 
 
 class TokenLM(nn.Module):
@@ -86,21 +97,27 @@ class TokenLM(nn.Module):
                         collision1, logp)
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample n tokens after prompt [B, T] with a KV cache (one backbone step per token) -> [B, n].
-        Temperature scales the logits (softmax(logits / T)); this model has likelihoods."""
+    @torch.no_grad()
+    def iter_tokens(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Sample up to n tokens after prompt [B, T] with a KV cache, yielding each [B] as it is drawn.
+        Temperature scales the logits (softmax(logits / T)); ``top_p`` < 1 samples from the smallest
+        set of tokens whose probability reaches top_p (nucleus sampling). This model has likelihoods."""
         h, past = self.backbone.prefix(self.embed(prompt.long()))
-        logits, out, T = F.linear(h[:, -1], self.embed.weight), [], prompt.shape[1]
+        logits, T = F.linear(h[:, -1], self.embed.weight), prompt.shape[1]
         for i in range(n):
-            probs = (logits.float() / temperature).softmax(-1)  # [B, V]
-            x = rng.categorical(probs, generator)[:, None]  # [B, 1], on the generator's device
-            out.append(x)
+            probs = nucleus((logits.float() / temperature).softmax(-1), top_p)  # [B, V]
+            x = rng.categorical(probs, generator)  # [B], on the generator's device
+            yield x
             if i == n - 1:
                 break
-            h, past = self.backbone.extend(self.embed(x), torch.tensor([T + i], device=x.device), past)
+            h, past = self.backbone.extend(self.embed(x[:, None]), torch.tensor([T + i], device=x.device), past)
             logits = F.linear(h[:, -1], self.embed.weight)
-        return torch.cat(out, 1)
+
+    def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n tokens after prompt [B, T] -> [B, n] (``iter_tokens``)."""
+        return torch.stack(list(self.iter_tokens(prompt, n, temperature, 1.0, generator)), 1)
 
     def forward(self, tokens: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over tokens [B, T] (targets equal to pad_id are ignored)."""

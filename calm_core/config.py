@@ -155,6 +155,28 @@ class RayConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Serving (jobs/serve.py, pipelines/serve): Ray Serve deployments behind the OpenAI-style HTTP API."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
+    port: int = 8000
+    device: str = "cpu"  # where each model replica runs: cpu | cuda | auto
+    min_replicas: int = 1  # per model deployment (autoscaling range)
+    max_replicas: int = 1
+    target_ongoing_requests: int = 2  # autoscaling target per replica
+    max_ongoing_requests: int = 4  # requests a replica works on at once
+    max_queued_requests: int = 16  # waiting requests per deployment beyond which the server answers 503
+    cpus_per_replica: float = 0.5
+    gpus_per_replica: float = 0.0
+    threads_per_replica: int = 1  # torch threads in each model replica
+    api_key_env: str = "CALM_API_KEY"  # when this environment variable is set, requests need "Bearer <it>"
+    max_body_bytes: int = 1048576
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_n: int = 16
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -167,6 +189,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,8 @@ fills whole chunks (``prompt_chunks`` says which text was kept).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
@@ -60,23 +62,31 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
 
 
 @torch.no_grad()
-def generate(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
-             candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
-             max_draws: int = 2000, stats: ExactStats | None = None) -> torch.Tensor:
-    """Continue ``context`` chunks [B, T, K] by n_chunks chunks -> tokens [B, n_chunks, K].
+def iter_chunks(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
+                candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
+                max_draws: int = 2000, stats: ExactStats | None = None) -> Iterator[torch.Tensor]:
+    """Continue ``context`` chunks [B, T, K]: yields the next chunk [B, K] after every step (n_chunks
+    steps; a consumer may stop early, as a server does at a stop string).
 
     With latent input (input_mode latents / both) every chunk fed back is re-encoded by the AE
     encoder (its posterior mean), as in training."""
     latent = model.latent_in is not None
     mu = ae.encode(context.flatten(0, 1))[0].view(*context.shape[:2], -1) if latent else None  # [B, T, l]
     h, past = model.backbone.prefix(model.inputs(context, mu))  # [B, T, d]
-    h, T, out = h[:, -1], context.shape[1], []
+    h, T = h[:, -1], context.shape[1]
     for j in range(n_chunks):
         c = next_chunks(model, ae, h, temperature, candidates, generator, sampler, max_draws, stats)  # [B, K]
-        out.append(c)
+        yield c
         if j == n_chunks - 1:
             break
         x = model.inputs(c[:, None], ae.encode(c)[0][:, None] if latent else None)  # [B, 1, d]
         h, past = model.backbone.extend(x, torch.tensor([T + j], device=x.device), past)
         h = h[:, -1]
-    return torch.stack(out, 1)
+
+
+def generate(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
+             candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
+             max_draws: int = 2000, stats: ExactStats | None = None) -> torch.Tensor:
+    """Continue ``context`` chunks [B, T, K] by n_chunks chunks -> tokens [B, n_chunks, K] (``iter_chunks``)."""
+    return torch.stack(list(iter_chunks(model, ae, context, n_chunks, temperature, candidates, generator, sampler,
+                                        max_draws, stats)), 1)

@@ -72,10 +72,23 @@ def tiny_corpus(tmp_path: Path, tiny_corpus_text: str) -> Path:
     return p
 
 
-def write_random_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int = 16):
+def wake(model, std: float = 0.5) -> None:
+    """Random weights for every all-zero matrix of ``model`` (layers that start at zero, e.g. the
+    head's last one), so an untrained model's outputs depend on its inputs and noise."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, std)
+
+
+def write_random_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int = 16, for_text: bool = False):
     """RUN/ae of a tiny randomly initialised autoencoder, written by the project's own artifact
     writer (``calm_core.artifacts.write_trained``, as training publishes it) -> (model in eval mode,
-    tokenizer). The tokenizer is trained on the documents of ``corpus_text``."""
+    tokenizer). The tokenizer is trained on the documents of ``corpus_text``. ``suppress_eot``
+    zeroes the end-of-text row of the tied output matrix (logit 0 among random ones: the decoder
+    practically never ends a text, which tests of serving need)."""
     import torch
 
     from calm_core.artifacts import ae_inputs, write_trained
@@ -88,6 +101,10 @@ def write_random_ae(directory, corpus_text: str, seed: int = 0, latent_dim: int 
     tok = CalmTokenizer.train(docs, vocab_size=cfg.tokenizer.vocab_size, min_frequency=1)
     torch.manual_seed(seed)
     model = ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+    if for_text:
+        wake(model)
+        with torch.no_grad():
+            model.embed.weight[tok.eot_id] = 0.0
     directory = Path(directory)
     directory.mkdir(parents=True)  # write_trained writes into an existing folder
     write_trained(directory, "ae", model.state_dict(), cfg, tok, records=[], final={"step": 0},

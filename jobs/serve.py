@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Serve the trained models of a run (RUN/calm, RUN/baseline) over HTTP with Ray Serve, behind an
+OpenAI-compatible API: POST /v1/completions (streaming with "stream": true), GET /v1/models,
+GET /health. Binds to 127.0.0.1 unless --host says otherwise; set the environment variable named by
+serve.api_key_env (default CALM_API_KEY) to require "Authorization: Bearer <key>".
+
+    python jobs/serve.py --run runs/demo
+    python jobs/serve.py --run runs/small --port 8080 serve.max_replicas=2 serve.device=cuda
+"""
+
+import _bootstrap  # noqa: F401
+
+import argparse
+import time
+
+from pipelines.cli import EPILOG, job_main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory or URI holding calm/ and/or baseline/")
+    p.add_argument("--config", default="demo", help="config whose serve section applies (default: demo)")
+    p.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. serve.max_replicas=2")
+    args = p.parse_args(argv)
+    from calm_core.config import load_config
+    from pipelines.serve.app import build_app, served_kinds
+    from pipelines.storage import RunDir
+
+    overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
+                 *([f"serve.port={args.port}"] if args.port else [])]
+    cfg = load_config(args.config, overrides)
+    kinds = served_kinds(RunDir(args.run))  # no model: a one-line error before Ray starts
+    from ray import serve
+
+    from pipelines.ray_env import init_ray
+
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    app = build_app({"run": args.run, "config": args.config, **dict(o.split("=", 1) for o in overrides)})
+    serve.run(app, name="calm", route_prefix="/", blocking=False)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"[serve] serving {', '.join(kinds)} from {args.run} at {url}/v1 (Ctrl-C stops)", flush=True)
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{kinds[0]}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main(main))

@@ -1,0 +1,189 @@
+"""The HTTP API as OpenAI defines it (``POST /v1/completions``): the request schema, its validation
+against a served model, the response and server-sent-event shapes, and OpenAI's error shape.
+
+Plain pydantic; no Ray. Every rejection is an ``ApiError`` that becomes
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.serve.engine import GenRequest
+
+# OpenAI fields this server does not implement: (is it asked for?, why not); a clear 400, never ignored
+UNSUPPORTED = {
+    "logprobs": (lambda v: v is not None, "CALM has no likelihoods to report; leave logprobs out"),
+    "echo": (bool, "echo is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of is not supported; use n"),
+    "suffix": (lambda v: v is not None, "suffix (insertion) is not supported"),
+    "logit_bias": (bool, "logit_bias is not supported"),
+    "presence_penalty": (lambda v: v not in (None, 0), "presence_penalty is not supported"),
+    "frequency_penalty": (lambda v: v not in (None, 0), "frequency_penalty is not supported"),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``; CALM's own sampling parameters are the last three fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    candidates: int = Field(200, description="CALM, temperature < 1: head samples per step")
+    sampler: Literal["batch", "exact"] = "batch"
+    max_draws: int = 2000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024
+    max_n: int = 16
+    max_candidates: int = 2000
+
+
+def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
+    """Bytes of the body -> a schema-valid request (400 for invalid UTF-8, JSON or fields; 413 when
+    the body is over the limit)."""
+    if len(body) > limits.max_body_bytes:
+        raise ApiError(413, f"the request body has {len(body):,} bytes; this server takes at most "
+                            f"{limits.max_body_bytes:,}", code="body_too_large")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid UTF-8", code="invalid_encoding") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    for name, (asked, why) in UNSUPPORTED.items():
+        if name in data and asked(data.pop(name)):
+            raise ApiError(400, why, param=name, code="unsupported_parameter")
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
+                       code="invalid_value") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a served model."""
+
+    name: str
+    kind: str  # "calm" | "baseline"
+    context_tokens: int
+    step_tokens: int
+
+    def room(self, prompt_tokens: int) -> int:
+        return self.context_tokens - self.step_tokens - prompt_tokens
+
+
+def _check_ranges(r: CompletionRequest, m: ModelInfo, limits: Limits) -> None:
+    if not 1 <= r.max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be in 1..{limits.max_tokens}, got {r.max_tokens}", "max_tokens")
+    if not 1 <= r.n <= limits.max_n:
+        raise ApiError(400, f"n must be in 1..{limits.max_n}, got {r.n}", "n")
+    hi = 1.0 if m.kind == "calm" else 2.0
+    lo_ok = r.temperature > 0.0 if m.kind == "calm" else r.temperature >= 0.0
+    if not (lo_ok and r.temperature <= hi):
+        why = " (CALM samples without likelihoods: T = 1 is one head sample, T < 1 sharpens)" if m.kind == "calm" else ""
+        span = "(0, 1]" if m.kind == "calm" else "[0, 2]"
+        raise ApiError(400, f"temperature must be in {span} for {m.name}, got {r.temperature}{why}", "temperature")
+    if not 0.0 < r.top_p <= 1.0:
+        raise ApiError(400, f"top_p must be in (0, 1], got {r.top_p}", "top_p")
+    if m.kind == "calm" and r.top_p != 1.0:
+        raise ApiError(400, "top_p needs token probabilities, which CALM does not have; use temperature", "top_p")
+    if not 1 <= r.candidates <= limits.max_candidates:
+        raise ApiError(400, f"candidates must be in 1..{limits.max_candidates}, got {r.candidates}", "candidates")
+    if r.max_draws < 1:
+        raise ApiError(400, f"max_draws must be >= 1, got {r.max_draws}", "max_draws")
+
+
+def gen_requests(r: CompletionRequest, m: ModelInfo, encode, limits: Limits) -> list[GenRequest]:
+    """One GenRequest per prompt, checked against the model: ranges, prompt length, context."""
+    _check_ranges(r, m, limits)
+    prompts = [r.prompt] if isinstance(r.prompt, str) else r.prompt
+    if not prompts or any(not p for p in prompts):
+        raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings", "prompt")
+    stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop must be up to 4 non-empty strings", "stop")
+    out = []
+    for p in prompts:
+        ids = encode(p)
+        if len(ids) > limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
+                                f"{limits.max_prompt_tokens}", "prompt", "prompt_too_long")
+        if r.max_tokens > m.room(len(ids)):
+            raise ApiError(400, f"{m.name}'s context is {m.context_tokens} tokens; the prompt ({len(ids)} tokens) "
+                                f"and max_tokens ({r.max_tokens}) need {len(ids) + r.max_tokens + m.step_tokens} "
+                                "with the document boundary; shorten the prompt or lower max_tokens",
+                           "max_tokens", "context_length_exceeded")
+        out.append(GenRequest(ids, r.max_tokens, r.temperature, r.top_p, r.n, r.seed, stop, r.candidates,
+                               r.sampler, r.max_draws))
+    return out
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def new_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion(rid: str, model: str, texts: list[tuple[str, str | None]], prompt_tokens: int,
+               completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(texts)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+def chunk_event(rid: str, model: str, index: int, text: str, finish: str | None) -> bytes:
+    return sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]})

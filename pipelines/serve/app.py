@@ -1,0 +1,147 @@
+"""The Ray Serve application: an ingress deployment (FastAPI through ``serve.ingress``) that checks the
+API key, validates, tokenises and streams; one model deployment per served model (CALM, the
+baseline) holding what a generation step needs, autoscaled with a bounded queue.
+
+    client --HTTP--> Api (ingress) --handle, streaming--> ModelServer "calm" | "baseline"
+
+``build_app({"run": RUN, ...overrides})`` is the application builder for ``serve run`` and
+``jobs/serve.py``; ``cluster/serve.yaml`` deploys the same builder with ``serve deploy``.
+"""
+
+
+import dataclasses
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from calm_core.artifacts import MODEL_KINDS
+from calm_core.config import Config, ServeConfig, config_from_yaml, load_config
+from calm_core.errors import ArtifactError
+from calm_core.tokenizer import CalmTokenizer
+from pipelines.serve import api
+from pipelines.serve import streams as S
+from pipelines.storage import RunDir
+
+app = FastAPI(title="CALM on Ray", description="OpenAI-compatible completions from CALM and its baseline")
+
+
+@serve.deployment
+class ModelServer:
+    """One served model: loads its artifacts once per replica (from a local run directory or a URI)."""
+
+    def __init__(self, kind: str, run: str, device: str, threads: int):
+        import torch
+
+        from pipelines.serve.engine import BaselineEngine, CalmEngine
+
+        torch.set_num_threads(max(1, threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        rd = RunDir(run)
+        self.engine = (CalmEngine(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
+                       else BaselineEngine(rd.local_artifact("baseline"), device))
+
+    def stream(self, r):
+        """Per model step, the deltas of the request's completions (dicts: index, text, finish, tokens)."""
+        for deltas in self.engine.stream(r):
+            yield [dataclasses.asdict(d) for d in deltas]
+
+    def health(self) -> bool:
+        """A real forward pass: one step of a one-token prompt."""
+        from pipelines.serve.engine import GenRequest
+
+        r = GenRequest([self.engine.tok.eot_id], max_tokens=self.engine.step_tokens, seed=0)
+        return any(True for _ in self.engine.stream(r))
+
+
+def model_info(run: RunDir, kind: str) -> tuple[api.ModelInfo, str]:
+    """The served model's context (from its config, no weights) and its tokenizer.json text."""
+    folder = run.local_artifact(kind)
+    cfg = config_from_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml"))
+    L, K = cfg.model.block_chunks, cfg.ae.K
+    return api.ModelInfo(kind, kind, L * K, K if kind == "calm" else 1), (folder / "tokenizer.json").read_text()
+
+
+@serve.deployment
+@serve.ingress(app)
+class Api:
+    def __init__(self, models: dict[str, Any], run: str, settings: dict[str, Any]):
+        s = ServeConfig(**settings)
+        rd = RunDir(run)
+        self.models = models
+        self.info: dict[str, api.ModelInfo] = {}
+        for kind in models:
+            self.info[kind], tok_json = model_info(rd, kind)
+        self.tok = CalmTokenizer.from_str(tok_json)
+        self.limits = api.Limits(s.max_body_bytes, s.max_prompt_tokens, s.max_tokens, s.max_n)
+        self.key = os.environ.get(s.api_key_env) or None
+
+    def _auth(self, request: Request) -> None:
+        if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
+            raise api.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                               code="invalid_api_key", kind="authentication_error")
+
+    @app.get("/v1/models")
+    async def models_list(self, request: Request):
+        try:
+            self._auth(request)
+        except api.ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "calm-on-ray",
+                                            "context_tokens": m.context_tokens} for m in self.info.values()]}
+
+    @app.get("/health")
+    async def health(self):
+        ok = {kind: await handle.health.remote() for kind, handle in self.models.items()}
+        return JSONResponse({"status": "ok" if all(ok.values()) else "degraded", "models": ok},
+                            status_code=200 if all(ok.values()) else 503)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        try:
+            self._auth(request)
+            body = await request.body()
+            req = api.parse_request(body, self.limits)
+            if req.model not in self.info:
+                raise api.ApiError(404, f"model '{req.model}' is not served here (served: "
+                                        f"{', '.join(self.info)})", "model", "model_not_found")
+            gens = api.gen_requests(req, self.info[req.model], self.tok.encode, self.limits)
+            streams = [await S.first(self.models[req.model], g) for g in gens]
+        except api.ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        rid, prompt_tokens = api.new_id(), sum(len(g.prompt_ids) for g in gens)
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(S.events(rid, req.model, streams, req.n, prompt_tokens, usage),
+                                     media_type="text/event-stream")
+        return await S.collect(rid, req.model, streams, req.n, prompt_tokens)
+
+
+def served_kinds(run: RunDir) -> list[str]:
+    kinds = [k for k in MODEL_KINDS if run.has_artifact(k)]
+    if not kinds:
+        raise ArtifactError(f"'{run.uri()}' holds no trained model to serve (neither calm/ nor baseline/); "
+                            "run jobs/stage2.py or jobs/baseline.py first")
+    return kinds
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder: ``{"run": RUN, "config": NAME_OR_YAML (optional), "serve.key": value, ...}``."""
+    args = dict(args)
+    run = args.pop("run", None)
+    if not run:
+        raise ArtifactError("build_app needs run=RUN (a run directory or URI with calm/ or baseline/)")
+    cfg: Config = load_config(args.pop("config", "demo"), [f"{k}={v}" for k, v in args.items()])
+    s, rd = cfg.serve, RunDir(run)
+    models = {kind: ModelServer.options(
+        name=f"model-{kind}", max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests},
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+    ).bind(kind, run, s.device, s.threads_per_replica) for kind in served_kinds(rd)}
+    key = os.environ.get(s.api_key_env)  # set where the app is built: handed to the ingress replicas
+    opts = {"num_cpus": 0, **({"runtime_env": {"env_vars": {s.api_key_env: key}}} if key else {})}
+    return Api.options(name="api", ray_actor_options=opts).bind(models, run, dataclasses.asdict(s))

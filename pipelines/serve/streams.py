@@ -1,0 +1,59 @@
+"""The ingress side of a completion: start the model streams, turn them into server-sent events or
+one JSON response (OpenAI's shapes, ``pipelines.serve.api``)."""
+
+from typing import Any, AsyncIterator
+
+from pipelines.serve import api
+
+
+async def first(handle, g) -> tuple[list, Any]:
+    """Start a model stream and wait for its first step, so that overload and model errors become an
+    HTTP status before any byte is sent: (first step, the rest of the stream)."""
+    from ray.serve.exceptions import BackPressureError
+
+    gen = handle.options(stream=True).stream.remote(g)
+    try:
+        first = await gen.__anext__()
+    except BackPressureError:
+        raise api.ApiError(503, "the server is at capacity; retry shortly", code="overloaded",
+                           kind="server_error") from None
+    except StopAsyncIteration:
+        first = []
+    return first, gen
+
+
+async def steps(stream) -> AsyncIterator[list[dict]]:
+    first, gen = stream
+    yield first
+    async for step in gen:
+        yield step
+
+
+async def events(rid: str, model: str, streams: list, n: int, prompt_tokens: int, with_usage: bool):
+    """Server-sent events: one per completion per model step with new text, then the usage, then [DONE]."""
+    tokens = 0
+    for p, stream in enumerate(streams):
+        async for step in steps(stream):
+            for d in step:
+                if d["text"] or d["finish"]:
+                    yield api.chunk_event(rid, model, p * n + d["index"], d["text"], d["finish"])
+                if d["finish"]:
+                    tokens += d["tokens"]
+    if with_usage:
+        yield api.sse({"id": rid, "object": "text_completion", "model": model, "choices": [],
+                       "usage": api.usage(prompt_tokens, tokens)})
+    yield api.sse("[DONE]")
+
+
+async def collect(rid: str, model: str, streams: list, n: int, prompt_tokens: int) -> dict:
+    texts: list[tuple[str, str | None]] = []
+    tokens = 0
+    for stream in streams:
+        parts, finish = [[] for _ in range(n)], [None] * n
+        async for step in steps(stream):
+            for d in step:
+                parts[d["index"]].append(d["text"])
+                if d["finish"]:
+                    finish[d["index"]], tokens = d["finish"], tokens + d["tokens"]
+        texts += [("".join(p), f) for p, f in zip(parts, finish)]
+    return api.completion(rid, model, texts, prompt_tokens, tokens)

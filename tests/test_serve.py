@@ -1,0 +1,205 @@
+"""Serving: the real Ray Serve application on a local 2-CPU Ray, reached over HTTP by the official
+``openai`` client (unmodified) and by raw requests for the bad inputs.
+
+The run holds a random tiny AE, CALM and baseline written by the project's artifact writer: what is
+tested here is the serving (API, streaming, seeds, stop strings, validation), not the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import wake, write_random_ae
+
+pytestmark = pytest.mark.slow
+
+
+def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
+    from calm_core.artifacts import build_model, load_ae, load_model, model_inputs, write_trained
+    from calm_core.config import load_config
+
+    ae = load_ae(run / "ae")
+    cfg = dataclasses.replace(load_config("debug"), ae=ae.cfg.ae)
+    torch.manual_seed(seed)
+    model = build_model(kind, cfg, tok.vocab_size)
+    wake(model)  # the head's zero-initialised last layer: samples that differ with the noise
+    if kind == "baseline":  # as the AE: end-of-text gets logit 0 among random logits (texts rarely end)
+        with torch.no_grad():
+            model.embed.weight[tok.eot_id] = 0.0
+    (run / kind).mkdir()
+    write_trained(run / kind, kind, model.state_dict(), cfg, tok, [], {"step": 0}, model_inputs(cfg, tok, ae.sha256),
+                  {}, load=lambda d: load_model(d, kind, verify=False).model)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_module, tmp_path_factory, tiny_corpus_text):
+    """(base URL, run directory) of the app serving both models; a second app at /secure needs a key,
+    a third at /tight takes one request at a time with a queue of one."""
+    import os
+
+    from ray import serve
+
+    from pipelines.serve.app import build_app
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    _, tok = write_random_ae(run / "ae", tiny_corpus_text, for_text=True)
+    write_random_model(run, "calm", tok)
+    write_random_model(run, "baseline", tok)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"run": str(run), "config": "debug", "serve.cpus_per_replica": "0.2", "serve.max_tokens": "24"}
+    serve.run(build_app(small), name="open", route_prefix="/")
+    os.environ["CALM_TEST_KEY"] = "sesame"
+    try:
+        serve.run(build_app({**small, "serve.api_key_env": "CALM_TEST_KEY"}), name="secure", route_prefix="/secure")
+    finally:
+        del os.environ["CALM_TEST_KEY"]
+    tight = {"serve.max_ongoing_requests": "1", "serve.max_queued_requests": "1"}
+    serve.run(build_app({**small, **tight}), name="tight", route_prefix="/tight")
+    yield f"http://127.0.0.1:{port}", run
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_list_and_health(server, client):
+    assert sorted(m.id for m in client.models.list().data) == ["baseline", "calm"]
+    with urllib.request.urlopen(f"{server[0]}/health", timeout=120) as r:
+        assert r.status == 200 and json.loads(r.read()) == {"status": "ok", "models": {"calm": True, "baseline": True}}
+
+
+@pytest.mark.parametrize("model,temperature", [("calm", 1.0), ("calm", 0.5), ("baseline", 0.8)])
+def test_streamed_text_equals_the_plain_text_for_a_seed(client, model, temperature):
+    kw = dict(model=model, prompt="the cat sat on", max_tokens=12, temperature=temperature, seed=7)
+    plain = client.completions.create(**kw)
+    events = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(e.choices[0].text for e in events if e.choices)
+    assert streamed == plain.choices[0].text and len(plain.choices[0].text) > 0
+    assert plain.choices[0].finish_reason in ("length", "stop")
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == plain.choices[0].finish_reason
+    assert events[-1].usage.completion_tokens == plain.usage.completion_tokens <= 12
+    assert plain.usage.prompt_tokens > 0
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    assert client.completions.create(**kw).choices[0].text == plain.choices[0].text  # the seed decides
+    if model == "calm":  # one event per decoded chunk of K = 4 tokens (the last may carry only the end)
+        assert len([e for e in events if e.choices]) <= 12 // 4 + 1
+
+
+def test_n_choices_and_a_list_of_prompts(client):
+    out = client.completions.create(model="calm", prompt=["the cat", "a dog ran"], max_tokens=8, n=2, seed=1)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in out.choices}) > 1
+    events = list(client.completions.create(model="baseline", prompt="the cat", max_tokens=6, n=3, seed=2, stream=True))
+    assert {e.choices[0].index for e in events} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("model", ["calm", "baseline"])
+def test_a_stop_string_cuts_the_text_where_it_starts(client, model):
+    kw = dict(model=model, prompt="the cat sat", max_tokens=20, temperature=1.0, seed=11)
+    full = client.completions.create(**kw).choices[0].text
+    assert len(full) >= 6, full
+    stop = full[3:5]  # starts inside the text, and for CALM usually inside a chunk
+    cut = client.completions.create(**kw, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(e.choices[0].text for e in client.completions.create(**kw, stop=stop, stream=True))
+    assert streamed == cut.choices[0].text
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    url = f"{server[0]}/v1/completions"
+    good = {"model": "calm", "prompt": "the cat", "max_tokens": 4}
+
+    def bad(body, status: int, param_or_code: str):
+        code, out = post(url, body if isinstance(body, bytes) else json.dumps(body).encode())
+        assert code == status, (body, out)
+        err = out["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert param_or_code in (err["param"], err["code"]), err
+
+    bad(b"{not json", 400, "invalid_json")
+    bad(b'{"model": "calm", "prompt": "\xff\xfe"}', 400, "invalid_encoding")
+    bad({**good, "max_tokens": "4"}, 400, "max_tokens")
+    bad({**good, "prompt": 5}, 400, "invalid_value")
+    bad({**good, "model": "gpt-4"}, 404, "model_not_found")
+    bad({**good, "prompt": ""}, 400, "prompt")
+    bad({**good, "prompt": "the cat sat on the mat " * 20}, 400, "context_length_exceeded")
+    bad({**good, "max_tokens": 0}, 400, "max_tokens")
+    bad({**good, "max_tokens": 25}, 400, "max_tokens")  # over serve.max_tokens
+    bad({**good, "temperature": 1.5}, 400, "temperature")
+    bad({**good, "model": "baseline", "temperature": -1}, 400, "temperature")
+    bad({**good, "logprobs": 2}, 400, "logprobs")
+    bad({**good, "unknown_field": 1}, 400, "unknown_field")
+    bad(json.dumps({**good, "prompt": "x" * (1 << 20)}).encode(), 413, "body_too_large")
+    assert post(url, json.dumps(good).encode())[0] == 200
+
+
+def test_an_api_key_is_required_when_set(server):
+    from openai import AuthenticationError, OpenAI
+
+    base = f"{server[0]}/secure/v1"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=base, api_key="wrong", max_retries=0).completions.create(model="calm", prompt="a", max_tokens=4)
+    code, out = post(f"{base}/completions", json.dumps({"model": "calm", "prompt": "a", "max_tokens": 4}).encode())
+    assert code == 401 and out["error"]["code"] == "invalid_api_key"
+    ok = OpenAI(base_url=base, api_key="sesame", max_retries=0).completions.create(model="calm", prompt="a", max_tokens=4)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_serve_deploy_config_validates_and_builds(tmp_path):
+    """cluster/serve.yaml is a valid Ray Serve deploy config whose application builder accepts its args."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from calm_core.config import load_config
+
+    text = (Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml").read_text()
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    app = schema.applications[0]
+    assert app.import_path == "pipelines.serve.app:build_app" and app.args["run"]
+    overrides = [f"{k}={v}" for k, v in app.args.items() if k.startswith("serve.")]
+    assert load_config(app.args["config"], overrides).serve.max_replicas == app.args["serve.max_replicas"]
+
+
+def test_overload_beyond_the_queue_is_503_at_once_and_the_rest_are_served(server):
+    """One request at a time and one waiting: of 8 slow concurrent requests most are refused with a
+    503 in OpenAI's shape (never a hang), the admitted ones complete, and afterwards all is normal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{server[0]}/tight/v1/completions"
+    slow = json.dumps({"model": "calm", "prompt": "the cat", "max_tokens": 24, "n": 16, "temperature": 0.5,
+                       "candidates": 2000, "seed": 0}).encode()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: post(url, slow), range(8)))
+    codes = sorted(code for code, _ in results)
+    assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+    assert all(out["error"]["code"] == "overloaded" for code, out in results if code == 503)
+    assert post(url, json.dumps({"model": "calm", "prompt": "a", "max_tokens": 4}).encode())[0] == 200
