@@ -203,3 +203,27 @@ def test_overload_beyond_the_queue_is_503_at_once_and_the_rest_are_served(server
     assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
     assert all(out["error"]["code"] == "overloaded" for code, out in results if code == 503)
     assert post(url, json.dumps({"model": "calm", "prompt": "a", "max_tokens": 4}).encode())[0] == 200
+
+
+def test_a_killed_model_replica_is_replaced_and_later_requests_are_served(server, client):
+    """Ray Serve's controller replaces a dead replica; the API keeps answering (retried while the
+    new replica starts, as a client would)."""
+    import time
+
+    import ray
+
+    before = client.completions.create(model="baseline", prompt="the cat", max_tokens=6, seed=5).choices[0].text
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "open#model-baseline" in a["name"]]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    deadline, after = time.monotonic() + 180, None
+    while after is None and time.monotonic() < deadline:
+        try:
+            after = client.completions.create(model="baseline", prompt="the cat", max_tokens=6, seed=5)
+        except Exception:  # noqa: BLE001 - 5xx or a reset connection while the replica is replaced
+            time.sleep(1)
+    assert after is not None and after.choices[0].text == before  # same seed, same text, new replica
+    names_now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "open#model-baseline" in a["name"]]
+    assert names_now and names_now != names
