@@ -227,3 +227,27 @@ def test_a_killed_model_replica_is_replaced_and_later_requests_are_served(server
     names_now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == "serve" and "open#model-baseline" in a["name"]]
     assert names_now and names_now != names
+
+
+def test_the_project_metrics_are_exported_for_prometheus(server, client):
+    """Requests, steps, rows per step and tokens appear on the node's Prometheus endpoint."""
+    import re
+    import time
+
+    import ray
+
+    client.completions.create(model="calm", prompt="the cat", max_tokens=8, n=3, seed=0)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.monotonic() + 120, ""
+    names = ("calm_serve_requests", "calm_serve_steps", "calm_serve_tokens", "calm_serve_step_rows")
+    while not all(f"ray_{n}" in text for n in names) and time.monotonic() < deadline:  # exported every few s
+        time.sleep(2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    for name in names:
+        assert re.search(name + r'\w*\{[^}]*model="calm"', text), name
+    buckets = {float(m.group(1)): float(m.group(2)) for line in text.splitlines()
+               if line.startswith("ray_calm_serve_step_rows_bucket") and 'model="calm"' in line
+               for m in [re.search(r'le="([^"]+)"[^}]*} (\S+)$', line)] if m and m.group(1) != "+Inf"}
+    total = re.search(r'ray_calm_serve_step_rows_count\{[^}]*model="calm"[^}]*} (\S+)', text)
+    assert buckets and total and float(total.group(1)) > buckets[2.0]  # some steps computed 3 rows

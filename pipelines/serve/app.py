@@ -43,10 +43,13 @@ class ModelServer:
         rd = RunDir(run)
         self.engine = (CalmEngine(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
                        else BaselineEngine(rd.local_artifact("baseline"), device))
+        self.metrics = ServeMetrics(kind)
 
     def stream(self, r):
         """Per model step, the deltas of the request's completions (dicts: index, text, finish, tokens)."""
+        self.metrics.requests.inc()
         for deltas in self.engine.stream(r):
+            self.metrics.step(len(deltas), sum(d.tokens for d in deltas if d.finish))
             yield [dataclasses.asdict(d) for d in deltas]
 
     def health(self) -> bool:
@@ -55,6 +58,29 @@ class ModelServer:
 
         r = GenRequest([self.engine.tok.eot_id], max_tokens=self.engine.step_tokens, seed=0)
         return any(True for _ in self.engine.stream(r))
+
+
+class ServeMetrics:
+    """The project's Prometheus metrics, exported with Ray's (``ray_`` prefix, tag ``model``):
+    requests, model steps, rows per step (the batch a step computes) and completion tokens."""
+
+    def __init__(self, kind: str):
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter("calm_serve_requests", "generation requests", ("model",))
+        self.steps = metrics.Counter("calm_serve_steps", "model steps (CALM: one chunk of K tokens)", ("model",))
+        self.tokens = metrics.Counter("calm_serve_tokens", "completion tokens generated", ("model",))
+        self.rows = metrics.Histogram("calm_serve_step_rows", "rows computed per model step (batch size)",
+                                      [1, 2, 4, 8, 16, 32, 64, 128], ("model",))
+        for m in (self.requests, self.steps, self.tokens, self.rows):
+            m.set_default_tags({"model": kind})  # a fresh dict each: Serve adds its own tags into it
+
+    def step(self, rows: int, finished_tokens: int) -> None:
+        self.steps.inc()
+        if rows:
+            self.rows.observe(rows)
+        if finished_tokens:
+            self.tokens.inc(finished_tokens)
 
 
 def model_info(run: RunDir, kind: str) -> tuple[api.ModelInfo, str]:
