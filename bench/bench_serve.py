@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Serving under load: the Ray Serve application (jobs/serve.py's) over HTTP at several concurrency
+levels, CALM and the same-backbone baseline side by side, against in-process generation of the
+same model at the same batch.
+
+    python bench/bench_serve.py --run /tmp/bench-small --corpus ../shared/data/tinystories-sample/train.txt \
+        --concurrency 1 8 32 64 --requests 64 --max-tokens 64
+
+Needs RUN/calm and/or RUN/baseline (and RUN/ae). Each request streams a completion of a prompt
+taken from --corpus (the first --prompt-tokens tokens of a document) at temperature 1. For every
+model and concurrency c: c client threads send --requests requests in all; reported are completion
+tokens/s, requests/s, p50/p99 latency, p50 time to first chunk (first streamed text) and the error
+rate. "in-process" is the model's own generation (pipelines.serve.engine, no Ray, no HTTP) of a
+batch of c rows of one prompt; the ratio served / in-process says how much of the model's batched
+speed reaches clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def stream_one(url: str, body: dict) -> dict:
+    """One streamed completion: latency, time to first text, completion tokens, error."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0, first, tokens = time.perf_counter(), None, 0
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+                elif first is None and ev["choices"] and ev["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - counted as an error, reported
+        return {"error": f"{type(e).__name__}: {str(e)[:80]}", "latency": time.perf_counter() - t0}
+    return {"latency": time.perf_counter() - t0, "first": first, "tokens": tokens, "error": None}
+
+
+def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int, max_tokens: int) -> dict:
+    results, lock, it = [], threading.Lock(), iter(range(n_requests))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                return
+            body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "seed": i,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            r = stream_one(url, body)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["error"] is None]
+    lat = sorted(r["latency"] for r in ok) or [float("nan")]
+    firsts = sorted(r["first"] for r in ok if r["first"] is not None) or [float("nan")]
+    return {"model": model, "concurrency": c, "requests": len(results), "errors": len(results) - len(ok),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
+            "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "first_chunk_p50_s": statistics.median(firsts),
+            "first_error": next((r["error"] for r in results if r["error"]), None)}
+
+
+def in_process(engine, prompt_ids: list[int], rows: int, max_tokens: int, repeats: int = 2) -> float:
+    """Completion tokens/s of the model generating ``rows`` completions of one prompt at once."""
+    from pipelines.serve.engine import GenRequest
+
+    best = 0.0
+    for rep in range(repeats + 1):  # the first is a warm-up
+        r = GenRequest(prompt_ids, max_tokens=max_tokens, n=rows, seed=rep)
+        t0 = time.perf_counter()
+        tokens = sum(d.tokens for step in engine.stream(r) for d in step if d.finish)
+        if rep:
+            best = max(best, tokens / (time.perf_counter() - t0))
+    return best
+
+
+def prompts_from(corpus: str, tok, n: int, length: int) -> list[str]:
+    from pipelines.data.parsers import split_text
+
+    out = []
+    for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
+        ids = tok.encode(raw.decode("utf-8", "replace").strip())
+        if len(ids) >= length:
+            out.append(tok.decode(ids[:length]))
+        if len(out) == n:
+            break
+    return out
+
+
+def report(res: dict) -> None:
+    print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}")
+    print("| model | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) | p99 latency (s) "
+          "| p50 first chunk (s) | in-process tokens/s (batch = concurrency) | served / in-process |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in res["levels"]:
+        ip = r.get("in_process_tokens_per_s") or float("nan")
+        print(f"| {r['model']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:,.0f} | "
+              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
+              f"{ip:,.0f} | {r['tokens_per_s'] / ip:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt", help="where prompts come from")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--requests", type=int, default=64, help="requests per model and concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--models", nargs="+", default=["calm", "baseline"])
+    ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
+    ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
+    args = ap.parse_args()
+    if args.from_json:
+        report(json.loads(Path(args.from_json).read_text()))
+        return
+    import torch
+    from ray import serve
+
+    from calm_core.config import load_config
+    from pipelines.ray_env import init_ray
+    from pipelines.serve.app import build_app
+    from pipelines.serve.engine import BaselineEngine, CalmEngine
+    from pipelines.storage import RunDir
+
+    top = max(args.concurrency)
+    sets = {"serve.max_ongoing_requests": str(top), "serve.max_queued_requests": str(4 * top),
+            "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.5",
+            "serve.threads_per_replica": str(os.cpu_count() or 1), **dict(o.split("=", 1) for o in args.overrides)}
+    cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
+    init_ray(cfg.ray)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"run": args.run, "config": "demo", **sets}), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    run = RunDir(args.run)
+    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm")),
+               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"))}
+    levels = []
+    for model in args.models:
+        engine = engines[model]()
+        prompts = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
+        for c in args.concurrency:
+            print(f"[bench] {model} at concurrency {c}: {args.requests} requests", flush=True)
+            row = load_level(url, model, prompts, c, args.requests, args.max_tokens)
+            torch.set_num_threads(os.cpu_count() or 1)
+            row["in_process_tokens_per_s"] = in_process(engine, engine.tok.encode(prompts[0]), c, args.max_tokens)
+            levels.append(row)
+    serve.shutdown()
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+           "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    report(res)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
