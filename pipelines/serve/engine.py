@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -50,19 +51,13 @@ class Delta:
     tokens: int  # completion tokens so far
 
 
-class Engine:
+class Engine(ABC):
     """The model side of serving; subclasses implement ``_steps`` (token ids per row, per step)."""
-
-    kind = ""
 
     def __init__(self, tok: CalmTokenizer, device: torch.device, context_tokens: int, step_tokens: int):
         self.tok, self.device = tok, device
         self.context_tokens = context_tokens  # the trained context, in tokens
         self.step_tokens = step_tokens  # tokens per model step (K for CALM, 1 for the baseline)
-
-    def room(self, prompt_tokens: int) -> int:
-        """How many tokens can follow a prompt of this length inside the trained context."""
-        return self.context_tokens - self.step_tokens - prompt_tokens  # the document boundary first
 
     def stream(self, r: GenRequest) -> Iterator[list[Delta]]:
         """After every model step, the deltas of the completions that are still running (the last
@@ -77,14 +72,13 @@ class Engine:
                 return
         yield [Delta(i, c.close(), c.finish, c.tokens) for i, c in enumerate(cutters) if not c.done]
 
+    @abstractmethod
     def _steps(self, r: GenRequest, gen: torch.Generator) -> Iterator[list[list[int]]]:
-        raise NotImplementedError
+        """The token ids each of the request's n rows gets at every model step."""
 
 
 class CalmEngine(Engine):
     """CALM: backbone, energy head and the AE decoder; K tokens per step."""
-
-    kind = "calm"
 
     def __init__(self, ae_dir: str | Path, calm_dir: str | Path, device: str = "cpu"):
         ae = load_ae(ae_dir)
@@ -106,8 +100,6 @@ class CalmEngine(Engine):
 
 class BaselineEngine(Engine):
     """The same-backbone Transformer over tokens; one token per step."""
-
-    kind = "baseline"
 
     def __init__(self, baseline_dir: str | Path, device: str = "cpu"):
         art = load_model(baseline_dir, "baseline")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_ae, model_inputs
+from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_ae, load_model, model_inputs
 from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
 from calm_core.brierlm import ORDERS
 from calm_core.config import Config
@@ -179,8 +179,6 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
 
 
 def _publish(plan: TrainPlan, run: RunDir, ae: AEArtifact, result) -> dict:
-    from calm_core.artifacts import load_model
-
     kind, cfg = plan.kind, plan.config
     with torch.device("meta"):  # shapes only: no weights allocated on the driver
         flops = flops_breakdown(kind, build_model(kind, cfg, ae.tok.vocab_size))
