@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Serving under load: the Ray Serve application (jobs/serve.py's) over HTTP at several concurrency
-levels, CALM and the same-backbone baseline side by side, against in-process generation of the
-same model at the same batch.
+levels, CALM and the same-backbone baseline side by side, with both batching policies
+(``serve.batching``: the step loop and Ray Serve's @serve.batch), against in-process generation of
+the same model at the same batch.
 
     python bench/bench_serve.py --run /tmp/bench-small --corpus ../shared/data/tinystories-sample/train.txt \
         --concurrency 1 8 32 64 --requests 64 --max-tokens 64
@@ -10,9 +11,10 @@ Needs RUN/calm and/or RUN/baseline (and RUN/ae). Each request streams a completi
 taken from --corpus (the first --prompt-tokens tokens of a document) at temperature 1. For every
 model and concurrency c: c client threads send --requests requests in all; reported are completion
 tokens/s, requests/s, p50/p99 latency, p50 time to first chunk (first streamed text) and the error
-rate. "in-process" is the model's own generation (pipelines.serve.engine, no Ray, no HTTP) of a
+rate. "in-process" is the model's own generation (pipelines.serve.batch, no Ray, no HTTP) of a
 batch of c rows of one prompt; the ratio served / in-process says how much of the model's batched
-speed reaches clients.
+speed reaches clients. Both policies are deployed as two apps of the same Ray Serve instance and
+loaded one after the other.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def stream_one(url: str, body: dict) -> dict:
 
 
 def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int, max_tokens: int) -> dict:
+    """c client threads sending n_requests streamed completions in all -> the level's figures."""
     results, lock, it = [], threading.Lock(), iter(range(n_requests))
 
     def worker():
@@ -86,13 +89,14 @@ def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int
 
 def in_process(engine, prompt_ids: list[int], rows: int, max_tokens: int, repeats: int = 2) -> float:
     """Completion tokens/s of the model generating ``rows`` completions of one prompt at once."""
+    from pipelines.serve.batch import stream_alone
     from pipelines.serve.engine import GenRequest
 
     best = 0.0
     for rep in range(repeats + 1):  # the first is a warm-up
         r = GenRequest(prompt_ids, max_tokens=max_tokens, n=rows, seed=rep)
         t0 = time.perf_counter()
-        tokens = sum(d.tokens for step in engine.stream(r) for d in step if d.finish)
+        tokens = sum(d.tokens for step in stream_alone(engine, r) for d in step if d.finish)
         if rep:
             best = max(best, tokens / (time.perf_counter() - t0))
     return best
@@ -113,12 +117,13 @@ def prompts_from(corpus: str, tok, n: int, length: int) -> list[str]:
 
 def report(res: dict) -> None:
     print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}")
-    print("| model | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) | p99 latency (s) "
-          "| p50 first chunk (s) | in-process tokens/s (batch = concurrency) | served / in-process |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | batching | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
+          "| p99 latency (s) | p50 first chunk (s) | in-process tokens/s (batch = concurrency) | served / in-process |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in res["levels"]:
         ip = r.get("in_process_tokens_per_s") or float("nan")
-        print(f"| {r['model']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:,.0f} | "
+        print(f"| {r['model']} | {r.get('batching', 'loop')} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+              f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
               f"{ip:,.0f} | {r['tokens_per_s'] / ip:.2f} |")
 
@@ -132,6 +137,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--models", nargs="+", default=["calm", "baseline"])
+    ap.add_argument("--batching", nargs="+", default=["loop", "serve_batch"], choices=["loop", "serve_batch"],
+                    help="batching policies to compare (serve.batching)")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
@@ -150,6 +157,7 @@ def main() -> None:
 
     top = max(args.concurrency)
     sets = {"serve.max_ongoing_requests": str(top), "serve.max_queued_requests": str(4 * top),
+            "serve.max_batch_rows": str(top), "serve.target_ongoing_requests": str(top), "serve.max_n": "1",
             "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.5",
             "serve.threads_per_replica": str(os.cpu_count() or 1), **dict(o.split("=", 1) for o in args.overrides)}
     cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
@@ -158,8 +166,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run": args.run, "config": "demo", **sets}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    for policy in args.batching:
+        serve.run(build_app({"run": args.run, "config": "demo", **sets, "serve.batching": policy}), name=policy,
+                  route_prefix=f"/{policy}")
     run = RunDir(args.run)
     engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm")),
                "baseline": lambda: BaselineEngine(run.local_artifact("baseline"))}
@@ -168,11 +177,13 @@ def main() -> None:
         engine = engines[model]()
         prompts = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
         for c in args.concurrency:
-            print(f"[bench] {model} at concurrency {c}: {args.requests} requests", flush=True)
-            row = load_level(url, model, prompts, c, args.requests, args.max_tokens)
             torch.set_num_threads(os.cpu_count() or 1)
-            row["in_process_tokens_per_s"] = in_process(engine, engine.tok.encode(prompts[0]), c, args.max_tokens)
-            levels.append(row)
+            alone = in_process(engine, engine.tok.encode(prompts[0]), c, args.max_tokens)
+            for policy in args.batching:
+                print(f"[bench] {model}, {policy}, concurrency {c}: {args.requests} requests", flush=True)
+                url = f"http://127.0.0.1:{port}/{policy}/v1/completions"
+                row = load_level(url, model, prompts, c, args.requests, args.max_tokens)
+                levels.append({**row, "batching": policy, "in_process_tokens_per_s": alone})
     serve.shutdown()
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
            "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}

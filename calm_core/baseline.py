@@ -97,7 +97,6 @@ class TokenLM(nn.Module):
                         collision1, logp)
 
     @torch.no_grad()
-    @torch.no_grad()
     def iter_tokens(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 1.0,
                     generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Sample up to n tokens after prompt [B, T] with a KV cache, yielding each [B] as it is drawn.

@@ -81,7 +81,7 @@ class CALM(nn.Module):
         """Hidden state after each of the given chunks: [B, T, K] -> [B, T, d]."""
         return self.backbone(self.inputs(tokens, mu))
 
-    def sample(self, h: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, n: int, generator: rng.Gen = None) -> torch.Tensor:
         """n samples of the next latent per position: h [.., d] -> [.., n, l]."""
         if isinstance(self.head, EnergyHead):
             return self.head(h, n, generator)

@@ -163,9 +163,12 @@ class ServeConfig:
     device: str = "cpu"  # where each model replica runs: cpu | cuda | auto
     min_replicas: int = 1  # per model deployment (autoscaling range)
     max_replicas: int = 1
-    target_ongoing_requests: int = 2  # autoscaling target per replica
-    max_ongoing_requests: int = 4  # requests a replica works on at once
-    max_queued_requests: int = 16  # waiting requests per deployment beyond which the server answers 503
+    target_ongoing_requests: int = 16  # autoscaling target per replica
+    max_ongoing_requests: int = 32  # requests a replica works on at once (batched together)
+    max_queued_requests: int = 64  # waiting requests per deployment beyond which the server answers 503
+    batching: str = "loop"  # loop: admit requests between model steps | serve_batch: Ray Serve's @serve.batch
+    max_batch_rows: int = 32  # rows (completions) one model step computes at most
+    batch_wait_ms: float = 10.0  # serve_batch: how long a batch waits to fill
     cpus_per_replica: float = 0.5
     gpus_per_replica: float = 0.0
     threads_per_replica: int = 1  # torch threads in each model replica
@@ -420,3 +423,16 @@ def validate(cfg: Config) -> None:
     _choice(lt.dtype, "latents.dtype", ("float32", "float16", "bfloat16"))
     for key in ("batch_size", "num_actors", "cpus_per_actor", "shard_documents"):
         _positive(getattr(lt, key), f"latents.{key}")
+    sv = cfg.serve
+    _choice(sv.device, "serve.device", ("cpu", "cuda", "auto"))
+    _choice(sv.batching, "serve.batching", ("loop", "serve_batch"))
+    for key in ("port", "max_replicas", "target_ongoing_requests", "max_ongoing_requests", "threads_per_replica",
+                "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n"):
+        _positive(getattr(sv, key), f"serve.{key}")
+    for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms"):
+        _positive(getattr(sv, key), f"serve.{key}", allow_zero=True)
+    if sv.batching == "serve_batch" and sv.max_n > sv.max_batch_rows:
+        raise ConfigError(f"key 'serve.max_n' ({sv.max_n}) must be <= serve.max_batch_rows ({sv.max_batch_rows}) "
+                          "with serve.batching=serve_batch (a request's n rows must fit in one batch)")
+    if sv.min_replicas > sv.max_replicas:
+        raise ConfigError(f"key 'serve.min_replicas' ({sv.min_replicas}) must be <= serve.max_replicas ({sv.max_replicas})")

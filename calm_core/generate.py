@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from calm_core import rng
 from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.calm_model import CALM
 from calm_core.temperature import ExactStats, exact_pick, pick_by_counts
@@ -37,7 +38,7 @@ SAMPLERS = ("batch", "exact")
 
 @torch.no_grad()
 def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature: float = 1.0,
-                candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
+                candidates: int = 200, generator: rng.Gen = None, sampler: str = "batch",
                 max_draws: int = 2000, stats: ExactStats | None = None) -> torch.Tensor:
     """Next chunk per row from the hidden state: h [B, d] -> tokens [B, K]. ``stats`` (exact sampler)
     accumulates the draws and fallbacks."""
@@ -47,7 +48,7 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
 
     def draw(rows: torch.Tensor, n: int) -> torch.Tensor:  # [b] -> [b, n, K]
-        return decode_tokens(ae, model.sample(h[rows], n, generator=generator))
+        return decode_tokens(ae, model.sample(h[rows], n, generator=rng.select(generator, rows)))
 
     every = torch.arange(h.shape[0], device=h.device)
     if temperature == 1.0:
@@ -63,7 +64,7 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
 
 @torch.no_grad()
 def iter_chunks(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
-                candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
+                candidates: int = 200, generator: rng.Gen = None, sampler: str = "batch",
                 max_draws: int = 2000, stats: ExactStats | None = None) -> Iterator[torch.Tensor]:
     """Continue ``context`` chunks [B, T, K]: yields the next chunk [B, K] after every step (n_chunks
     steps; a consumer may stop early, as a server does at a stop string).
@@ -85,7 +86,7 @@ def iter_chunks(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chun
 
 
 def generate(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
-             candidates: int = 200, generator: torch.Generator | None = None, sampler: str = "batch",
+             candidates: int = 200, generator: rng.Gen = None, sampler: str = "batch",
              max_draws: int = 2000, stats: ExactStats | None = None) -> torch.Tensor:
     """Continue ``context`` chunks [B, T, K] by n_chunks chunks -> tokens [B, n_chunks, K] (``iter_chunks``)."""
     return torch.stack(list(iter_chunks(model, ae, context, n_chunks, temperature, candidates, generator, sampler,

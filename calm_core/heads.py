@@ -44,7 +44,7 @@ from calm_core import rng
 from calm_core.layers import RMSNorm, SwiGLU, init_weights, matmul_weights
 
 
-def _noise(h: torch.Tensor, n_samples: int, noise_dim: int, generator: torch.Generator | None) -> torch.Tensor:
+def _noise(h: torch.Tensor, n_samples: int, noise_dim: int, generator: rng.Gen) -> torch.Tensor:
     """eps ~ U(-0.5, 0.5)^noise_dim per sample: h [.., d] -> [.., N, noise_dim] in h's dtype."""
     return rng.uniform((*h.shape[:-1], n_samples, noise_dim), h.device, generator, -0.5, 0.5, h.dtype)
 
@@ -98,7 +98,7 @@ class PaperEnergyHead(nn.Module):
         self.out = nn.Linear(d, latent_dim)
         init_head(self, self.out, init)
 
-    def forward(self, h: torch.Tensor, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None) -> torch.Tensor:
         """h [.., d] -> n_samples independent samples [.., n_samples, l]."""
         eps = _noise(h, n_samples, self.noise_dim, generator)  # [.., N, noise_dim]
         c = self.cond_norm(self.cond(h)).unsqueeze(-2)  # [.., 1, d]
@@ -145,7 +145,7 @@ class AdaNormEnergyHead(nn.Module):
             nn.init.zeros_(b.mod.weight)
             nn.init.zeros_(b.mod.bias)
 
-    def forward(self, h: torch.Tensor, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None) -> torch.Tensor:
         """h [.., d] -> n_samples independent samples [.., n_samples, l]."""
         eps = _noise(h, n_samples, self.noise_dim, generator)  # [.., N, noise_dim]
         c = self.cond_norm(self.cond(h)).unsqueeze(-2)  # [.., 1, d]
@@ -205,7 +205,7 @@ class QuadraticHead(nn.Module):
         self.spread.mul_(self.SPREAD_MOMENTUM).add_((1 - self.SPREAD_MOMENTUM) * s.to(self.spread))
 
     def sample(self, h: torch.Tensor, n_samples: int, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: rng.Gen = None) -> torch.Tensor:
         """Samples of N(zhat, T s^2 I): [.., d] -> [.., n_samples, l]."""
         zhat = self.proj(h).unsqueeze(-2)  # [.., 1, l]
         noise = rng.normal((*zhat.shape[:-2], n_samples, zhat.shape[-1]), h.device, generator, zhat.dtype)

@@ -50,7 +50,7 @@ def _binom(count: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.lgamma(c + 1) - torch.lgamma(m + 1) - torch.lgamma(c - m + 1))
 
 
-def pick_by_counts(chunks: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def pick_by_counts(chunks: torch.Tensor, temperature: float, generator: rng.Gen = None) -> torch.Tensor:
     """The batch approximation, every row at once: candidate chunks [B, N, K] -> chosen [B, K].
 
     count_i = how many candidates equal candidate i; the order m is s = 1/T if some chunk was seen
@@ -79,7 +79,7 @@ class ExactStats:
 
 
 def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | str, max_draws: int = 2000,
-               batch: int = 16, candidates: int = 200, generator: torch.Generator | None = None
+               batch: int = 16, candidates: int = 200, generator: rng.Gen = None
                ) -> tuple[torch.Tensor, ExactStats]:
     """One chunk per row with law P^(1/T) (the module docstring's two stages) -> (chunks [B, K], stats)."""
     if not 0.0 < temperature <= 1.0:
@@ -129,12 +129,12 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
                 same = (x[live, j] == cand[r]).all(-1)  # [b']
                 result[r[same]], done[r[same]] = cand[r[same]], True
                 other = r[~same]
-                restart = rng.uniform((len(other),), device, generator, dtype=torch.float64) < a / i[other]
+                restart = rng.uniform((len(other),), device, rng.select(generator, other), dtype=torch.float64) < a / i[other]
                 factory[other[restart]] = False
                 i[other[~restart]] += 1.0
     left = rows[~done]
     if len(left):  # the attempt cap: the batch approximation for these rows, counted
-        result[left] = pick_by_counts(draw(left, candidates), temperature, generator)
+        result[left] = pick_by_counts(draw(left, candidates), temperature, rng.select(generator, left))
         stats.fallbacks += len(left)
         stats.draws += len(left) * candidates
     return result, stats

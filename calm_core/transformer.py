@@ -29,11 +29,12 @@ KV = tuple[torch.Tensor, torch.Tensor]  # rotated keys and values of one layer, 
 
 
 def rope_tables(positions: int | torch.Tensor, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim / 2] for positions 0..T-1 (an int T) or for the given positions [T]."""
+    """cos, sin [T, head_dim / 2] for positions 0..T-1 (an int T) or for the given positions [T]
+    (or [B, T]: each row its own positions -> [B, T, head_dim / 2])."""
     if isinstance(positions, int):
         positions = torch.arange(positions, device=device)
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, h/2]
+    angles = positions.float()[..., None] * inv_freq  # [.., T, h/2]
     return angles.cos(), angles.sin()
 
 
@@ -56,7 +57,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """x [B, T, d] -> (y [B, T, d], the layer's cache: rotated (k, v) [B, H, Tp + T, h], past first).
-        Without ``past`` attention is causal; with it, ``mask`` [T, Tp + T] (True = may attend)."""
+        Without ``past`` attention is causal; with it, ``mask`` [T, Tp + T] or [B, 1, T, Tp + T]
+        (True = may attend)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, h] x3
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -108,11 +110,15 @@ class Backbone(nn.Module):
 
         x [B, T, d] at RoPE ``positions`` [T]; ``mask`` [T, Tp + T] (True = may attend; default:
         all of the past and causal among the new) -> (hidden [B, T, d], the past extended by them).
+        Rows of different lengths (``calm_core.ragged``) give per-row ``positions`` [B, T] and
+        ``mask`` [B, T, Tp + T].
         """
         T, Tp = x.shape[1], past[0][0].shape[2]
         if mask is None:
             mask = torch.ones(T, Tp + T, dtype=torch.bool, device=x.device).tril(Tp)
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        if positions.dim() == 2:  # per row: broadcast over the heads
+            cos, sin, mask = cos[:, None], sin[:, None], mask.expand(x.shape[0], T, Tp + T)[:, None]
         cache = []
         for block, kv_past in zip(self.blocks, past):
             x, kv = block(x, cos, sin, kv_past, mask)

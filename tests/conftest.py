@@ -118,3 +118,25 @@ def make_ae():
     """``make_ae(directory, corpus_text, seed=0, latent_dim=16) -> (model, tok)``: writes a random
     tiny AE artifact (``write_random_ae``); session-scoped, so wider fixtures can use it too."""
     return write_random_ae
+
+
+def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
+    """A random tiny CALM or baseline artifact in RUN/KIND on RUN/ae (debug config), for serving tests."""
+    import dataclasses
+
+    import torch
+
+    from calm_core.artifacts import build_model, load_ae, load_model, model_inputs, write_trained
+    from calm_core.config import load_config
+
+    ae = load_ae(run / "ae")
+    cfg = dataclasses.replace(load_config("debug"), ae=ae.cfg.ae)
+    torch.manual_seed(seed)
+    model = build_model(kind, cfg, tok.vocab_size)
+    wake(model)  # the head's zero-initialised last layer: samples that differ with the noise
+    if kind == "baseline":  # as the AE: end-of-text gets logit 0 among random logits (texts rarely end)
+        with torch.no_grad():
+            model.embed.weight[tok.eot_id] = 0.0
+    (run / kind).mkdir()
+    write_trained(run / kind, kind, model.state_dict(), cfg, tok, [], {"step": 0}, model_inputs(cfg, tok, ae.sha256),
+                  {}, load=lambda d: load_model(d, kind, verify=False).model)

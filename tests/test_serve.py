@@ -7,7 +7,6 @@ tested here is the serving (API, streaming, seeds, stop strings, validation), no
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import socket
@@ -15,28 +14,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
-from conftest import wake, write_random_ae
+from conftest import write_random_ae, write_random_model
 
 pytestmark = pytest.mark.slow
-
-
-def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
-    from calm_core.artifacts import build_model, load_ae, load_model, model_inputs, write_trained
-    from calm_core.config import load_config
-
-    ae = load_ae(run / "ae")
-    cfg = dataclasses.replace(load_config("debug"), ae=ae.cfg.ae)
-    torch.manual_seed(seed)
-    model = build_model(kind, cfg, tok.vocab_size)
-    wake(model)  # the head's zero-initialised last layer: samples that differ with the noise
-    if kind == "baseline":  # as the AE: end-of-text gets logit 0 among random logits (texts rarely end)
-        with torch.no_grad():
-            model.embed.weight[tok.eot_id] = 0.0
-    (run / kind).mkdir()
-    write_trained(run / kind, kind, model.state_dict(), cfg, tok, [], {"step": 0}, model_inputs(cfg, tok, ae.sha256),
-                  {}, load=lambda d: load_model(d, kind, verify=False).model)
 
 
 def free_port() -> int:
@@ -48,7 +29,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_module, tmp_path_factory, tiny_corpus_text):
     """(base URL, run directory) of the app serving both models; a second app at /secure needs a key,
-    a third at /tight takes one request at a time with a queue of one."""
+    a third at /tight takes one request at a time with a queue of one, a fourth at /window batches
+    with Ray Serve's @serve.batch instead of the step loop."""
     import os
 
     from ray import serve
@@ -68,8 +50,10 @@ def server(ray_module, tmp_path_factory, tiny_corpus_text):
         serve.run(build_app({**small, "serve.api_key_env": "CALM_TEST_KEY"}), name="secure", route_prefix="/secure")
     finally:
         del os.environ["CALM_TEST_KEY"]
-    tight = {"serve.max_ongoing_requests": "1", "serve.max_queued_requests": "1"}
+    tight = {"serve.max_ongoing_requests": "1", "serve.max_queued_requests": "1", "serve.max_batch_rows": "1"}
     serve.run(build_app({**small, **tight}), name="tight", route_prefix="/tight")
+    window = {"serve.batching": "serve_batch", "serve.batch_wait_ms": "300"}
+    serve.run(build_app({**small, **window}), name="window", route_prefix="/window")
     yield f"http://127.0.0.1:{port}", run
     serve.shutdown()
 
@@ -239,24 +223,71 @@ def _step_rows(text: str, app: str) -> tuple[dict[float, float], list[float]]:
     return buckets, [float(line.rsplit(" ", 1)[1]) for line in mine if line.startswith("ray_calm_serve_step_rows_count")]
 
 
-def test_the_project_metrics_are_exported_for_prometheus(server, client):
-    """Requests, steps, rows per step and tokens appear on the node's Prometheus endpoint; the
-    steps of an n = 3 request are counted with 3 rows (exports come every few seconds: polled)."""
+def concurrently(fn, args: list) -> list:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(args)) as ex:
+        return list(ex.map(fn, args))
+
+
+NAMES = ("calm_serve_requests", "calm_serve_steps", "calm_serve_tokens", "calm_serve_step_rows")
+
+
+def batched_steps(app: str, wait_s: float = 30) -> tuple[str, bool]:
+    """(the node's Prometheus text, whether ``app``'s CALM replica exported a step of several rows),
+    polled: exports come every few seconds."""
     import time
 
     import ray
 
-    client.completions.create(model="calm", prompt="the cat", max_tokens=8, n=3, seed=0)
     port = ray._private.worker.global_worker.node.metrics_export_port
-    names = ("calm_serve_requests", "calm_serve_steps", "calm_serve_tokens", "calm_serve_step_rows")
-    deadline, text, buckets, total = time.monotonic() + 120, "", {}, []
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + wait_s
+    while True:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
             text = r.read().decode()
-        buckets, total = _step_rows(text, "open")
-        if all(f"ray_{n}" in text for n in names) and buckets and total and total[0] > buckets[2.0]:
-            break
+        buckets, total = _step_rows(text, app)
+        several = bool(buckets) and len(total) == 1 and total[0] > buckets[1.0]
+        if (several and all(f"ray_{n}" in text for n in NAMES)) or time.monotonic() > deadline:
+            return text, several
         time.sleep(2)
-    for name in names:
+
+
+def test_the_project_metrics_are_exported_and_show_concurrent_requests_batched(server, client):
+    """Requests, steps, rows per step and tokens appear on the node's Prometheus endpoint; concurrent
+    one-completion requests shared model steps (steps of more than one row). A round of 6 concurrent
+    requests is sent again if none overlapped."""
+    for _ in range(4):
+        concurrently(lambda i: client.completions.create(model="calm", prompt="the cat", max_tokens=24, seed=i),
+                     list(range(6)))
+        text, several = batched_steps("open")
+        if several:
+            break
+    for name in NAMES:
         assert re.search(name + r'\w*\{[^}]*model="calm"', text), name
-    assert buckets and len(total) == 1 and total[0] > buckets[2.0]  # some steps computed 3 rows
+    assert several  # some steps computed several requests' rows
+
+
+@pytest.mark.parametrize("model", ["calm", "baseline"])
+def test_serve_batch_batching_gives_the_same_texts_as_the_step_loop(server, model):
+    """The /window app (``serve.batching=serve_batch``, 300 ms window) batches 4 concurrent requests
+    into one @serve.batch call; each seeded text equals the step loop's, streamed or not."""
+    base = server[0]
+
+    def complete(args):
+        app, seed, stream = args
+        body = {"model": model, "prompt": "the cat sat", "max_tokens": 12 + 4 * seed, "seed": seed, "stream": stream}
+        req = urllib.request.Request(f"{base}{app}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read().decode()
+        if not stream:
+            return json.loads(raw)["choices"][0]["text"]
+        events = [json.loads(x[6:]) for x in raw.split("\n\n") if x.startswith("data: {")]
+        return "".join(c["text"] for e in events for c in e["choices"])
+
+    loop = concurrently(complete, [("", s, False) for s in range(4)])
+    assert concurrently(complete, [("/window", s, False) for s in range(4)]) == loop
+    assert concurrently(complete, [("/window", s, True) for s in range(4)]) == loop
+    assert len(set(loop)) == 4
+    if model == "calm":
+        assert batched_steps("window", 60)[1]  # @serve.batch put concurrent requests in one step

@@ -30,34 +30,91 @@ app = FastAPI(title="CALM on Ray", description="OpenAI-compatible completions fr
 
 @serve.deployment
 class ModelServer:
-    """One served model: loads its artifacts once per replica (from a local run directory or a URI)."""
+    """One served model: loads its artifacts once per replica (from a local run directory or a URI)
+    and batches the requests it holds (``serve.batching``):
 
-    def __init__(self, kind: str, run: str, device: str, threads: int):
+    - ``loop`` (default): a step-level loop (``pipelines.serve.batch.StepLoop``) admits new requests
+      between model steps, so a short request never waits for a long one;
+    - ``serve_batch``: Ray Serve's ``@serve.batch`` collects requests for ``batch_wait_ms`` and runs
+      them together until the last one ends (measured against ``loop`` in docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, kind: str, run: str, settings: dict[str, Any]):
         import torch
 
+        from pipelines.serve.batch import StepLoop
         from pipelines.serve.engine import BaselineEngine, CalmEngine
 
-        torch.set_num_threads(max(1, threads))
+        s = ServeConfig(**settings)
+        torch.set_num_threads(max(1, s.threads_per_replica))
+        device = s.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         rd = RunDir(run)
         self.engine = (CalmEngine(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
                        else BaselineEngine(rd.local_artifact("baseline"), device))
         self.metrics = ServeMetrics(kind)
+        self.policy = s.batching
+        self.loop = StepLoop(self.engine, s.max_batch_rows, self.metrics.step) if s.batching == "loop" else None
+        self._window.set_max_batch_size(s.max_batch_rows)
+        self._window.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
 
-    def stream(self, r):
+    async def stream(self, r):
         """Per model step, the deltas of the request's completions (dicts: index, text, finish, tokens)."""
         self.metrics.requests.inc()
-        for deltas in self.engine.stream(r):
-            self.metrics.step(len(deltas), sum(d.tokens for d in deltas if d.finish))
+        steps = self._loop_stream(r) if self.policy == "loop" else self._window(r)
+        async for deltas in steps:
             yield [dataclasses.asdict(d) for d in deltas]
 
-    def health(self) -> bool:
-        """A real forward pass: one step of a one-token prompt."""
+    async def _loop_stream(self, r):
+        import asyncio
+
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        m = self.loop.submit(r, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                deltas, finished = item
+                yield deltas
+                if finished:
+                    return
+        finally:
+            m.cancelled = True  # the client went away: the loop drops the rows at its next step
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda rs: sum(r.n for r in rs))
+    async def _window(self, rs: list):
+        """``serve_batch``: the requests Serve collected, stepped together until the last one ends."""
+        import asyncio
+
+        from pipelines.serve.batch import Batch, Member
+
+        batch = Batch(self.engine)
+        members = [Member.start(self.engine, r) for r in rs]
+        await asyncio.to_thread(lambda: [batch.join(m) for m in members])
+        slot = {id(m): i for i, m in enumerate(members)}
+        ended = [False] * len(rs)
+        while batch.members:
+            out = await asyncio.to_thread(batch.step)
+            self.metrics.step(sum(m.rows for m, _, _ in out), sum(d.tokens for _, ds, _ in out for d in ds if d.finish))
+            results: list = [StopIteration] * len(rs)
+            for m, deltas, finished in out:
+                results[slot[id(m)]] = deltas
+            for m, _, finished in out:
+                ended[slot[id(m)]] = finished
+            yield results
+            if all(ended):
+                return
+
+    async def health(self) -> bool:
+        """A real forward pass through the batching path: one step of a one-token prompt."""
         from pipelines.serve.engine import GenRequest
 
         r = GenRequest([self.engine.tok.eot_id], max_tokens=self.engine.step_tokens, seed=0)
-        return any(True for _ in self.engine.stream(r))
+        async for _ in self.stream(r):
+            pass
+        return True
 
 
 class ServeMetrics:
@@ -167,7 +224,7 @@ def build_app(args: dict[str, Any]):
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-    ).bind(kind, run, s.device, s.threads_per_replica) for kind in served_kinds(rd)}
+    ).bind(kind, run, dataclasses.asdict(s)) for kind in served_kinds(rd)}
     key = os.environ.get(s.api_key_env)  # set where the app is built: handed to the ingress replicas
     opts = {"num_cpus": 0, **({"runtime_env": {"env_vars": {s.api_key_env: key}}} if key else {})}
     return Api.options(name="api", ray_actor_options=opts).bind(models, run, dataclasses.asdict(s))

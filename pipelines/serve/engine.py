@@ -1,28 +1,32 @@
-"""What a served model does with one request, in plain PyTorch: CALM and the baseline as engines that
-stream a completion step by step (CALM: one chunk of K tokens per step; the baseline: one token).
+"""What a served model computes, in plain PyTorch: CALM and the baseline as engines that continue
+many requests at once, one model step at a time (CALM: a chunk of K tokens per step; the baseline:
+one token).
 
-A request's ``n`` completions of one prompt are one batch (rows of the same context). Sampling stays
-on the model's device with a generator seeded by the request's ``seed``, so a request gives the same
-text streamed or not. ``Engine.stream`` yields, after every model step, the new text of each
-completion (``pipelines.serve.text.StopCutter`` applies end-of-text, ``stop`` and ``max_tokens``).
+An engine gives three things to ``pipelines.serve.batch.Batch``, which batches requests:
+``prefill`` (a prompt -> its KV cache and last hidden state), ``pick`` (hidden states of rows that
+share sampling settings -> their next token ids) and ``feed`` (the ids just picked -> next inputs).
+A request's ``n`` completions are n rows of the same prompt. Sampling stays on the model's device
+with a generator seeded by the request's ``seed``; in a batch each request's rows draw from its own
+generator (``calm_core.rng.Rows``), so a seeded request gives the same text streamed or not, alone or
+batched with others (up to floating-point rounding of batched matmuls).
 """
 
 from __future__ import annotations
 
-import math
-import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from calm_core import rng
 from calm_core.artifacts import load_ae, load_model
-from calm_core.generate import iter_chunks, prompt_chunks
+from calm_core.baseline import nucleus
+from calm_core.generate import next_chunks, prompt_chunks
+from calm_core.ragged import RaggedCache
 from calm_core.tokenizer import CalmTokenizer
-from pipelines.serve.text import StopCutter
+from calm_core.transformer import Backbone
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class GenRequest:
     sampler: str = "batch"  # CALM, temperature < 1: "batch" or "exact"
     max_draws: int = 2000  # CALM's exact sampler: draws per step before its fallback
 
+    def sampling(self) -> tuple:
+        """The settings that must be equal for rows to be sampled in one call."""
+        return self.temperature, self.top_p, self.candidates, self.sampler, self.max_draws
+
 
 @dataclass(frozen=True)
 class Delta:
@@ -52,29 +60,26 @@ class Delta:
 
 
 class Engine(ABC):
-    """The model side of serving; subclasses implement ``_steps`` (token ids per row, per step)."""
+    """The model side of serving (see the module docstring)."""
+
+    backbone: Backbone
 
     def __init__(self, tok: CalmTokenizer, device: torch.device, context_tokens: int, step_tokens: int):
         self.tok, self.device = tok, device
         self.context_tokens = context_tokens  # the trained context, in tokens
         self.step_tokens = step_tokens  # tokens per model step (K for CALM, 1 for the baseline)
 
-    def stream(self, r: GenRequest) -> Iterator[list[Delta]]:
-        """After every model step, the deltas of the completions that are still running (the last
-        yield ends every completion)."""
-        cutters = [StopCutter(self.tok, r.stop, r.max_tokens) for _ in range(r.n)]
-        seed = r.seed if r.seed is not None else secrets.randbits(63)
-        gen = rng.generator_for(self.device, seed)
-        for ids in self._steps(r, gen):  # [n, tokens of this step]
-            live = [(i, c) for i, c in enumerate(cutters) if not c.done]
-            yield [Delta(i, c.push(ids[i]), c.finish, c.tokens) for i, c in live]
-            if all(c.done for c in cutters):
-                return
-        yield [Delta(i, c.close(), c.finish, c.tokens) for i, c in enumerate(cutters) if not c.done]
+    @abstractmethod
+    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
+        """The prompt -> (hidden state after it [n, d], its cache for the request's n rows)."""
 
     @abstractmethod
-    def _steps(self, r: GenRequest, gen: torch.Generator) -> Iterator[list[list[int]]]:
-        """The token ids each of the request's n rows gets at every model step."""
+    def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
+        """Next token ids of rows sampled with ``r``'s settings: h [b, d] -> [b, step_tokens]."""
+
+    @abstractmethod
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids just picked -> the next backbone inputs: [B, step_tokens] -> [B, 1, d]."""
 
 
 class CalmEngine(Engine):
@@ -85,17 +90,30 @@ class CalmEngine(Engine):
         calm = load_model(calm_dir, "calm", expected_ae_sha256=ae.sha256)
         dev = torch.device(device)
         self.model, self.ae = calm.model.to(dev).eval(), ae.model.to(dev).eval()
+        self.backbone = self.model.backbone
         K = self.model.K
         super().__init__(calm.tok, dev, self.model.mcfg.block_chunks * K, K)
 
-    def _steps(self, r: GenRequest, gen: torch.Generator) -> Iterator[list[list[int]]]:
-        K = self.step_tokens
-        context, _ = prompt_chunks(r.prompt_ids, K, self.tok.eot_id, self.tok.pad_id)  # [1, T, K]
-        context = context.expand(r.n, -1, -1).to(self.device)
-        steps = math.ceil(r.max_tokens / K)
-        for c in iter_chunks(self.model, self.ae, context, steps, r.temperature, r.candidates, gen, r.sampler,
-                             r.max_draws):  # [n, K]
-            yield c.tolist()
+    @torch.no_grad()
+    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
+        context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id)
+        x = self.feed_chunks(context.to(self.device))  # [1, T, d]
+        h, past = self.backbone.prefix(x)
+        return h[:, -1].expand(r.n, -1), RaggedCache.from_prefix(past, r.n)
+
+    @torch.no_grad()
+    def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
+        return next_chunks(self.model, self.ae, h, r.temperature, r.candidates, gen, r.sampler, r.max_draws)
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.feed_chunks(ids[:, None])
+
+    def feed_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
+        """chunks [B, T, K] -> inputs [B, T, d] (latent input: the AE encoder's posterior mean, as in training)."""
+        latent = self.model.latent_in is not None
+        mu = self.ae.encode(chunks.flatten(0, 1))[0].view(*chunks.shape[:2], -1) if latent else None  # [B, T, l]
+        return self.model.inputs(chunks, mu)
 
 
 class BaselineEngine(Engine):
@@ -105,13 +123,22 @@ class BaselineEngine(Engine):
         art = load_model(baseline_dir, "baseline")
         dev = torch.device(device)
         self.model = art.model.to(dev).eval()
+        self.backbone = self.model.backbone
         super().__init__(art.tok, dev, self.model.mcfg.block_chunks * self.model.K, 1)
 
-    def _steps(self, r: GenRequest, gen: torch.Generator) -> Iterator[list[list[int]]]:
-        prompt = torch.tensor([[self.tok.eot_id, *r.prompt_ids]] * r.n, device=self.device)  # [n, 1 + T]
+    @torch.no_grad()
+    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
+        prompt = torch.tensor([[self.tok.eot_id, *r.prompt_ids]], device=self.device)  # [1, 1 + T]
+        h, past = self.backbone.prefix(self.model.embed(prompt))
+        return h[:, -1].expand(r.n, -1), RaggedCache.from_prefix(past, r.n)
+
+    @torch.no_grad()
+    def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
         # temperature 0 is greedy: nucleus sampling with a vanishing top_p keeps only the most likely token
         t, top_p = (1.0, 1e-9) if r.temperature == 0.0 else (r.temperature, r.top_p)
-        for x in self.model.iter_tokens(prompt, r.max_tokens, t, top_p, gen):  # [n]
-            yield [[tok] for tok in x.tolist()]
+        logits = F.linear(h, self.model.embed.weight)  # [b, V]
+        return rng.categorical(nucleus((logits.float() / t).softmax(-1), top_p), gen)[:, None]  # [b, 1]
 
-
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(ids)  # [B, 1, d]

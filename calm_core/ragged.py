@@ -1,0 +1,69 @@
+"""Rows of different lengths decoded together: a left-padded KV cache (continuous batching).
+
+A server continues many sequences at once, each of its own length, one new position per row per
+step. Row b's cached keys and values sit at the right end of a shared length S (left padding);
+``valid`` [B, S] marks its real positions and ``pos`` [B] is the RoPE position of its next input:
+
+    h_b, (k, v) = Backbone.extend(x_b at position pos_b, attending to [valid_b, True])
+
+Padding does not change a row's result: a padded key gets attention weight exp(-inf) = 0, and RoPE
+makes every score depend only on true positions, so a row continues exactly as it would alone (up
+to floating-point rounding of the batched matmuls). Rows join between steps (``join``: the shorter
+side is left-padded) and leave (``keep``: columns no remaining row needs are dropped).
+Shapes: B rows, H heads, S cached length, h head width, d model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from calm_core.transformer import KV, Backbone
+
+
+@dataclass(frozen=True)
+class RaggedCache:
+    past: list[KV]  # per layer (k, v) [B, H, S, h], left-padded
+    valid: torch.Tensor  # [B, S] bool: a real cached position
+    pos: torch.Tensor  # [B] long: RoPE position of each row's next input
+
+    @classmethod
+    def from_prefix(cls, past: list[KV], rows: int = 1) -> "RaggedCache":
+        """The cache of one prefilled sequence (``Backbone.prefix`` of [1, T, d]) for ``rows``
+        identical rows (a request's n completions share their prompt)."""
+        k0 = past[0][0]  # [1, H, T, h]
+        T = k0.shape[2]
+        return cls([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past],
+                   torch.ones(rows, T, dtype=torch.bool, device=k0.device),
+                   torch.full((rows,), T, dtype=torch.long, device=k0.device))
+
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    def join(self, other: "RaggedCache") -> "RaggedCache":
+        """This cache's rows, then ``other``'s, left-padded to one length."""
+        S = max(self.valid.shape[1], other.valid.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:  # left-pad axis -dim_from_end to S
+            n = S - t.shape[-dim_from_end]
+            return F.pad(t, (0, 0) * (dim_from_end - 1) + (n, 0)) if n else t
+
+        past = [(torch.cat([pad(a[0], 2), pad(b[0], 2)]), torch.cat([pad(a[1], 2), pad(b[1], 2)]))
+                for a, b in zip(self.past, other.past)]
+        return RaggedCache(past, torch.cat([pad(self.valid, 1), pad(other.valid, 1)]), torch.cat([self.pos, other.pos]))
+
+    def keep(self, rows: torch.Tensor) -> "RaggedCache":
+        """Only the given rows [b] (in that order); leading columns that none of them uses are dropped."""
+        valid = self.valid[rows]  # [b, S]
+        first = int(valid.any(0).float().argmax()) if valid.any() else valid.shape[1]
+        return RaggedCache([(k[rows, :, first:], v[rows, :, first:]) for k, v in self.past], valid[:, first:],
+                           self.pos[rows])
+
+    def step(self, backbone: Backbone, x: torch.Tensor) -> tuple[torch.Tensor, "RaggedCache"]:
+        """Feed one new input per row: x [B, 1, d] -> (hidden [B, d], the cache one longer)."""
+        see = torch.cat([self.valid, torch.ones_like(self.valid[:, :1])], 1)  # [B, S + 1]
+        h, past = backbone.extend(x, self.pos[:, None], self.past, see[:, None])
+        return h[:, -1], RaggedCache(past, see, self.pos + 1)

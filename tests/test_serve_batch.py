@@ -1,0 +1,100 @@
+"""Batching across requests (pipelines/serve/batch.py), without Ray: requests that join a running
+batch at different steps, with different prompts, n and sampling settings, get exactly the text each
+gets alone with the same seed; the step loop batches concurrent requests, drops a cancelled one and
+keeps serving after a request fails."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import write_random_ae, write_random_model
+from pipelines.serve.batch import Batch, Member, StepLoop, stream_alone
+from pipelines.serve.engine import BaselineEngine, CalmEngine, GenRequest
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, tiny_corpus_text):
+    run = tmp_path_factory.mktemp("batch") / "run"
+    _, tok = write_random_ae(run / "ae", tiny_corpus_text, for_text=True)
+    write_random_model(run, "calm", tok)
+    write_random_model(run, "baseline", tok)
+    return {"calm": CalmEngine(run / "ae", run / "calm"), "baseline": BaselineEngine(run / "baseline")}
+
+
+def texts(deltas_per_step) -> dict[int, tuple[str, str | None, int]]:
+    out: dict[int, list] = {}
+    for step in deltas_per_step:
+        for d in step:
+            t = out.setdefault(d.index, ["", None, 0])
+            t[0] += d.text
+            t[1], t[2] = d.finish, d.tokens
+    return {i: tuple(v) for i, v in out.items()}
+
+
+REQUESTS = {
+    "calm": [dict(max_tokens=24, seed=1), dict(max_tokens=13, n=2, seed=2),
+             dict(max_tokens=16, temperature=0.5, candidates=12, seed=3),
+             dict(max_tokens=12, temperature=0.5, sampler="exact", max_draws=40, candidates=8, seed=4),
+             dict(max_tokens=20, seed=5, stop=["e"])],
+    "baseline": [dict(max_tokens=30, seed=1), dict(max_tokens=7, n=3, seed=2),
+                 dict(max_tokens=16, temperature=0.7, top_p=0.9, seed=3), dict(max_tokens=10, temperature=0.0),
+                 dict(max_tokens=25, seed=5, stop=["e"])],
+}
+PROMPTS = ["the cat", "a dog ran to the old tree and sat down", "hello", "she said that", "one two three four five"]
+
+
+@pytest.mark.parametrize("kind", ["calm", "baseline"])
+def test_requests_joining_a_running_batch_get_the_text_they_get_alone(engines, kind):
+    eng = engines[kind]
+    reqs = [GenRequest(eng.tok.encode(p), **kw) for p, kw in zip(PROMPTS, REQUESTS[kind])]
+    alone = [texts(stream_alone(eng, r)) for r in reqs]
+    joins = {0: [0, 1], 1: [2], 3: [3, 4]}  # step -> requests that join before it
+    batch, got, rows_seen = Batch(eng), {}, []
+    members: dict[int, Member] = {}
+    step = 0
+    while step in joins or batch.members or step <= max(joins):
+        for i in joins.get(step, []):
+            members[i] = batch.join(Member.start(eng, reqs[i]))
+        rows_seen.append(batch.rows)
+        for m, deltas, _ in batch.step():
+            i = next(k for k, v in members.items() if v is m)
+            got.setdefault(i, []).append(deltas)
+        step += 1
+    assert max(rows_seen) >= 5  # several requests really shared steps
+    for i in range(len(reqs)):
+        assert texts(got[i]) == alone[i], f"request {i} ({REQUESTS[kind][i]}) differs when batched"
+    assert any(t[1] == "length" for a in alone for t in a.values())
+
+
+def test_the_step_loop_batches_concurrent_requests_and_survives_a_failing_one(engines):
+    eng = engines["baseline"]
+    steps: list[int] = []
+    loop = StepLoop(eng, max_rows=8, on_step=lambda rows, tokens: steps.append(rows))
+    results: dict[str, list] = {}
+    done = {k: threading.Event() for k in ("a", "b", "bad", "cancel", "big")}
+
+    def sink(key):
+        def put(item):
+            results.setdefault(key, []).append(item)
+            if isinstance(item, BaseException) or item[1]:
+                done[key].set()
+        return put
+
+    ok = GenRequest(eng.tok.encode("the cat"), max_tokens=40, seed=1)
+    loop.submit(ok, sink("a"))
+    loop.submit(GenRequest(eng.tok.encode("a dog"), max_tokens=40, n=2, seed=2), sink("b"))
+    loop.submit(GenRequest([10 ** 6], max_tokens=5), sink("bad"))  # a token id beyond the vocabulary
+    gone = loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=40, seed=3), sink("cancel"))
+    loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=4, n=9), sink("big"))  # more rows than a step takes
+    assert done["bad"].wait(60) and isinstance(results["bad"][0], IndexError)
+    gone.cancelled = True
+    for k in ("a", "b", "big"):
+        assert done[k].wait(120), k
+    assert not done["cancel"].is_set() and len(results.get("cancel", [])) < 40
+    assert 3 <= max(s for s in steps if s != 9) <= 4  # a, b (2 rows) and the cancelled one shared steps
+    assert 9 in steps and not any(4 < s < 9 for s in steps)  # "big" ran alone: it never fits with others
+    assert [d for s, _ in results["a"] for d in s] and texts(s for s, _ in results["a"]) == texts(stream_alone(eng, ok))
+    big = texts(s for s, _ in results["big"])
+    assert len(big) == 9 and all(t[2] <= 4 for t in big.values())
