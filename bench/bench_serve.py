@@ -170,8 +170,10 @@ def main() -> None:
         serve.run(build_app({"run": args.run, "config": "demo", **sets, "serve.batching": policy}), name=policy,
                   route_prefix=f"/{policy}")
     run = RunDir(args.run)
-    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm")),
-               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"))}
+    device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
+    device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
+    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
+               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
     levels = []
     for model in args.models:
         engine = engines[model]()

@@ -2,6 +2,7 @@
 # The chain on one GPU, as a new user would run it, in one call of under 10 minutes:
 #   stage 1 -> latents (GPU encoder actor) -> CALM (paper head, then adanorm, then compiled)
 #   -> the baseline (eager, then compiled) -> generation (batch and exact temperature)
+#   -> serving (Ray Serve on the GPU, both batching policies, against in-process batched generation)
 # and a summary of tokens/s and MFU per stage (bench/gpu_summary.py). Logs go to $OUT (or ./gpu-out).
 #
 #   bash ../shared/tools/gpu-kit/prepare.sh                         # here, once: .gpu/
@@ -44,6 +45,8 @@ cp -r "$RUN/baseline" "$OUT/baseline_artifact" 2>/dev/null && rm -f "$OUT/baseli
 step baseline_compiled 130 python jobs/baseline.py --config small --run "$RUN" --overwrite $GPU $BIG $BL distributed.compile=true
 step generate 60 python jobs/generate.py --run "$RUN" --prompt "Once upon a time" --chunks 16 --temperature 0.5 --samples 2
 step generate_exact 60 python jobs/generate.py --run "$RUN" --prompt "Once upon a time" --chunks 16 --temperature 0.5 --sampler exact --max-draws 400
+step serve 200 python bench/bench_serve.py --run "$RUN" --corpus "$CORPUS" --concurrency 1 32 --requests 32 \
+    --max-tokens 64 --out "$OUT/serve.json" serve.device=cuda serve.gpus_per_replica=0.25 serve.cpus_per_replica=1
 for f in "$RUN"/calm "$RUN"/baseline; do cp -r "$f" "$OUT/$(basename "$f")_compiled_artifact" 2>/dev/null; done
 rm -f "$OUT"/*_compiled_artifact/model.safetensors
 python bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
