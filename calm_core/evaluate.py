@@ -12,93 +12,130 @@ both; only what each model predicts differs (a vector decoded into K tokens, or 
   (``brier_n_from_probs``: exact P(y), the collision term from the samples' exact probabilities,
   Brier-1 fully exact) and the sample-only U-statistic, which must agree in expectation.
 
-The functions return sums (float64 [1] tensors) so ranks can all-reduce them before
-``heldout_record`` turns them into means and BrierLM.
+Every block draws its noise from its own generator, seeded by (seed, the block's ``key``)
+(``block_generators``; keys default to the block's index): a block's figures do not depend on the
+batch it is scored in, the order of the blocks or the worker that scores it, so the evaluation job
+reproduces the in-training estimator on the same blocks and seed.
+
+``calm_block_scores`` / ``baseline_block_scores`` give per-block sums ([b] tensors, which the
+evaluation job uses for confidence intervals); ``calm_heldout`` / ``baseline_heldout`` add them up
+into float64 [1] sums that ranks all-reduce before ``heldout_record`` turns them into means and
+BrierLM.
 """
 
 from __future__ import annotations
 
 import torch
 
+from calm_core import rng
 from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.baseline import TokenLM
 from calm_core.brierlm import ORDERS, brier1_exact, brier_lm, brier_n_estimates, brier_n_from_probs
 from calm_core.calm_model import CALM
+from calm_core.energy import posterior_energy_terms
 
 Sums = dict[str, torch.Tensor]
 BRANCHES_PER_PASS = 4096  # sampled baseline continuations decoded together (memory: this x vocabulary floats)
+
+
+def block_generators(seed: int, keys: torch.Tensor) -> rng.Rows:
+    """One CPU generator per block, seeded by (seed, block key) [b] (``calm_core.rng`` moves draws to
+    the model's device)."""
+    return rng.Rows([torch.Generator().manual_seed((seed * 1_000_003 + k) % (2 ** 63)) for k in keys.tolist()])
+
+
+def _keys(val: dict[str, torch.Tensor]) -> torch.Tensor:
+    return val["key"] if "key" in val else torch.arange(len(val["tokens"]))
+
+
+def _add(total: dict[str, float], scores: dict[str, torch.Tensor]) -> None:
+    for k, v in scores.items():
+        total[k] = total.get(k, 0.0) + float(v.double().sum())
 
 
 def _as_sums(sums: dict[str, float]) -> Sums:
     return {k: torch.tensor([v], dtype=torch.float64) for k, v in sums.items()}
 
 
-def _add(sums: dict[str, float], prefix: str, per_position: dict[int, torch.Tensor]) -> None:
-    for n in ORDERS:
-        sums[f"{prefix}{n}"] += float(per_position[n].double().sum())
+@torch.no_grad()
+def calm_block_scores(model: CALM, ae: ChunkAutoencoder, tokens: torch.Tensor, mu: torch.Tensor,
+                      log_sigma: torch.Tensor, samples: int, gen: rng.Gen) -> dict[str, torch.Tensor]:
+    """Per-block sums for blocks tokens [b, L, K], mu / log_sigma [b, L, l]: ``loss``, ``fidelity``,
+    ``diversity`` (means over the block's L-1 positions, as the training loss), ``positions`` and
+    ``brier1..4`` (sums over positions, from ``samples`` decoded head samples). -> {name: [b]}"""
+    m = model.hcfg
+    h = model.hidden(tokens[:, :-1], mu[:, :-1])  # [b, L-1, d]
+    x = model.sample(h, m.n_samples, generator=gen)  # [b, L-1, N, l]
+    fid, div = posterior_energy_terms(x, mu[:, 1:], log_sigma[:, 1:], m.n_targets, m.alpha, gen)  # [b, L-1]
+    z = model.sample(h, samples, generator=gen)  # [b, L-1, R, l]
+    b, P = tokens.shape[0], tokens.shape[1] - 1
+    chunks = decode_tokens(ae, z).flatten(0, 1)  # [b*P, R, K]
+    brier = brier_n_estimates(chunks, tokens[:, 1:].flatten(0, 1))  # {n: [b*P]}
+    return {"loss": (fid - div).mean(1), "fidelity": fid.mean(1), "diversity": div.mean(1),
+            "positions": torch.full((b,), float(P)), **{f"brier{n}": brier[n].view(b, P).sum(1) for n in ORDERS}}
 
 
 def calm_heldout(model: CALM, ae: ChunkAutoencoder, val: dict[str, torch.Tensor], batch: int,
                  samples: int = 2, seed: int = 0) -> Sums:
-    """Sums over held-out blocks (tokens [N, L, K], mu / log_sigma [N, L, l]): energy loss parts and
-    Brier-n from ``samples`` decoded head samples at each of the L-1 chunk starts."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {"loss": 0.0, "fidelity": 0.0, "diversity": 0.0, "blocks": 0.0, "positions": 0.0,
-            **{f"brier{n}": 0.0 for n in ORDERS}}
+    """Sums over held-out blocks (tokens [N, L, K], mu / log_sigma [N, L, l], optional ``key`` [N]) of
+    ``calm_block_scores``, plus ``blocks``."""
+    sums: dict[str, float] = {"blocks": 0.0}
     device = next(model.parameters()).device
+    keys = _keys(val)
     was = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(val["tokens"]), batch):
-            tok, mu, ls = (val[k][i : i + batch].to(device) for k in ("tokens", "mu", "log_sigma"))
-            out = model(tok, mu, ls, generator=g)
-            b = tok.shape[0]
-            for k in ("loss", "fidelity", "diversity"):
-                sums[k] += float(getattr(out, k)) * b
-            sums["blocks"] += b
-            z = model.sample(out.hidden, samples, generator=g)  # [b, L-1, R, l]
-            chunks = decode_tokens(ae, z).flatten(0, 1)  # [P, R, K]
-            truth = tok[:, 1:].flatten(0, 1)  # [P, K]
-            _add(sums, "brier", brier_n_estimates(chunks, truth))
-            sums["positions"] += truth.shape[0]
+    for i in range(0, len(val["tokens"]), batch):
+        tok, mu, ls = (val[k][i : i + batch].to(device) for k in ("tokens", "mu", "log_sigma"))
+        _add(sums, calm_block_scores(model, ae, tok.long(), mu, ls, samples, block_generators(seed, keys[i : i + batch])))
+        sums["blocks"] += tok.shape[0]
     model.train(was)
     return _as_sums(sums)
 
 
+@torch.no_grad()
+def baseline_block_scores(lm: TokenLM, tokens: torch.Tensor, K: int, samples: int, gen: rng.Gen,
+                          pad_id: int = -100) -> dict[str, torch.Tensor]:
+    """Per-block sums for blocks tokens [b, L*K]: cross-entropy ``loss`` over non-pad targets and their
+    count ``loss_tokens``, exact ``brier1_exact`` over every token (``tokens``), and at the L-1 chunk
+    starts ``brier1..4`` from probabilities and ``sampled_brier1..4`` from ``samples`` sampled
+    continuations (``positions``). One teacher-forced pass (inside ``TokenLM.branches``) serves all."""
+    n = max(ORDERS)
+    b, T = tokens.shape
+    starts = torch.arange(K, T - n + 1, K, device=tokens.device)  # chunk starts with n true tokens after them
+    br = lm.branches(tokens, starts, n, samples, generator=gen)
+    logp, target = br.logp_next[:, :-1], tokens[:, 1:]  # [b, T-1, V], [b, T-1]
+    keep = target != pad_id
+    nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # [b, T-1]
+    P = len(starts)
+    probs = brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1), br.collision1.flatten())
+    truth = tokens[:, starts[:, None] + torch.arange(n, device=tokens.device)].flatten(0, 1)  # [b*P, n]
+    sampled = brier_n_estimates(br.samples.flatten(0, 1), truth)
+    return {"loss": (nll * keep).sum(1), "loss_tokens": keep.sum(1).double(),
+            "brier1_exact": brier1_exact(logp.exp().flatten(0, 1), target.flatten()).view(b, -1).sum(1),
+            "tokens": torch.full((b,), float(T - 1)), "positions": torch.full((b,), float(P)),
+            **{f"brier{k}": probs[k].view(b, P).sum(1) for k in ORDERS},
+            **{f"sampled_brier{k}": sampled[k].view(b, P).sum(1) for k in ORDERS}}
+
+
 def baseline_heldout(lm: TokenLM, val: dict[str, torch.Tensor], batch: int, K: int, samples: int = 2,
                      seed: int = 0, pad_id: int = -100) -> Sums:
-    """Sums over held-out blocks (tokens [N, L, K]): cross-entropy, exact Brier-1 over every token,
-    and at the L-1 chunk starts Brier-n from probabilities and from ``samples`` samples. The
-    cross-entropy ignores ``pad_id`` targets, as training does. One teacher-forced pass per block
-    (inside ``TokenLM.branches``) serves all of them."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {"loss": 0.0, "loss_tokens": 0.0, "blocks": 0.0, "brier1_exact": 0.0, "tokens": 0.0, "positions": 0.0,
-            **{f"brier{n}": 0.0 for n in ORDERS}, **{f"sampled_brier{n}": 0.0 for n in ORDERS}}
+    """Sums over held-out blocks (tokens [N, L, K], optional ``key`` [N]) of ``baseline_block_scores``,
+    plus ``blocks``; the cross-entropy ignores ``pad_id`` targets, as training does."""
+    sums: dict[str, float] = {"blocks": 0.0, "loss": 0.0, "loss_tokens": 0.0, "brier1_exact": 0.0, "tokens": 0.0,
+                              "positions": 0.0, **{f"brier{n}": 0.0 for n in ORDERS},
+                              **{f"sampled_brier{n}": 0.0 for n in ORDERS}}
     if len(val["tokens"]) == 0:
         return _as_sums(sums)
     device = next(lm.parameters()).device
-    n = max(ORDERS)
+    keys = _keys(val)
     T = val["tokens"][0].numel()
-    starts = torch.arange(K, T - n + 1, K, device=device)  # chunk starts with n true tokens after them
-    rows = max(1, min(batch, BRANCHES_PER_PASS // (len(starts) * samples)))  # bounds the [rows, S*R, V] logits
+    rows = max(1, min(batch, BRANCHES_PER_PASS // (max(1, T // K) * samples)))  # bounds the [rows, S*R, V] logits
     was = lm.training
     lm.eval()
-    with torch.no_grad():
-        for i in range(0, len(val["tokens"]), rows):
-            tok = val["tokens"][i : i + rows].to(device).flatten(1).long()  # [b, L*K]
-            br = lm.branches(tok, starts, n, samples, generator=g)
-            logp, target = br.logp_next[:, :-1].flatten(0, 1), tok[:, 1:].flatten()  # [b*(T-1), V], [b*(T-1)]
-            keep = target != pad_id
-            sums["loss"] -= float(logp[keep].gather(-1, target[keep, None]).sum())
-            sums["loss_tokens"] += int(keep.sum())
-            sums["brier1_exact"] += float(brier1_exact(logp.exp(), target).sum())
-            sums["blocks"] += tok.shape[0]
-            sums["tokens"] += target.numel()
-            _add(sums, "brier", brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1),
-                                                  br.collision1.flatten()))
-            truth = tok[:, starts[:, None] + torch.arange(n, device=device)].flatten(0, 1)  # [P, n]
-            _add(sums, "sampled_brier", brier_n_estimates(br.samples.flatten(0, 1), truth))
-            sums["positions"] += truth.shape[0]
+    for i in range(0, len(val["tokens"]), rows):
+        tok = val["tokens"][i : i + rows].to(device).flatten(1).long()  # [b, L*K]
+        _add(sums, baseline_block_scores(lm, tok, K, samples, block_generators(seed, keys[i : i + rows]), pad_id))
+        sums["blocks"] += tok.shape[0]
     lm.train(was)
     return _as_sums(sums)
 

@@ -99,15 +99,16 @@ def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float):
 def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int, cpus: float,
                     kind: str = "calm") -> dict[str, np.ndarray]:
     """Up to ``max_chunks`` held-out chunks as blocks of L: tokens int64 [N, L, K], mu and log_sigma
-    float32 [N, L, l] (the training split stands in, with a warning, when the held-out split has
-    fewer than L chunks)."""
+    float32 [N, L, l], and ``key`` [N] (the block's index: its noise seed in ``calm_core.evaluate``);
+    the training split stands in, with a warning, when the held-out split has fewer than L chunks."""
     split = "val" if lman["metrics"]["rows_per_split"].get("val", 0) >= L else "train"
     if split == "train":
         progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks")
     ds, _ = LT.read_latents(run, split, expected=ae_ident)
     rows = _blocks(ds, lman, L, "calm", cpus).limit(max(1, max_chunks // L)).take_all()
-    return {k: np.stack([r[k] for r in rows]).astype(np.int64 if k == "tokens" else np.float32)
-            for k in ("tokens", "mu", "log_sigma")}
+    val = {k: np.stack([r[k] for r in rows]).astype(np.int64 if k == "tokens" else np.float32)
+           for k in ("tokens", "mu", "log_sigma")}
+    return {**val, "key": np.arange(len(rows), dtype=np.int64)}  # each block's noise seed, whatever rank scores it
 
 
 def stage2_identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: dict) -> dict[str, Any]:
