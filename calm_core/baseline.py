@@ -45,6 +45,15 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, idx, p / p.sum(-1, keepdim=True))
 
 
+def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax temperature on probabilities [.., V]: P^(1/T) renormalised; T = 0 keeps the argmax."""
+    if temperature == 1.0:
+        return probs
+    if temperature == 0.0:
+        return nucleus(probs, 1e-9)
+    return (probs.clamp_min(1e-30).log() / temperature).softmax(-1)
+
+
 class TokenLM(nn.Module):
     def __init__(self, model: ModelConfig, vocab_size: int, K: int):
         super().__init__()
@@ -59,8 +68,9 @@ class TokenLM(nn.Module):
         return F.linear(h, self.embed.weight)
 
     def branches(self, tokens: torch.Tensor, starts: torch.Tensor, n: int, R: int,
-                 generator: torch.Generator | None = None) -> Branches:
-        """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]).
+                 generator: rng.Gen = None, temperature: float = 1.0) -> Branches:
+        """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]),
+        at softmax ``temperature`` (``tempered``; the log-probabilities returned stay the model's).
 
         tokens [B, T]; starts [S] with 1 <= e and e + n <= T. -> Branches with samples [B, S, R, n],
         their log-probabilities [B, S, R, n], the true continuation's [B, S, n], the exact
@@ -82,7 +92,7 @@ class TokenLM(nn.Module):
         step_logp = first.repeat_interleave(R, 1)  # [B, S*R, V]
         samples, logps = [], []
         for i in range(n):
-            x = rng.categorical(step_logp.exp(), generator)  # [B, S*R]
+            x = rng.categorical(tempered(step_logp.exp(), temperature), generator)  # [B, S*R]
             samples.append(x)
             logps.append(step_logp.gather(-1, x[..., None]).squeeze(-1))
             if i == n - 1:

@@ -147,6 +147,26 @@ class LatentsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation job (jobs/evaluate.py): every model of a run scored on a corpus."""
+
+    block_chunks: int = 0  # context: blocks of this many chunks (0 = the models' trained model.block_chunks)
+    max_blocks: int = 2000  # blocks scored at most (0 = every block of the corpus)
+    batch_blocks: int = 8  # blocks per scoring call
+    samples: int = 8  # samples per position for BrierLM (CALM: head samples; baseline: continuations)
+    seed: int = 0  # the blocks' noise seeds (the same estimator and seeds as training's validation)
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
+    sweep_every: int = 4  # the temperature sweep on every n-th block (it costs 2 x candidates decodes per position)
+    candidates: int = 64  # CALM below temperature 1: head samples per pick (batch approximation)
+    band_edges: list[int] = field(default_factory=lambda: [100, 1000, 10000])  # token frequency-rank bands
+    noise_std: float = 0.3  # AE robustness: decoding mu + N(0, noise_std^2)
+    actors: int = 1  # scoring actors (each loads the models once)
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per scoring actor
+    bootstrap: int = 1000  # resamples of blocks for BrierLM's confidence interval
+
+
+@dataclass
 class RayConfig:
     """Only used when the job starts Ray itself (no RAY_ADDRESS / no running cluster)."""
 
@@ -193,6 +213,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -436,3 +457,16 @@ def validate(cfg: Config) -> None:
                           "with serve.batching=serve_batch (a request's n rows must fit in one batch)")
     if sv.min_replicas > sv.max_replicas:
         raise ConfigError(f"key 'serve.min_replicas' ({sv.min_replicas}) must be <= serve.max_replicas ({sv.max_replicas})")
+    ev = cfg.eval
+    for key in ("batch_blocks", "samples", "sweep_every", "candidates", "actors", "cpus_per_actor"):
+        _positive(getattr(ev, key), f"eval.{key}")
+    for key in ("block_chunks", "max_blocks", "noise_std", "bootstrap"):
+        _positive(getattr(ev, key), f"eval.{key}", allow_zero=True)
+    if ev.samples < 2:
+        raise ConfigError(f"key 'eval.samples' must be >= 2 (the Brier estimate compares samples), got {ev.samples}")
+    if ev.block_chunks == 1:
+        raise ConfigError("key 'eval.block_chunks' must be 0 (the trained context) or >= 2 (a context and a next chunk)")
+    if not ev.temperatures or any(not 0.0 < t <= 1.0 for t in ev.temperatures):
+        raise ConfigError(f"key 'eval.temperatures' must list values in (0, 1] (CALM's samplers), got {ev.temperatures}")
+    if list(ev.band_edges) != sorted(set(ev.band_edges)) or any(e <= 0 for e in ev.band_edges):
+        raise ConfigError(f"key 'eval.band_edges' must be increasing positive ranks, got {ev.band_edges}")

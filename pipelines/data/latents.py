@@ -29,6 +29,7 @@ no bfloat16 type; ``decode_floats`` turns them back).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -195,7 +196,9 @@ class LatentBlocks:
     Rows are grouped by the part file they came from (``path``; within a file they are in stream
     order) and each file's run is cut into blocks of L, so a block never joins two files that Ray
     Data happened to pack together. Out: {"tokens": int64 [n, L, K], "mu": float32 [n, L, l],
-    "log_sigma": float32 [n, L, l]}; the last (< L) rows of each file's run are dropped."""
+    "log_sigma": float32 [n, L, l], "key": int64 [n]}; the last (< L) rows of each file's run are
+    dropped. A block's key (from its first chunk's document and position) names it wherever it is
+    scored: the evaluation seeds the block's noise with it."""
 
     def __init__(self, L: int, dtype: str):
         self.L, self.dtype = L, dtype
@@ -209,8 +212,13 @@ class LatentBlocks:
         tok = column_matrix(batch, "tokens")[take].astype(np.int64)
         mu = decode_floats(column_matrix(batch, "mu")[take], self.dtype).numpy()
         ls = decode_floats(column_matrix(batch, "log_sigma")[take], self.dtype).numpy()
+        firsts = take[:: self.L][:n]
+        docs = batch.column("doc_id").to_numpy(zero_copy_only=False)[firsts] if "doc_id" in batch.column_names else []
+        pos = batch.column("position").to_numpy()[firsts] if "position" in batch.column_names else []
+        key = np.array([int(hashlib.sha1(f"{d}:{p}".encode()).hexdigest()[:15], 16) for d, p in zip(docs, pos)],
+                       dtype=np.int64) if len(docs) else np.arange(n, dtype=np.int64)
         return {"tokens": tok.reshape(n, self.L, -1), "mu": mu.reshape(n, self.L, -1),
-                "log_sigma": ls.reshape(n, self.L, -1)}
+                "log_sigma": ls.reshape(n, self.L, -1), "key": key}
 
 
 def latent_blocks(ds, manifest: dict[str, Any], L: int, num_cpus: float = 0.25):

@@ -1,0 +1,170 @@
+"""The evaluation job: every model of a run scored on any corpus -> RUN/eval/NAME/.
+
+    corpus --Ray Data: read, tokenise, chunk, encode (the training code: precompute_latents)-->
+        RUN/eval/_corpora/NAME/latents (every document held out)
+    blocks of L chunks (LatentBlocks, each with a key) --Ray Data actors (Scorer: the models loaded
+        once per actor; pipelines.eval.scores)--> per-block sums --driver--> report (pipelines.eval.report)
+
+RUN/eval/NAME holds report.json, report.md and PNG plots, published with a manifest whose identity
+(the models' and the AE's file hashes, the corpus latents' identity, the evaluation settings) makes
+a rerun with the same inputs a no-op and a changed model or corpus a fresh evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm_core.artifacts import MODEL_KINDS
+from calm_core.config import Config, config_from_yaml
+from calm_core.errors import ArtifactError, DataError
+from pipelines.claim import Spot, claim
+from pipelines.data import latents as LT
+from pipelines.progress import progress
+from pipelines.storage import RunDir
+
+RESERVED = ("_corpora", "ae_reconstruction")
+
+
+class Scorer:
+    """Ray Data actor: loads the AE and the models once, scores batches of blocks."""
+
+    def __init__(self, run: str, kinds: list[str], band: np.ndarray, ev: dict, device: str, threads: int):
+        import torch
+
+        from calm_core.config import EvalConfig
+        from pipelines.eval.scores import Models
+
+        torch.set_num_threads(max(1, threads))
+        rd = RunDir(run)
+        self.models = Models.load({k: rd.local_artifact(k) for k in ("ae", *kinds)}, band, device)
+        self.ev = EvalConfig(**ev)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.eval.scores import score_blocks
+
+        return score_blocks(self.models, batch, self.ev)
+
+
+def run_models(run: RunDir) -> tuple[list[str], list[str]]:
+    """(models this run holds, models it lacks) among CALM and the baseline; the AE is required."""
+    kinds = [k for k in MODEL_KINDS if run.has_artifact(k)]
+    if not kinds:
+        raise ArtifactError(f"'{run.uri()}' holds no trained model to evaluate (neither calm/ nor baseline/); "
+                            "run jobs/stage2.py or jobs/baseline.py first")
+    if not run.has_artifact("ae"):
+        raise ArtifactError(f"'{run.uri('ae')}' is missing: the evaluation chunks and encodes the corpus with the "
+                            "run's autoencoder; run jobs/stage1.py first")
+    return kinds, [k for k in MODEL_KINDS if k not in kinds]
+
+
+def context_chunks(run: RunDir, kinds: list[str], cfg: Config) -> int:
+    """The context the blocks get: eval.block_chunks, else the models' trained model.block_chunks."""
+    trained = {k: config_from_yaml(run.read_text(k, "config.yaml"), k).model.block_chunks for k in kinds}
+    if cfg.eval.block_chunks:
+        return cfg.eval.block_chunks
+    if len(set(trained.values())) > 1:
+        progress(f"[eval] the models were trained with different contexts ({trained}); scoring both at the "
+                 f"smaller (set eval.block_chunks to choose)")
+    return min(trained.values())
+
+
+def token_counts(run: RunDir, vocab: int, cpus: float) -> np.ndarray | None:
+    """Token counts [V] over the training split of RUN/latents (what the models were trained on), or
+    None when the run has no latents."""
+    if not run.has_artifact(LT.ARTIFACT):
+        return None
+    ds, _ = LT.read_latents(run, "train")
+
+    def count(batch):
+        tok = LT.column_matrix(batch, "tokens").astype(np.int64).ravel()
+        return {"counts": np.bincount(tok, minlength=vocab)[None, :vocab]}
+
+    parts = ds.select_columns(["tokens"]).map_batches(count, batch_format="pyarrow", num_cpus=cpus).take_all()
+    return np.sum([p["counts"] for p in parts], axis=0) if parts else np.zeros(vocab, dtype=np.int64)
+
+
+def bands_of(counts: np.ndarray | None, vocab: int, edges: list[int]) -> tuple[np.ndarray, str]:
+    import torch
+
+    from calm_core.agreement import frequency_bands
+
+    if counts is None:  # the BPE's id order stands in (merges are learnt most frequent first)
+        counts, source = np.arange(vocab, 0, -1, dtype=np.int64), "token id order (the run has no training latents)"
+    else:
+        source = "token counts of the training split (RUN/latents)"
+    return frequency_bands(torch.as_tensor(counts), tuple(edges)).numpy(), source
+
+
+def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, L: int) -> dict[str, Any]:
+    ev = dataclasses.asdict(cfg.eval)
+    for k in ("actors", "cpus_per_actor", "use_gpu", "batch_blocks"):  # where it runs, not what it computes
+        ev.pop(k)
+    return {"models": {k: run.read_json(k, "manifest.json").get("files") for k in ("ae", *kinds)},
+            "corpus_latents": lman["identity"], "context_chunks": L, "eval": ev}
+
+
+def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool = False) -> dict[str, Any]:
+    """Score every model of RUN on CORPUS; returns the report (RUN/eval/NAME/report.json)."""
+    from pipelines.data.precompute import precompute_latents
+    from pipelines.eval.report import build_report, publish
+
+    if not name or "/" in name or name.startswith(".") or name in RESERVED:
+        raise ArtifactError(f"--name '{name}' cannot name an evaluation (a plain folder name, not {RESERVED})")
+    kinds, missing = run_models(run)
+    progress(f"[eval] models: {', '.join(kinds)}" + (f"; not in this run: {', '.join(missing)}" if missing else ""))
+    L = context_chunks(run, kinds, cfg)
+    data = RunDir(run.uri("eval", "_corpora", name))
+    every_doc = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=1.0))  # all held out
+    lman = precompute_latents(every_doc, corpus, data, ae_path=str(run.local_artifact("ae")), overwrite=overwrite,
+                              replace_stale=True)
+    chunks = lman["metrics"]["rows_per_split"].get("val", 0)
+    if chunks < L:
+        raise DataError(f"'{corpus}' makes {chunks} chunks; scoring needs blocks of {L} (eval.block_chunks, or a "
+                        "longer corpus)")
+    ident = identity(run, kinds, lman, cfg, L)
+    spot = Spot(run, f"eval/{name}", record=None, label="eval", what="an evaluation",
+                remedy="pass --overwrite to redo it, or use another --name")
+    done = claim(spot, ident, lambda m: "report.json" if m.get("identity") == ident else None, overwrite=overwrite,
+                 replace_stale=True, hint="--overwrite redoes it")
+    if done is not None:
+        return run.read_json("eval", name, "report.json")
+    rows, seconds, source = score(cfg, run, data, lman, kinds, L)
+    report = build_report(rows, cfg, run, corpus, lman, kinds, missing, L, seconds, source)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = publish(report, run, Path(tmp), f"eval/{name}", ident)
+    progress(f"[eval] wrote {uri} (report.json, report.md, plots)")
+    return report
+
+
+def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], L: int
+          ) -> tuple[list[dict], float, str]:
+    """Per-block rows of every block (up to eval.max_blocks) scored in eval.actors actors, the seconds
+    it took, and where the frequency bands came from."""
+    ev = cfg.eval
+    tok_json = run.read_text("ae", "tokenizer.json")
+    from calm_core.tokenizer import CalmTokenizer
+
+    vocab = CalmTokenizer.from_str(tok_json).vocab_size
+    band, source = bands_of(token_counts(run, vocab, cfg.data.read_cpus), vocab, ev.band_edges)
+    ds, _ = LT.read_latents(data, "val")
+    blocks = LT.latent_blocks(ds, lman, L, num_cpus=cfg.data.read_cpus)
+    if ev.max_blocks:
+        blocks = blocks.limit(ev.max_blocks)
+    device = "cuda" if ev.use_gpu else "cpu"
+    progress(f"[eval] scoring blocks of {L} chunks in {ev.actors} actor(s) x "
+             f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}; frequency bands from {source}")
+    t0 = time.perf_counter()
+    scored = blocks.map_batches(
+        Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": band, "ev": dataclasses.asdict(ev),
+                                       "device": device, "threads": int(ev.cpus_per_actor)},
+        batch_size=ev.batch_blocks, concurrency=ev.actors, num_cpus=ev.cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
+    rows = scored.take_all()
+    seconds = time.perf_counter() - t0
+    progress(f"[eval] scored {len(rows):,} blocks ({len(rows) * L * lman['identity']['K']:,} tokens) in {seconds:.1f}s")
+    return rows, seconds, source
