@@ -150,14 +150,16 @@ class LatentsConfig:
 class EvalConfig:
     """The evaluation job (jobs/evaluate.py): every model of a run scored on a corpus."""
 
+    split: str = "all"  # all: every document of the corpus | heldout: only those data.val_fraction holds out (a training corpus)
     block_chunks: int = 0  # context: blocks of this many chunks (0 = the models' trained model.block_chunks)
     max_blocks: int = 2000  # blocks scored at most (0 = every block of the corpus)
     batch_blocks: int = 8  # blocks per scoring call
     samples: int = 8  # samples per position for BrierLM (CALM: head samples; baseline: continuations)
     seed: int = 0  # the blocks' noise seeds (the same estimator and seeds as training's validation)
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
-    sweep_every: int = 4  # the temperature sweep on every n-th block (it costs 2 x candidates decodes per position)
-    candidates: int = 64  # CALM below temperature 1: head samples per pick (batch approximation)
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.5, 0.33])
+    sweep_every: int = 8  # the temperature sweep on blocks whose key is a multiple of this (CALM's picks below
+    #                       T = 1 cost 2 x candidates decodes per position: the evaluation's largest cost)
+    candidates: int = 32  # CALM below temperature 1: head samples per pick (batch approximation)
     band_edges: list[int] = field(default_factory=lambda: [100, 1000, 10000])  # token frequency-rank bands
     noise_std: float = 0.3  # AE robustness: decoding mu + N(0, noise_std^2)
     actors: int = 1  # scoring actors (each loads the models once)
@@ -458,6 +460,7 @@ def validate(cfg: Config) -> None:
     if sv.min_replicas > sv.max_replicas:
         raise ConfigError(f"key 'serve.min_replicas' ({sv.min_replicas}) must be <= serve.max_replicas ({sv.max_replicas})")
     ev = cfg.eval
+    _choice(ev.split, "eval.split", ("all", "heldout"))
     for key in ("batch_blocks", "samples", "sweep_every", "candidates", "actors", "cpus_per_actor"):
         _positive(getattr(ev, key), f"eval.{key}")
     for key in ("block_chunks", "max_blocks", "noise_std", "bootstrap"):

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """The whole CALM chain on one corpus, each stage resumable: tokenizer -> stage 1 (autoencoder,
 Ray Train + DeepSpeed) -> reconstruction report -> latents (Ray Data, Parquet) -> stage 2 (the
-CALM model, Ray Train + DeepSpeed, with its held-out BrierLM) -> a generated sample. The baseline
-has its own job (jobs/baseline.py), generation too (jobs/generate.py).
+CALM model, Ray Train + DeepSpeed, with its held-out BrierLM) -> evaluation on the held-out
+documents (RUN/eval/heldout: report and plots) -> a generated sample. The baseline has its own job
+(jobs/baseline.py), evaluation on other corpora (jobs/evaluate.py) and generation too
+(jobs/generate.py).
 
     python jobs/run_all.py                      # demo config, Shakespeare plays, runs/demo
     python jobs/run_all.py --config small --corpus data/train.txt --run runs/small
@@ -18,7 +20,11 @@ def main(argv=None):
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="", help="text the final sample continues (default: a new document)")
     args, cfg, run = parse(p, argv)
+    import dataclasses
+
     from pipelines.eval.ae_report import ae_report
+    from pipelines.eval.job import evaluate
+    from pipelines.eval.report import short_table
     from pipelines.data.precompute import precompute_latents
     from pipelines.train.stage1 import run_stage1
     from pipelines.train.stage2 import run_stage2
@@ -28,9 +34,11 @@ def main(argv=None):
     run_stage1(cfg, args.corpus, run, overwrite=args.overwrite)
     ae_report(cfg, args.corpus, run)
     precompute_latents(cfg, args.corpus, run, overwrite=args.overwrite, replace_stale=True)
-    m = run_stage2(cfg, run, "calm", overwrite=args.overwrite, replace_stale=True)["metrics"]
-    briers = ", ".join(f"{m.get(k, float('nan')):.3f}" for k in ("val_brier1", "val_brier2", "val_brier3", "val_brier4"))
-    print(f"[run_all] CALM held-out BrierLM {m.get('val_brierlm', float('nan')):.2f} (Brier-1..4 {briers})", flush=True)
+    run_stage2(cfg, run, "calm", overwrite=args.overwrite, replace_stale=True)
+    rep = evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split="heldout")), run, args.corpus,
+                   "heldout", overwrite=args.overwrite)
+    print(f"[run_all] evaluation on the held-out documents ({rep['blocks']} blocks of {rep['context_chunks']} "
+          f"chunks; full report and plots in {run.uri('eval', 'heldout')}):\n{short_table(rep)}", flush=True)
     from pipelines.serve.generation import Generator
 
     gen = Generator.from_run(run)

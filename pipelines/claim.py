@@ -51,6 +51,13 @@ def diff_identity(old: dict[str, Any], new: dict[str, Any]) -> str:
         r = repr(v)
         return r if len(r) <= 40 else r[:37] + "..."
 
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:  # nested sections as dotted keys
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(old), flat(new)
     keys = sorted(set(old) | set(new))
     parts = [f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts) if parts else "none"

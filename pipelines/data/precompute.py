@@ -189,12 +189,14 @@ def latents_spot(run: RunDir) -> Spot:
 
 
 def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | None = None,
-                       overwrite: bool = False, replace_stale: bool = False) -> dict[str, Any]:
+                       overwrite: bool = False, replace_stale: bool = False,
+                       splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
     """Make (or finish, or leave alone if complete) RUN/latents; returns its manifest.
 
     Latents of another setup are refused unless ``overwrite``; ``replace_stale`` (the chained
     ``run_all`` job) replaces them with a message instead, since there they are stale outputs of
-    the same run's earlier AE."""
+    the same run's earlier AE. ``splits`` ("val" alone: the evaluation of held-out documents)
+    leaves the others out (recorded in the identity)."""
     from pipelines.data.ingest import load_corpus
 
     t0 = time.perf_counter()
@@ -206,6 +208,8 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
     train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
     progress(f"[corpus] {stats.summary()}")
     ident = _identity(cfg, ae.identity, stats, corpus)
+    if tuple(splits) != ("train", "val"):
+        ident["splits"] = list(splits)
     done = claim(spot, ident, lambda m: f"{m['metrics']['rows']:,} rows" if m.get("identity") == ident else None,
                  replace_stale=replace_stale, hint="--overwrite recomputes")
     if done is not None:
@@ -218,6 +222,8 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
              f"K={cfg.ae.K}, l={cfg.ae.latent_dim}")
     parts, rows, written, kept = {}, {}, 0, 0
     for split, docs in (("train", train_docs), ("val", val_docs)):
+        if split not in splits:
+            continue
         parts[split], rows[split], w, k = _encode_split(run, split, docs, stats.documents.get(split, 0), cfg, ae,
                                                         blob, meta)
         written, kept = written + w, kept + k

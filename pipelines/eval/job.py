@@ -101,6 +101,18 @@ def bands_of(counts: np.ndarray | None, vocab: int, edges: list[int]) -> tuple[n
     return frequency_bands(torch.as_tensor(counts), tuple(edges)).numpy(), source
 
 
+def scored_documents(cfg: Config, run: RunDir) -> Config:
+    """The config whose "val" split is what gets scored: every document (eval.split=all), or those the
+    run's own split rule held out of training (eval.split=heldout: the run's data.val_fraction and
+    data.split_salt, from the CALM or baseline config it was trained with)."""
+    if cfg.eval.split == "all":
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=1.0))
+    kind = next(k for k in MODEL_KINDS if run.has_artifact(k))
+    trained = config_from_yaml(run.read_text(kind, "config.yaml"), kind).data
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=trained.val_fraction,
+                                                             split_salt=trained.split_salt))
+
+
 def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, L: int) -> dict[str, Any]:
     ev = dataclasses.asdict(cfg.eval)
     for k in ("actors", "cpus_per_actor", "use_gpu", "batch_blocks"):  # where it runs, not what it computes
@@ -120,12 +132,12 @@ def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool =
     progress(f"[eval] models: {', '.join(kinds)}" + (f"; not in this run: {', '.join(missing)}" if missing else ""))
     L = context_chunks(run, kinds, cfg)
     data = RunDir(run.uri("eval", "_corpora", name))
-    every_doc = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=1.0))  # all held out
-    lman = precompute_latents(every_doc, corpus, data, ae_path=str(run.local_artifact("ae")), overwrite=overwrite,
-                              replace_stale=True)
+    lman = precompute_latents(scored_documents(cfg, run), corpus, data, ae_path=str(run.local_artifact("ae")),
+                              overwrite=overwrite, replace_stale=True, splits=("val",))
     chunks = lman["metrics"]["rows_per_split"].get("val", 0)
     if chunks < L:
-        raise DataError(f"'{corpus}' makes {chunks} chunks; scoring needs blocks of {L} (eval.block_chunks, or a "
+        which = "held-out documents make" if cfg.eval.split == "heldout" else "makes"
+        raise DataError(f"'{corpus}' {which} {chunks} chunks; scoring needs blocks of {L} (eval.block_chunks, or a "
                         "longer corpus)")
     ident = identity(run, kinds, lman, cfg, L)
     spot = Spot(run, f"eval/{name}", record=None, label="eval", what="an evaluation",

@@ -139,6 +139,8 @@ def build_report(rows: list[dict], cfg: Config, run: RunDir, corpus: str, lman: 
     scored = len(rows) * L * K
     rep: dict[str, Any] = {
         "run": run.uri(), "corpus": corpus, "documents": lman["inputs"]["corpus"].get("documents"),
+        "split": ("every document of the corpus" if cfg.eval.split == "all" else
+                  "the documents the run's split rule held out of training"),
         "corpus_chunks": lman["metrics"]["rows"], "context_chunks": L, "K": K, "blocks": len(rows),
         "positions_per_block": L - 1, "samples": cfg.eval.samples, "seed": cfg.eval.seed,
         "models": kinds, "missing": missing, "ae": ae_part(rows, cfg, band_source),
@@ -163,7 +165,7 @@ def _f(x: Any, digits: int = 4) -> str:
 def markdown(rep: dict[str, Any]) -> str:
     kinds = rep["models"]
     out = [f"# Evaluation of `{rep['run']}` on `{rep['corpus']}`", "",
-           f"{rep['blocks']:,} blocks of {rep['context_chunks']} chunks (K = {rep['K']}; {rep['positions_per_block']} "
+           f"Scored: {rep['split']}; {rep['blocks']:,} blocks of {rep['context_chunks']} chunks (K = {rep['K']}; {rep['positions_per_block']} "
            f"scored chunk starts each), {rep['samples']} samples per position, seed {rep['seed']}; 95% intervals "
            "from the per-block spread (BrierLM: bootstrap over blocks)."
            + (f" Not in this run: {', '.join(rep['missing'])}." if rep["missing"] else ""), "",
@@ -204,6 +206,18 @@ def markdown(rep: dict[str, Any]) -> str:
     out += ["", f"Scored {t['tokens_scored']:,} tokens in {t['seconds']:.1f} s ({t['tokens_per_s']:,.0f} tokens/s, "
             f"{t['actors']} actor(s)).", ""]
     return "\n".join(out)
+
+
+def short_table(rep: dict[str, Any]) -> str:
+    """A few lines for the end of a chained run: BrierLM, Brier-1..4 and next-chunk agreement per model."""
+    lines = [f"{'model':<9} {'BrierLM (95%)':>20} {'Brier-1':>8} {'Brier-2':>8} {'Brier-3':>8} {'Brier-4':>8} "
+             f"{'chunk acc':>9} {'BLEU':>6}"]
+    for k in rep["models"]:
+        m = rep[k]
+        ci = "{:.2f}..{:.2f}".format(*m["brierlm_ci95"]) if "brierlm_ci95" in m else ""
+        lines.append(f"{k:<9} {m['brierlm']:>7.2f} ({ci:>11}) " + " ".join(f"{m[f'brier{n}']['mean']:>8.4f}" for n in ORDERS)
+                     + f" {m['agreement']['token_accuracy']['mean']:>9.4f} {m['agreement']['bleu']:>6.2f}")
+    return "\n".join(lines)
 
 
 def plots(rep: dict[str, Any], folder: Path) -> list[str]:
