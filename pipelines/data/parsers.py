@@ -158,14 +158,30 @@ def _parquet_documents(data: bytes, opts: dict) -> Iterator[tuple[str | None, st
 _PARSERS = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}
 
 
+def sections(text: str, size: int) -> list[str]:
+    """``text`` cut after the first line end at or past every ``size`` characters (size 0: whole)."""
+    if size <= 0 or len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 def _file_records(data: bytes, source: str, opts: dict) -> list[dict]:
-    """Every record of one file (at least one, so that an empty file is counted)."""
+    """Every record of one file (at least one, so that an empty file is counted). With
+    ``opts["sections"]`` > 0 every document is cut into sections of about that many characters,
+    each a record of its own (the fallback split of ``pipelines.data.ingest.load_corpus``)."""
     salt, frac, limit = opts["split_salt"], opts["val_fraction"], opts["max_documents"]
     out, good = [], 0
     for text, status in _PARSERS[opts["format"]](data, opts):
-        rec = _record(text, status, source, salt, frac)
-        out.append(rec)
-        good += rec["status"] == "ok"
+        for piece in sections(text, opts.get("sections", 0)) if text is not None and status == "ok" else [text]:
+            rec = _record(piece, status, source, salt, frac)
+            out.append(rec)
+            good += rec["status"] == "ok"
         if limit and good >= limit:
             break
     return out or [_record(None, "empty", source, salt, frac)]

@@ -41,6 +41,7 @@ class TrainPlan:
     live_log: str | None = None  # rank 0 appends every record here (local runs)
     tb_dir: str | None = None  # TensorBoard events (local runs, when tensorboardX is installed)
     ae_weights: bytes = b""  # CALM: the frozen AE's safetensors, for the in-training BrierLM
+    val_label: str = "held-out"  # what ``val`` is, in progress lines: "held-out", or "training-block" (fallback)
 
 
 class Stage(Protocol):

@@ -55,6 +55,7 @@ class ModelStage:
         self.kind, self.cfg, self.device = plan.kind, plan.config, device
         self.t = getattr(self.cfg, plan.section)
         self.tok = CalmTokenizer.from_str(plan.tokenizer_json)
+        self.val_label = plan.val_label
         self.tokens_per_batch = self.t.batch_size * self.cfg.model.block_chunks * self.cfg.ae.K
         self.too_small = (f"this worker's shard holds less than one batch of {self.t.batch_size} blocks; lower "
                           f"{plan.section}.batch_size or model.block_chunks, or use a larger corpus")
@@ -81,10 +82,11 @@ class ModelStage:
         t = self.t
         sums = (calm_heldout(model, self.ae, val, t.batch_size, t.brier_samples, t.seed) if self.kind == "calm"
                 else baseline_heldout(model, val, t.batch_size, self.cfg.ae.K, t.brier_samples, t.seed, self.tok.pad_id))
-        return heldout_record(self.kind, all_reduce_sum(sums, self.device))
+        return {**heldout_record(self.kind, all_reduce_sum(sums, self.device)),
+                "val_on_training_data": float(self.val_label != "held-out")}
 
     def describe(self, r: dict[str, Any]) -> str:
-        return (f"loss {r['loss']:.4f} | held-out loss {r['val_loss']:.4f} BrierLM {r['val_brierlm']:.2f} "
+        return (f"loss {r['loss']:.4f} | {self.val_label} loss {r['val_loss']:.4f} BrierLM {r['val_brierlm']:.2f} "
                 f"(Brier-1 {r['val_brier1']:.3f}) | {r['tokens_per_s']:,.0f} tok/s | {r['train_flops']:.3g} FLOPs")
 
 
@@ -97,18 +99,21 @@ def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float):
 
 
 def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int, cpus: float,
-                    kind: str = "calm") -> dict[str, np.ndarray]:
+                    kind: str = "calm") -> tuple[dict[str, np.ndarray], str]:
     """Up to ``max_chunks`` held-out chunks as blocks of L: tokens int64 [N, L, K], mu and log_sigma
-    float32 [N, L, l], and ``key`` [N] (the block's index: its noise seed in ``calm_core.evaluate``);
-    the training split stands in, with a warning, when the held-out split has fewer than L chunks."""
+    float32 [N, L, l], and ``key`` [N] (the block's index: its noise seed in ``calm_core.evaluate``),
+    with their label: "held-out", or "training-block" when the held-out split has fewer than L chunks
+    and the training split stands in (said in a warning, and in every figure printed from them)."""
     split = "val" if lman["metrics"]["rows_per_split"].get("val", 0) >= L else "train"
     if split == "train":
-        progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks")
+        progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks (every "
+                 "figure below says 'training-block')")
     ds, _ = LT.read_latents(run, split, expected=ae_ident)
     rows = _blocks(ds, lman, L, "calm", cpus).limit(max(1, max_chunks // L)).take_all()
     val = {k: np.stack([r[k] for r in rows]).astype(np.int64 if k == "tokens" else np.float32)
            for k in ("tokens", "mu", "log_sigma")}
-    return {**val, "key": np.arange(len(rows), dtype=np.int64)}  # each block's noise seed, whatever rank scores it
+    val["key"] = np.arange(len(rows), dtype=np.int64)  # each block's noise seed, whatever rank scores it
+    return val, "held-out" if split == "val" else "training-block"
 
 
 def stage2_identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: dict) -> dict[str, Any]:
@@ -168,14 +173,15 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         return done
     train, n_train = _train_blocks(cfg, run, kind, ae.identity)
     L = cfg.model.block_chunks
-    val = held_out_blocks(run, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, cfg.data.read_cpus, kind)
+    val, label = held_out_blocks(run, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, cfg.data.read_cpus,
+                                 kind)
     progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
-             f"tokens), {len(val['tokens'])} held-out blocks; prepared in {time.perf_counter() - t0:.1f}s")
+             f"tokens), {len(val['tokens'])} {label} blocks for validation; prepared in {time.perf_counter() - t0:.1f}s")
     local = run.is_local
     plan = TrainPlan(kind, section, cfg, ae.tok.to_str(), val, identity,
                      run.path("logs", f"{section}.metrics.jsonl") if local else None,
                      run.path("logs", "tb", section) if local else None,
-                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"")
+                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"", label)
     return _publish(plan, run, ae, fit(ModelStage, plan, run, {"train": train}))
 
 
@@ -190,7 +196,7 @@ def _publish(plan: TrainPlan, run: RunDir, ae: AEArtifact, result) -> dict:
                "K": cfg.ae.K, "latent_dim": cfg.ae.latent_dim},
         load=lambda d: load_model(d, kind, verify=False).model)
     final = manifest["metrics"]
-    progress(f"[{kind}] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, held-out "
+    progress(f"[{kind}] wrote {uri}: {manifest['parameters']:,} parameters, step {final['step']}, {plan.val_label} "
              f"loss {final.get('val_loss', float('nan')):.4f}, BrierLM {final.get('val_brierlm', float('nan')):.2f}")
     return manifest
 
