@@ -158,3 +158,8 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(evaluated, tmp_path):
     _one_line_error(proc, "chunks", "blocks of")
     assert not Path(run.path("eval", "short")).exists()
     _one_line_error(_job(["--run", run.path(), "--corpus", str(held), "--name", "_corpora"]), "--name")
+    foreign = tmp_path / "foreign.txt"  # a script the tokenizer never saw: every character is 3 unmerged bytes
+    foreign.write_text("\n<|endoftext|>\n".join("".join(chr(0x4E00 + (i * 37 + j) % 5000) for j in range(400))
+                                                for i in range(6)))
+    _one_line_error(_job(["--run", run.path(), "--corpus", str(foreign), "--name", "foreign"]), "tokens per character")
+    assert not Path(run.path("eval", "foreign")).exists()

@@ -101,6 +101,23 @@ def bands_of(counts: np.ndarray | None, vocab: int, edges: list[int]) -> tuple[n
     return frequency_bands(torch.as_tensor(counts), tuple(edges)).numpy(), source
 
 
+def tokens_per_char(lman: dict, split: str) -> float:
+    chars = lman["inputs"]["corpus"]["characters"].get(split, 0)
+    return lman["metrics"]["rows_per_split"].get(split, 0) * lman["identity"]["K"] / max(chars, 1)
+
+
+def check_vocabulary(run: RunDir, lman: dict, corpus: str) -> None:
+    """A corpus the run's tokenizer can only spell byte by byte (another script or vocabulary) is
+    refused: over 3x the tokens per character of the training text (chunk padding included)."""
+    if not run.has_artifact(LT.ARTIFACT):
+        return
+    seen, here = tokens_per_char(run.read_json(LT.ARTIFACT, "manifest.json"), "train"), tokens_per_char(lman, "val")
+    if seen and here > 3 * seen:
+        raise DataError(f"the run's tokenizer spells '{corpus}' with {here:.2f} tokens per character against "
+                        f"{seen:.2f} on its training text: mostly bytes it never merged (another language or "
+                        "vocabulary); evaluate on text like the training corpus")
+
+
 def scored_documents(cfg: Config, run: RunDir) -> Config:
     """The config whose "val" split is what gets scored: every document (eval.split=all), or those the
     run's own split rule held out of training (eval.split=heldout: the run's data.val_fraction and
@@ -139,6 +156,7 @@ def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool =
         which = "held-out documents make" if cfg.eval.split == "heldout" else "makes"
         raise DataError(f"'{corpus}' {which} {chunks} chunks; scoring needs blocks of {L} (eval.block_chunks, or a "
                         "longer corpus)")
+    check_vocabulary(run, lman, corpus)
     ident = identity(run, kinds, lman, cfg, L)
     spot = Spot(run, f"eval/{name}", record=None, label="eval", what="an evaluation",
                 remedy="pass --overwrite to redo it, or use another --name")
