@@ -192,7 +192,7 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
     t0 = time.perf_counter()
     scored = blocks.map_batches(
         Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": band, "ev": dataclasses.asdict(ev),
-                                       "device": device, "threads": int(ev.cpus_per_actor)},
+                                       "device": device, "threads": max(1, round(ev.cpus_per_actor))},
         batch_size=ev.batch_blocks, concurrency=ev.actors, num_cpus=ev.cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
     rows = scored.take_all()
     seconds = time.perf_counter() - t0
