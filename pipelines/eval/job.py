@@ -194,7 +194,15 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
         Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": band, "ev": dataclasses.asdict(ev),
                                        "device": device, "threads": max(1, round(ev.cpus_per_actor))},
         batch_size=ev.batch_blocks, concurrency=ev.actors, num_cpus=ev.cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
-    rows = scored.take_all()
+    rows: list[dict] = []
+    last = t0
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch["key"])
+        rows += [{k: v[i] for k, v in batch.items()} for i in range(n)]
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            progress(f"[eval] {len(rows):,} blocks scored{f' of at most {ev.max_blocks:,}' if ev.max_blocks else ''} "
+                     f"({len(rows) * L * lman['identity']['K'] / (last - t0):,.0f} tokens/s)")
     seconds = time.perf_counter() - t0
     progress(f"[eval] scored {len(rows):,} blocks ({len(rows) * L * lman['identity']['K']:,} tokens) in {seconds:.1f}s")
     return rows, seconds, source
