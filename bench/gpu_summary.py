@@ -26,15 +26,16 @@ def main() -> None:
     for line in (status.read_text().splitlines() if status.exists() else []):
         name, _, rest = line.partition(" ")
         print(f"| {name} | {rest} |")
-    print("\n| artifact | steps | tokens/s | FLOPs/token | TFLOP/s | MFU | held-out BrierLM |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| artifact | steps | tokens/s | FLOPs/token | TFLOP/s | MFU | peak GPU memory (GB) | held-out BrierLM |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for man in sorted(out.glob("*_artifact/manifest.json")):
         m = json.loads(man.read_text())
         met, fpt = m.get("metrics", {}), m.get("flops_per_token") or 0.0
         tps = met.get("tokens_per_s", 0.0)
         tflops = tps * fpt / 1e12
         print(f"| {man.parent.name.removesuffix('_artifact')} | {met.get('step', '?')} | {tps:,.0f} | {fpt:.3g} "
-              f"| {tflops:.1f} | {100 * tflops / args.peak_tflops:.1f}% | {met.get('val_brierlm', float('nan')):.2f} |")
+              f"| {tflops:.1f} | {100 * tflops / args.peak_tflops:.1f}% | {met.get('peak_memory_gb', float('nan')):.2f} "
+              f"| {met.get('val_brierlm', float('nan')):.2f} |")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
             with eager(d):
                 val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
             rec = {"step": step, **last, "lr": lr, **val_m, **clock.record(fpt)}
+            if device.type == "cuda":  # to check docs/CLUSTER.md's memory formula against the real peak
+                rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if log is not None:
                 log.log(rec)
                 progress(f"[{plan.kind}] step {step}/{t.max_steps} {stage.describe(rec)}")
