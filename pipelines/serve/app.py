@@ -60,11 +60,17 @@ class ModelServer:
         self._window.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
 
     async def stream(self, r):
-        """Per model step, the deltas of the request's completions (dicts: index, text, finish, tokens)."""
+        """Messages of model steps, each step the deltas of the request's completions (dicts: index,
+        text, finish, tokens). A message holds every step done since the last one was taken: one
+        per step while the client keeps up, several when the model runs ahead (fewer round trips
+        through Serve under load; the ingress still sends one event per step)."""
         self.metrics.requests.inc()
-        steps = self._loop_stream(r) if self.policy == "loop" else self._window(r)
-        async for deltas in steps:
-            yield [dataclasses.asdict(d) for d in deltas]
+        if self.policy == "loop":
+            async for steps in self._loop_stream(r):
+                yield [[dataclasses.asdict(d) for d in deltas] for deltas in steps]
+        else:
+            async for deltas in self._window(r):
+                yield [[dataclasses.asdict(d) for d in deltas]]
 
     async def _loop_stream(self, r):
         import asyncio
@@ -72,14 +78,15 @@ class ModelServer:
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         m = self.loop.submit(r, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                deltas, finished = item
-                yield deltas
-                if finished:
-                    return
+            finished = False
+            while not finished:
+                items = [await q.get()]
+                while not q.empty() and not isinstance(items[-1], BaseException) and not items[-1][1]:
+                    items.append(q.get_nowait())
+                if isinstance(items[-1], BaseException):
+                    raise items[-1]
+                finished = items[-1][1]
+                yield [deltas for deltas, _ in items]
         finally:
             m.cancelled = True  # the client went away: the loop drops the rows at its next step
 
@@ -227,4 +234,8 @@ def build_app(args: dict[str, Any]):
     ).bind(kind, run, dataclasses.asdict(s)) for kind in served_kinds(rd)}
     key = os.environ.get(s.api_key_env)  # set where the app is built: handed to the ingress replicas
     opts = {"num_cpus": 0, **({"runtime_env": {"env_vars": {s.api_key_env: key}}} if key else {})}
-    return Api.options(name="api", ray_actor_options=opts).bind(models, run, dataclasses.asdict(s))
+    # the ingress must admit every request the model replicas may hold (Serve's default of 5 would
+    # cap the batches at 5 requests: measured, bench/bench_serve.py); the model deployments shed load
+    ongoing = s.max_ongoing_requests * s.max_replicas * len(models)
+    return Api.options(name="api", ray_actor_options=opts, max_ongoing_requests=ongoing,
+                       max_queued_requests=s.max_queued_requests * len(models)).bind(models, run, dataclasses.asdict(s))
