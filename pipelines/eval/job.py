@@ -186,6 +186,8 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
     blocks = LT.latent_blocks(ds, lman, L, num_cpus=cfg.data.read_cpus)
     if ev.max_blocks:
         blocks = blocks.limit(ev.max_blocks)
+    if ev.actors > 1:  # enough Ray blocks for every actor to get work (a small corpus is one block)
+        blocks = blocks.repartition(4 * ev.actors)
     device = "cuda" if ev.use_gpu else "cpu"
     progress(f"[eval] scoring blocks of {L} chunks in {ev.actors} actor(s) x "
              f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}; frequency bands from {source}")

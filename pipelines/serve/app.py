@@ -234,8 +234,9 @@ def build_app(args: dict[str, Any]):
     ).bind(kind, run, dataclasses.asdict(s)) for kind in served_kinds(rd)}
     key = os.environ.get(s.api_key_env)  # set where the app is built: handed to the ingress replicas
     opts = {"num_cpus": 0, **({"runtime_env": {"env_vars": {s.api_key_env: key}}} if key else {})}
-    # the ingress must admit every request the model replicas may hold (Serve's default of 5 would
-    # cap the batches at 5 requests: measured, bench/bench_serve.py); the model deployments shed load
-    ongoing = s.max_ongoing_requests * s.max_replicas * len(models)
-    return Api.options(name="api", ray_actor_options=opts, max_ongoing_requests=ongoing,
-                       max_queued_requests=s.max_queued_requests * len(models)).bind(models, run, dataclasses.asdict(s))
+    # the ingress admits every request the model deployments may hold or queue (Serve's default of 5
+    # capped the batches at 5 requests: measured, bench/bench_serve.py), so that overload is shed by
+    # the model deployments, answered 503 in OpenAI's shape; beyond that requests wait at the ingress
+    ongoing = (s.max_ongoing_requests + s.max_queued_requests) * s.max_replicas * len(models)
+    return Api.options(name="api", ray_actor_options=opts, max_ongoing_requests=max(1, ongoing)).bind(
+        models, run, dataclasses.asdict(s))
