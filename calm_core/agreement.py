@@ -91,7 +91,8 @@ def calm_picks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature: 
         x = decode_tokens(ae, z).flatten(0, 1)  # [b*P, 2, K]
         return x[:, 0], x[:, 1]
     rows = torch.arange(flat.shape[0], device=flat.device).repeat_interleave(2)  # each position twice, its rows adjacent
-    picks = next_chunks(model, ae, flat[rows], temperature, candidates, _rows(gen, h.shape[1], 2), "batch")
+    gen = gen.repeat(2 * h.shape[1]) if isinstance(gen, rng.Rows) else gen  # a block's rows share its generator
+    picks = next_chunks(model, ae, flat[rows], temperature, candidates, gen, "batch")
     return picks[0::2], picks[1::2]
 
 
@@ -103,10 +104,3 @@ def baseline_picks(lm: TokenLM, tokens: torch.Tensor, starts: torch.Tensor, K: i
     br = lm.branches(tokens, starts, K, 2, generator=gen, temperature=temperature)
     x = br.samples.flatten(0, 1)  # [b*S, 2, K]
     return x[:, 0], x[:, 1]
-
-
-def _rows(gen: rng.Gen, per_block: int, repeat: int) -> rng.Gen:
-    """Per-block generators stretched to rows that repeat each of a block's positions ``repeat`` times."""
-    if isinstance(gen, rng.Rows):
-        return rng.Rows([g for g in gen.gens for _ in range(per_block * repeat)])
-    return gen

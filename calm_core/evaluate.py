@@ -59,12 +59,15 @@ def _as_sums(sums: dict[str, float]) -> Sums:
 
 @torch.no_grad()
 def calm_block_scores(model: CALM, ae: ChunkAutoencoder, tokens: torch.Tensor, mu: torch.Tensor,
-                      log_sigma: torch.Tensor, samples: int, gen: rng.Gen) -> dict[str, torch.Tensor]:
+                      log_sigma: torch.Tensor, samples: int, gen: rng.Gen,
+                      h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-block sums for blocks tokens [b, L, K], mu / log_sigma [b, L, l]: ``loss``, ``fidelity``,
     ``diversity`` (means over the block's L-1 positions, as the training loss), ``positions`` and
-    ``brier1..4`` (sums over positions, from ``samples`` decoded head samples). -> {name: [b]}"""
+    ``brier1..4`` (sums over positions, from ``samples`` decoded head samples). -> {name: [b]}
+    The loss is the energy loss of the head's samples for every head kind (the quadratic ablation's
+    too), so heads compare on one scale. ``h``: the hidden states, when the caller has them."""
     m = model.hcfg
-    h = model.hidden(tokens[:, :-1], mu[:, :-1])  # [b, L-1, d]
+    h = model.hidden(tokens[:, :-1], mu[:, :-1]) if h is None else h  # [b, L-1, d]
     x = model.sample(h, m.n_samples, generator=gen)  # [b, L-1, N, l]
     fid, div = posterior_energy_terms(x, mu[:, 1:], log_sigma[:, 1:], m.n_targets, m.alpha, gen)  # [b, L-1]
     z = model.sample(h, samples, generator=gen)  # [b, L-1, R, l]

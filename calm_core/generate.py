@@ -62,25 +62,29 @@ def next_chunks(model: CALM, ae: ChunkAutoencoder, h: torch.Tensor, temperature:
     return chunks
 
 
+def chunk_inputs(model: CALM, ae: ChunkAutoencoder, chunks: torch.Tensor) -> torch.Tensor:
+    """Backbone inputs of chunks [B, T, K] -> [B, T, d]. With latent input (input_mode latents /
+    both) every chunk is re-encoded by the AE encoder (its posterior mean), as in training."""
+    latent = model.latent_in is not None
+    mu = ae.encode(chunks.flatten(0, 1))[0].view(*chunks.shape[:2], -1) if latent else None  # [B, T, l]
+    return model.inputs(chunks, mu)
+
+
 @torch.no_grad()
 def iter_chunks(model: CALM, ae: ChunkAutoencoder, context: torch.Tensor, n_chunks: int, temperature: float = 1.0,
                 candidates: int = 200, generator: rng.Gen = None, sampler: str = "batch",
                 max_draws: int = 2000, stats: ExactStats | None = None) -> Iterator[torch.Tensor]:
     """Continue ``context`` chunks [B, T, K]: yields the next chunk [B, K] after every step (n_chunks
-    steps; a consumer may stop early, as a server does at a stop string).
-
-    With latent input (input_mode latents / both) every chunk fed back is re-encoded by the AE
-    encoder (its posterior mean), as in training."""
-    latent = model.latent_in is not None
-    mu = ae.encode(context.flatten(0, 1))[0].view(*context.shape[:2], -1) if latent else None  # [B, T, l]
-    h, past = model.backbone.prefix(model.inputs(context, mu))  # [B, T, d]
+    steps; a consumer may stop early, as a server does at a stop string). Fed-back chunks go in
+    through ``chunk_inputs``."""
+    h, past = model.backbone.prefix(chunk_inputs(model, ae, context))  # [B, T, d]
     h, T = h[:, -1], context.shape[1]
     for j in range(n_chunks):
         c = next_chunks(model, ae, h, temperature, candidates, generator, sampler, max_draws, stats)  # [B, K]
         yield c
         if j == n_chunks - 1:
             break
-        x = model.inputs(c[:, None], ae.encode(c)[0][:, None] if latent else None)  # [B, 1, d]
+        x = chunk_inputs(model, ae, c[:, None])  # [B, 1, d]
         h, past = model.backbone.extend(x, torch.tensor([T + j], device=x.device), past)
         h = h[:, -1]
 

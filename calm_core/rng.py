@@ -49,6 +49,10 @@ class Rows:
                 out.append((g, 1))
         return out
 
+    def repeat(self, n: int) -> "Rows":
+        """Each row's generator for n consecutive rows (a row stretched over n sub-rows)."""
+        return Rows([g for g in self.gens for _ in range(n)])
+
     def check(self, rows: int) -> None:
         if rows != len(self.gens):
             raise ValueError(f"a draw of {rows} rows with generators for {len(self.gens)} rows")

@@ -100,13 +100,14 @@ def _sweep(picks, true: torch.Tensor, keys: torch.Tensor, ev: EvalConfig, prefix
 
 
 @torch.no_grad()
-def ae_scores(m: Models, tok: torch.Tensor, keys: torch.Tensor, ev: EvalConfig) -> dict[str, torch.Tensor]:
-    """Correct tokens per frequency band decoding mu, a posterior sample and mu + noise: [b, bands]."""
+def ae_scores(m: Models, tok: torch.Tensor, mu: torch.Tensor, ls: torch.Tensor, keys: torch.Tensor,
+              ev: EvalConfig) -> dict[str, torch.Tensor]:
+    """Correct tokens per frequency band decoding mu, a posterior sample and mu + noise: [b, bands]
+    (mu, log_sigma [b, L, l]: the encoder's posteriors that the latents hold, not recomputed)."""
     b, L, K = tok.shape
     flat = tok.flatten(0, 1)  # [b*L, K]
-    mu, log_sigma = m.ae.encode(flat)  # [b*L, l]
-    gen = block_generators(ev.seed + 1000, keys)
-    gen = rng.Rows([g for g in gen.gens for _ in range(L)])
+    mu, log_sigma = mu.flatten(0, 1), ls.flatten(0, 1)  # [b*L, l]
+    gen = block_generators(ev.seed + 1000, keys).repeat(L)
     eps1, eps2 = rng.normal(tuple(mu.shape), mu.device, gen), rng.normal(tuple(mu.shape), mu.device, gen)
     n_bands = len(ev.band_edges) + 2  # the rank bands, the tail, the unseen
     keep = flat != m.tok.pad_id
@@ -127,10 +128,10 @@ def ae_scores(m: Models, tok: torch.Tensor, keys: torch.Tensor, ev: EvalConfig) 
 def calm_scores(m: Models, tok: torch.Tensor, mu: torch.Tensor, ls: torch.Tensor, keys: torch.Tensor,
                 ev: EvalConfig) -> dict:
     model, b = m.calm, tok.shape[0]
+    h = model.hidden(tok[:, :-1], mu[:, :-1])  # [b, L-1, d]: one backbone pass for every CALM metric
     out = {f"calm_{k}": v for k, v in calm_block_scores(model, m.ae, tok, mu, ls, ev.samples,
-                                                         block_generators(ev.seed, keys)).items()}
+                                                         block_generators(ev.seed, keys), h).items()}
     gen = block_generators(ev.seed + 1, keys)
-    h = model.hidden(tok[:, :-1], mu[:, :-1])  # [b, L-1, d]
     out.update({f"calm_{k}": v for k, v in A.latent_scores(model, h, mu[:, 1:], model.hcfg.n_samples, gen).items()})
     true = tok[:, 1:].flatten(0, 1)  # [b*(L-1), K]
     pred, _ = A.calm_picks(model, m.ae, h, 1.0, ev.candidates, gen)
@@ -161,7 +162,7 @@ def score_blocks(m: Models, batch: dict[str, np.ndarray], ev: EvalConfig) -> dic
     mu = torch.as_tensor(batch["mu"], device=m.device).float()
     ls = torch.as_tensor(batch["log_sigma"], device=m.device).float()
     keys = torch.as_tensor(batch["key"]).long()
-    out: dict = {"key": keys, **ae_scores(m, tok, keys, ev)}
+    out: dict = {"key": keys, **ae_scores(m, tok, mu, ls, keys, ev)}
     if m.calm is not None:
         out.update(calm_scores(m, tok, mu, ls, keys, ev))
     if m.baseline is not None:

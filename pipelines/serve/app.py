@@ -95,7 +95,7 @@ class ModelServer:
         """``serve_batch``: the requests Serve collected, stepped together until the last one ends."""
         import asyncio
 
-        from pipelines.serve.batch import Batch, Member
+        from pipelines.serve.batch import Batch, Member, step_stats
 
         batch = Batch(self.engine)
         members = [Member.start(self.engine, r) for r in rs]
@@ -104,7 +104,7 @@ class ModelServer:
         ended = [False] * len(rs)
         while batch.members:
             out = await asyncio.to_thread(batch.step)
-            self.metrics.step(sum(m.rows for m, _, _ in out), sum(d.tokens for _, ds, _ in out for d in ds if d.finish))
+            self.metrics.step(*step_stats(out))
             results: list = [StopIteration] * len(rs)
             for m, deltas, finished in out:
                 results[slot[id(m)]] = deltas

@@ -128,6 +128,11 @@ class Batch:
                 self.h, self.cache = self.cache.step(self.engine.backbone, self.engine.feed(ids[rows]))
 
 
+def step_stats(out: list[tuple[Member, list[Delta], bool]]) -> tuple[int, int]:
+    """(rows the step computed, completion tokens of the completions it finished): for metrics."""
+    return sum(m.rows for m, _, _ in out), sum(d.tokens for _, ds, _ in out for d in ds if d.finish)
+
+
 def stream_alone(engine: Engine, r: GenRequest) -> Iterator[list[Delta]]:
     """One request on its own: after every model step, the deltas of its running completions."""
     batch = Batch(engine)
@@ -182,6 +187,6 @@ class StepLoop:
                 self.batch = Batch(self.batch.engine)
                 continue
             if out:
-                self.on_step(sum(m.rows for m, _, _ in out), sum(d.tokens for _, ds, _ in out for d in ds if d.finish))
+                self.on_step(*step_stats(out))
             for m, deltas, finished in out:
                 m.sink((deltas, finished))

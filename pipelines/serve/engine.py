@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from calm_core import rng
 from calm_core.artifacts import load_ae, load_model
 from calm_core.baseline import nucleus
-from calm_core.generate import next_chunks, prompt_chunks
+from calm_core.generate import chunk_inputs, next_chunks, prompt_chunks
 from calm_core.ragged import RaggedCache
 from calm_core.tokenizer import CalmTokenizer
 from calm_core.transformer import Backbone
@@ -97,7 +97,7 @@ class CalmEngine(Engine):
     @torch.no_grad()
     def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
         context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id)
-        x = self.feed_chunks(context.to(self.device))  # [1, T, d]
+        x = chunk_inputs(self.model, self.ae, context.to(self.device))  # [1, T, d]
         h, past = self.backbone.prefix(x)
         return h[:, -1].expand(r.n, -1), RaggedCache.from_prefix(past, r.n)
 
@@ -107,13 +107,7 @@ class CalmEngine(Engine):
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.feed_chunks(ids[:, None])
-
-    def feed_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
-        """chunks [B, T, K] -> inputs [B, T, d] (latent input: the AE encoder's posterior mean, as in training)."""
-        latent = self.model.latent_in is not None
-        mu = self.ae.encode(chunks.flatten(0, 1))[0].view(*chunks.shape[:2], -1) if latent else None  # [B, T, l]
-        return self.model.inputs(chunks, mu)
+        return chunk_inputs(self.model, self.ae, ids[:, None])
 
 
 class BaselineEngine(Engine):
