@@ -1,23 +1,43 @@
-"""Stage 1 on a two-node Ray cluster started on this machine (ray.cluster_utils.Cluster): the two
-Ray Train workers cannot fit on one node, so the DeepSpeed process group really spans nodes."""
+"""Stage 1 and the latent precompute on a two-node Ray cluster started on this machine
+(ray.cluster_utils.Cluster): the two Ray Train workers cannot fit on one node, so the DeepSpeed
+process group really spans nodes; nor can the two encoder actors, so the precompute runs on both, and
+its rows are those of the same precompute on one node."""
 
+import shutil
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from conftest import _start_ray
+from ray.util.state import list_actors, list_tasks
 
 from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
+from pipelines.data import latents as LT
+from pipelines.data.precompute import precompute_latents
 from pipelines.train.stage1 import run_stage1
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
 
 
-def test_stage1_spreads_over_two_nodes(tiny_corpus, tmp_path):
+@pytest.fixture
+def corpus(tmp_path, tiny_corpus_text):
+    """Ten times the tiny corpus: enough documents for several tokenised blocks, one per encoder."""
+    p = tmp_path / "corpus.txt"
+    p.write_text(tiny_corpus_text * 10)
+    return p
+
+
+def test_stage1_and_the_latents_spread_over_two_nodes(corpus, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # the dashboard serves the State API, which says on which node each encoder actor ran
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
@@ -25,10 +45,52 @@ def test_stage1_spreads_over_two_nodes(tiny_corpus, tmp_path):
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         # 0.75 CPU per worker on 1-CPU nodes: one worker per node; 0.25 left on each for Ray Data
         cfg = load_config("debug", ["distributed.cpus_per_worker=0.75", "stage1.max_steps=3"])
-        m = run_stage1(cfg, str(tiny_corpus), RunDir(str(tmp_path / "run")))
+        m = run_stage1(cfg, str(corpus), RunDir(str(tmp_path / "run")))
         assert m["metrics"]["num_workers"] == 2 and m["metrics"]["num_nodes"] == 2
         assert m["metrics"]["step"] == 3
         load_autoencoder_dir(tmp_path / "run" / "ae")
+
+        # 0.75 CPU per encoder actor: one per node; the tokenising tasks take the 0.25 left
+        lat = load_config("debug", ["latents.num_actors=2", "latents.cpus_per_actor=0.75", "latents.batch_size=32"])
+        spread = precompute_latents(lat, str(corpus), RunDir(str(tmp_path / "run")))
+        encoders = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(EncodeChunks))")], detail=True)
+        assert len({a.node_id for a in encoders}) == 2, [(a.node_id, a.state) for a in encoders]
+        assert len(_nodes_that_encoded()) == 2  # and both encoded chunks
     finally:
         ray.shutdown()
         cluster.shutdown()
+    # the same precompute on one node (the shared test cluster) gives the same rows
+    one = tmp_path / "one"
+    one.mkdir()
+    for a in ("tokenizer", "ae"):
+        shutil.copytree(tmp_path / "run" / a, one / a)
+    _start_ray()
+    alone = precompute_latents(lat, str(corpus), RunDir(str(one)))
+    assert alone["metrics"]["rows"] == spread["metrics"]["rows"]
+    for split in LT.SPLITS:
+        keys, tokens, mu = _split_rows(RunDir(str(tmp_path / "run")), spread, split)
+        keys1, tokens1, mu1 = _split_rows(RunDir(str(one)), alone, split)
+        assert keys == keys1
+        np.testing.assert_array_equal(tokens, tokens1)
+        np.testing.assert_allclose(mu, mu1, atol=1e-6)
+
+
+def _nodes_that_encoded(wait_s: float = 30.0) -> set[str]:
+    """Nodes of the encoder actors' finished batches, from the State API (task events arrive with a
+    delay of about a second: poll until both nodes are there or ``wait_s`` is over)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        tasks = list_tasks(filters=[("name", "=", "MapWorker(MapBatches(EncodeChunks)).submit"),
+                                    ("state", "=", "FINISHED")], detail=True)
+        nodes = {t.node_id for t in tasks}
+        if len(nodes) >= 2 or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.5)
+
+
+def _split_rows(run, manifest, split):
+    """Every row of a split in corpus order: [(doc_id, position)], tokens [N, K], mu [N, l]."""
+    tables = [pq.read_table(f) for f in LT.part_files(run, manifest, split)]
+    keys = [k for t in tables for k in zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist())]
+    return (keys, np.concatenate([LT.column_matrix(t, "tokens") for t in tables]),
+            np.concatenate([LT.column_matrix(t, "mu") for t in tables]))

@@ -1,0 +1,255 @@
+"""The chain as a submitted job on a real `ray start --head` cluster, as a cluster user runs it:
+
+- `ray job submit --working-dir . -- python jobs/run_all.py --config debug ...` runs tokenizer ->
+  stage 1 -> report -> latents -> CALM -> baseline -> evaluation on the held-out documents -> a
+  sample, while this test kills by PID a stage-1 training worker, an encoder actor of
+  the latent precompute and a stage-2 training worker: the job still succeeds, each training stage
+  says it resumed from its last checkpoint and ends at its full step count, and the latents equal a
+  clean precompute, every chunk exactly once;
+- a second submission of the same command skips every stage;
+- `ray job stop` during stage 1 leaves every artifact complete or absent.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.data import latents as LT
+from pipelines.storage import RunDir
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the virtual environment's ray and python
+ARTIFACTS = ("tokenizer", "ae", "latents", "calm", "baseline", "eval/heldout")
+OVERRIDES = ["distributed.max_failures=1", "stage1.max_steps=15", "stage2.max_steps=15",
+             "latents.shard_documents=50", "eval.sweep_every=1", "eval.temperatures=[1.0,0.5]"]
+TRAIN_WORKER = "ray::RayTrainWorker"
+ENCODER = "ray::MapWorker(MapBatches(EncodeChunks))"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block` with a dashboard (the job server) on 2 CPUs; stopped at the end by
+    signalling the blocking `ray start` (which takes down what it started, nothing else)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--object-store-memory=1000000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while _job_cli(address, "list").returncode != 0:
+            assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            time.sleep(1)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _job_cli(address: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", address], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _submit(head, job_id: str, run: Path, corpus: Path, *extra: str, wait: bool = True):
+    """`ray job submit --working-dir . -- python jobs/run_all.py ...` from the repository root."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", job_id,
+           "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
+           "python", "jobs/run_all.py", "--config", "debug", "--corpus", str(corpus), "--run", str(run),
+           "--baseline", *OVERRIDES, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
+
+
+def _status(head, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(head["address"]).get_job_status(job_id).value)
+
+
+def _corpus(tmp_path: Path, n_docs: int = 400) -> Path:
+    import random
+
+    rng = random.Random(1)
+    words = "the a cat dog sat ran on mat big small red blue happy sad and then it was".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))).capitalize() + "." for _ in range(n_docs)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(docs) + "\n")
+    return corpus
+
+
+class Killer(threading.Thread):
+    """Kills, one after the other, a process whose title starts with ``title`` once ``ready()``
+    holds: [(what, ready, title), ...]. ``killed`` lists (what, pid) in order."""
+
+    def __init__(self, plan):
+        super().__init__(daemon=True)
+        self.plan, self.killed, self.stop = list(plan), [], threading.Event()
+
+    def run(self):
+        for what, ready, title in self.plan:
+            while not self.stop.is_set():
+                pid = ready() and next((p.pid for p in psutil.process_iter(["cmdline"])
+                                        if (p.info["cmdline"] or [""])[0].startswith(title)), None)
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append((what, pid))
+                        break
+                    except ProcessLookupError:
+                        pass  # it ended between the listing and the kill: take the next one
+                time.sleep(0.05)
+
+
+def _checkpointed(run: Path, section: str):
+    """True once Ray Train has registered a checkpoint of the stage (its snapshot lists one): a worker
+    killed before that restarts from step 0, since a report counts only when every rank has made it."""
+    def ready() -> bool:
+        try:
+            snap = json.loads((run / "_train" / section / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):  # not there yet, or being written
+            return False
+        return bool(snap.get("checkpoint_results"))
+    return ready
+
+
+def _rows(run: RunDir) -> dict:
+    """{(split, doc_id, position): (tokens, mu, log_sigma)} of every latent row; asserts none repeats."""
+    m = LT.latents_manifest(run)
+    rows = {}
+    for split in LT.SPLITS:
+        for f in LT.part_files(run, m, split):
+            t = pq.read_table(f)
+            tokens, mu, ls = (LT.column_matrix(t, c) for c in ("tokens", "mu", "log_sigma"))
+            for i, (d, p) in enumerate(zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist())):
+                assert (split, d, p) not in rows, f"row {(split, d, p)} written twice"
+                rows[split, d, p] = (tokens[i], mu[i], ls[i])
+    return rows
+
+
+def _assert_complete_or_absent(run: Path):
+    for name in ARTIFACTS:
+        a = run / name
+        assert not a.exists() or (a / "manifest.json").is_file() or name == "latents", f"{a} is half-written"
+    # latents in progress are committed shards without a manifest: readers refuse them until complete
+    leftovers = [p.name for p in run.rglob(".*tmp-*")]
+    assert not leftovers, leftovers
+
+
+def test_submitted_chain_survives_killed_workers_and_a_resubmission_skips(head, tmp_path):
+    corpus, run = _corpus(tmp_path), tmp_path / "run"
+    killer = Killer([
+        ("stage-1 worker", _checkpointed(run, "stage1"), TRAIN_WORKER),
+        ("encoder actor", lambda: (run / "latents" / "train" / "shard-00000.json").is_file(), ENCODER),
+        ("stage-2 worker", _checkpointed(run, "stage2"), TRAIN_WORKER),
+    ])
+    killer.start()
+    try:
+        first = _submit(head, "chain-1", run, corpus)
+    finally:
+        killer.stop.set()
+    out = first.stdout + first.stderr
+    (tmp_path.parent / "chain-1.log").write_text(out)  # for a failing run's reader
+    assert first.returncode == 0 and _status(head, "chain-1") == "SUCCEEDED", out[-4000:]
+    assert [w for w, _ in killer.killed] == ["stage-1 worker", "encoder actor", "stage-2 worker"], killer.killed
+
+    # each training stage came back from a checkpoint after its worker died, and finished its steps
+    for kind, label in (("stage1", "ae"), ("calm", "calm")):
+        resumed = [int(s) for s in re.findall(rf"\[{kind}\] resumed from step (\d+)", out)]
+        assert len(resumed) == 1 and 0 < resumed[0] < 15, (kind, resumed, out[-4000:])
+        m = RunDir(str(run)).read_json(label, "manifest.json")
+        assert m["metrics"]["step"] == 15, m["metrics"]
+        steps = [json.loads(line)["step"] for line in (run / label / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [3, 6, 9, 12, 15], steps  # the log continues from the checkpoint: no step twice
+    for artifact in ARTIFACTS:
+        assert (run / artifact / "manifest.json").is_file(), artifact
+    assert "[run_all] evaluation on the held-out documents" in out and "BrierLM" in out
+    table = out.split("[run_all] evaluation on the held-out documents", 1)[1]
+    assert "calm" in table and "baseline" in table
+    assert (run / "eval" / "heldout" / "temperature.png").is_file()
+    assert "[run_all] a sample (temperature 0.5" in out
+
+    # the latents equal a clean precompute with the same AE: every chunk exactly once
+    import ray
+
+    from calm_core.config import load_config
+    from pipelines.data.precompute import precompute_latents
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for a in ("tokenizer", "ae"):
+        shutil.copytree(run / a, clean / a)
+    ray.init(address=head["gcs"])
+    try:
+        precompute_latents(load_config("debug", OVERRIDES), str(corpus), RunDir(str(clean)))
+    finally:
+        ray.shutdown()
+    got, want = _rows(RunDir(str(run))), _rows(RunDir(str(clean)))
+    assert got.keys() == want.keys()
+    for k, (tokens, mu, ls) in want.items():
+        np.testing.assert_array_equal(got[k][0], tokens)
+        np.testing.assert_allclose(got[k][1], mu, atol=1e-6)
+        np.testing.assert_allclose(got[k][2], ls, atol=1e-6)
+
+    second = _submit(head, "chain-2", run, corpus)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0 and _status(head, "chain-2") == "SUCCEEDED", log[-4000:]
+    for what in ("ae", "latents", "calm", "baseline", "eval/heldout"):
+        assert f"{run / what} is complete" in log, what
+    assert "step 3/" not in log  # nothing trained again
+
+
+def test_job_stop_leaves_every_artifact_complete_or_absent(head, tmp_path):
+    corpus, run = _corpus(tmp_path, 200), tmp_path / "run"
+    sub = _submit(head, "stopped", run, corpus, wait=False)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    deadline = time.time() + 600
+    while not _checkpointed(run, "stage1")():  # stage 1 is training and checkpointing
+        assert time.time() < deadline and _status(head, "stopped") in ("PENDING", "RUNNING"), \
+            _job_cli(head["address"], "logs", "stopped").stdout[-3000:]
+        time.sleep(0.2)
+    stop = _job_cli(head["address"], "stop", "stopped")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    while _status(head, "stopped") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert _status(head, "stopped") == "STOPPED"
+    assert (run / "tokenizer" / "manifest.json").is_file()
+    assert not (run / "ae").exists()
+    _assert_complete_or_absent(run)
