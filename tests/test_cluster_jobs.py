@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -59,7 +58,8 @@ def head(tmp_path_factory):
         ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
+    log_path = tmp_path_factory.mktemp("head") / "ray-start.log"
+    log = open(log_path, "w")  # noqa: SIM115 (the head's output for as long as the module runs)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--object-store-memory=1000000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -69,7 +69,7 @@ def head(tmp_path_factory):
     try:
         deadline = time.time() + 120
         while _job_cli(address, "list").returncode != 0:
-            assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(1)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:
@@ -84,7 +84,7 @@ def head(tmp_path_factory):
 
 
 def _job_cli(address: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", address], cwd=ROOT,
+    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", address], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -94,7 +94,7 @@ def _submit(head, job_id: str, run: Path, corpus: Path, *extra: str, wait: bool 
            "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
            "python", "jobs/run_all.py", "--config", "debug", "--corpus", str(corpus), "--run", str(run),
            "--baseline", *OVERRIDES, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
 
 
 def _status(head, job_id: str) -> str:
@@ -107,7 +107,7 @@ def _corpus(tmp_path: Path, n_docs: int = 400) -> Path:
     import random
 
     rng = random.Random(1)
-    words = "the a cat dog sat ran on mat big small red blue happy sad and then it was".split()
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "big", "small", "red", "blue", "happy", "sad", "and", "then", "it", "was"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))).capitalize() + "." for _ in range(n_docs)]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n<|endoftext|>\n".join(docs) + "\n")

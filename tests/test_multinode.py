@@ -16,8 +16,8 @@ from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
 from pipelines.data import latents as LT
 from pipelines.data.precompute import precompute_latents
-from pipelines.train.stage1 import run_stage1
 from pipelines.storage import RunDir
+from pipelines.train.stage1 import run_stage1
 
 pytestmark = pytest.mark.slow
 

@@ -166,12 +166,13 @@ def sha256_of(run: RunDir, path: str) -> str:
 
 
 def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | None = None,
-                 verify: bool = True):
+                 verify: bool = True, num_cpus: float | None = None):
     """RUN/latents/<split> as a Ray Dataset with a ``path`` column (the part file of each row; the rows
     of one file are in stream order, the order of files in the dataset is Ray Data's), after
     checking that the output is complete, that it was made by the ``expected`` AE
     (``calm_core.artifacts.AEArtifact.identity``), and (``verify``) that no part file is truncated
-    or corrupted. Returns (dataset, manifest)."""
+    or corrupted. ``num_cpus``: what each read task reserves (Ray's default: 1 CPU; the evaluation
+    passes data.read_cpus, since its actors may hold all but that). Returns (dataset, manifest)."""
     import ray.data
 
     if split not in SPLITS:
@@ -186,7 +187,8 @@ def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | N
     schema = latents_schema(manifest["identity"]["K"], manifest["identity"]["latent_dim"],
                             manifest["identity"]["dtype"])
     # with the file of every row: Ray Data may pack several part files into one block, in any order
-    ds = ray.data.read_parquet(files, filesystem=run.fs, schema=schema, include_paths=True)
+    ds = ray.data.read_parquet(files, filesystem=run.fs, schema=schema, include_paths=True,
+                               **({"ray_remote_args": {"num_cpus": num_cpus}} if num_cpus is not None else {}))
     return ds, manifest
 
 

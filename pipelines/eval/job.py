@@ -182,7 +182,7 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
 
     vocab = CalmTokenizer.from_str(tok_json).vocab_size
     band, source = bands_of(token_counts(run, vocab, cfg.data.read_cpus), vocab, ev.band_edges)
-    ds, _ = LT.read_latents(data, "val")
+    ds, _ = LT.read_latents(data, "val", num_cpus=cfg.data.read_cpus)
     blocks = LT.latent_blocks(ds, lman, L, num_cpus=cfg.data.read_cpus)
     if ev.max_blocks:
         blocks = blocks.limit(ev.max_blocks)
