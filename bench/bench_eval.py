@@ -73,6 +73,12 @@ def main() -> None:
                   f"{t['tokens_per_s']:,.0f} | {t['tokens_per_s'] / base:.2f} |")
 
 
+def cpus_per_actor(actors: int) -> float:
+    """What each of ``actors`` scoring actors reserves: the machine's CPUs less the 1 that Ray Data's
+    file listing needs (pipelines.eval.job.check_fits); the threads use every core."""
+    return ((os.cpu_count() or 2) - 1) / actors
+
+
 def run(args) -> dict:
     from calm_core.config import load_config
     from pipelines.eval.job import evaluate
@@ -95,7 +101,8 @@ def run(args) -> dict:
     throughput = []
     for a in args.actors:
         c = load_config(args.config, [f"eval.max_blocks={args.throughput_blocks}", *args.overrides,
-                                      f"eval.actors={a}", f"eval.cpus_per_actor={max(0.5, (os.cpu_count() or 2) / a - 0.25)}"])
+                                      f"eval.actors={a}", f"eval.cpus_per_actor={cpus_per_actor(a)}",
+                                      f"eval.threads_per_actor={max(1, (os.cpu_count() or 2) // a)}"])
         rep = evaluate(c, rd, args.corpus[0], f"throughput-a{a}", overwrite=True)
         throughput.append({"actors": a, "blocks": rep["blocks"], **rep["throughput"]})
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",

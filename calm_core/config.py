@@ -165,7 +165,8 @@ class EvalConfig:
     band_edges: list[int] = field(default_factory=lambda: [100, 1000, 10000])  # token frequency-rank bands
     noise_std: float = 0.3  # AE robustness: decoding mu + N(0, noise_std^2)
     actors: int = 1  # scoring actors (each loads the models once)
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # CPUs each scoring actor reserves; with the actors, at most the cluster's less 1
+    threads_per_actor: int = 0  # torch threads per scoring actor; 0: max(1, round(cpus_per_actor))
     use_gpu: bool = False  # one GPU per scoring actor
     bootstrap: int = 1000  # resamples of blocks for BrierLM's confidence interval
 
@@ -466,6 +467,8 @@ def validate(cfg: Config) -> None:
     _choice(ev.split, "eval.split", ("all", "heldout"))
     for key in ("batch_blocks", "samples", "sweep_every", "candidates", "actors", "cpus_per_actor"):
         _positive(getattr(ev, key), f"eval.{key}")
+    if ev.threads_per_actor < 0:
+        raise ConfigError(f"eval.threads_per_actor must be >= 0 (0: from eval.cpus_per_actor), got {ev.threads_per_actor}")
     for key in ("block_chunks", "max_blocks", "noise_std", "bootstrap"):
         _positive(getattr(ev, key), f"eval.{key}", allow_zero=True)
     if ev.samples < 2:

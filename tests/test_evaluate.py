@@ -163,3 +163,16 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(evaluated, tmp_path):
                                                 for i in range(6)))
     _one_line_error(_job(["--run", run.path(), "--corpus", str(foreign), "--name", "foreign"]), "tokens per character")
     assert not Path(run.path("eval", "foreign")).exists()
+
+
+def test_scoring_actors_must_leave_a_cpu_for_reading_the_blocks(evaluated):
+    """Actors that hold all but less than 1 CPU would wait for ever on Ray Data's listing task: refused."""
+    from calm_core.config import load_config
+    from calm_core.errors import ConfigError
+    from pipelines.eval.job import evaluate
+
+    _, run, held, _ = evaluated
+    greedy = load_config("debug", [*SETTINGS, "eval.actors=1", "eval.cpus_per_actor=1.75"])
+    with pytest.raises(ConfigError, match=r"leaves 0.25 of the cluster's 2 CPUs.*cpus_per_actor to 1 or less"):
+        evaluate(greedy, run, str(held), "greedy")
+    assert not Path(run.path("eval", "greedy")).exists()

@@ -22,7 +22,7 @@ import numpy as np
 
 from calm_core.artifacts import MODEL_KINDS
 from calm_core.config import Config, config_from_yaml
-from calm_core.errors import ArtifactError, DataError
+from calm_core.errors import ArtifactError, ConfigError, DataError
 from pipelines.claim import Spot, claim
 from pipelines.data import latents as LT
 from pipelines.progress import progress
@@ -132,7 +132,7 @@ def scored_documents(cfg: Config, run: RunDir) -> Config:
 
 def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, L: int) -> dict[str, Any]:
     ev = dataclasses.asdict(cfg.eval)
-    for k in ("actors", "cpus_per_actor", "use_gpu", "batch_blocks"):  # where it runs, not what it computes
+    for k in ("actors", "cpus_per_actor", "threads_per_actor", "use_gpu", "batch_blocks"):  # where, not what
         ev.pop(k)
     return {"models": {k: run.read_json(k, "manifest.json").get("files") for k in ("ae", *kinds)},
             "corpus_latents": lman["identity"], "context_chunks": L, "eval": ev}
@@ -172,6 +172,20 @@ def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool =
     return report
 
 
+def check_fits(ev) -> None:
+    """Refuse scoring actors that would hold the CPUs Ray Data needs to read the blocks: its file
+    listing task takes 1 CPU, and it waits for ever behind actors that hold all but less than 1."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = 0.0 if ev.use_gpu else ev.actors * ev.cpus_per_actor
+    if held > total - 1:
+        raise ConfigError(f"eval.actors x eval.cpus_per_actor = {ev.actors} x {ev.cpus_per_actor} CPUs leaves "
+                          f"{max(0.0, total - held):g} of the cluster's {total:g} CPUs, and reading the blocks needs "
+                          f"1: lower eval.cpus_per_actor to {max(0.0, (total - 1) / ev.actors):g} or less (torch "
+                          "threads per actor: eval.threads_per_actor)")
+
+
 def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], L: int
           ) -> tuple[list[dict], float, str]:
     """Per-block rows of every block (up to eval.max_blocks) scored in eval.actors actors, the seconds
@@ -188,13 +202,14 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
         blocks = blocks.limit(ev.max_blocks)
     if ev.actors > 1:  # enough Ray blocks for every actor to get work (a small corpus is one block)
         blocks = blocks.repartition(4 * ev.actors)
+    check_fits(ev)
     device = "cuda" if ev.use_gpu else "cpu"
     progress(f"[eval] scoring blocks of {L} chunks in {ev.actors} actor(s) x "
              f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}; frequency bands from {source}")
     t0 = time.perf_counter()
     scored = blocks.map_batches(
         Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": band, "ev": dataclasses.asdict(ev),
-                                       "device": device, "threads": max(1, round(ev.cpus_per_actor))},
+                                       "device": device, "threads": ev.threads_per_actor or max(1, round(ev.cpus_per_actor))},
         batch_size=ev.batch_blocks, concurrency=ev.actors, num_cpus=ev.cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
     rows: list[dict] = []
     last = t0
