@@ -11,9 +11,9 @@ Needs RUN/calm and/or RUN/baseline (and RUN/ae). Each request streams a completi
 taken from --corpus (the first --prompt-tokens tokens of a document) at temperature 1. For every
 model and concurrency c: c client threads send --requests requests in all; reported are completion
 tokens/s, requests/s, p50/p99 latency, p50 time to first chunk (first streamed text) and the error
-rate. "in-process" is the model's own generation (pipelines.serve.batch, no Ray, no HTTP) of a
-batch of c rows of one prompt; the ratio served / in-process says how much of the model's batched
-speed reaches clients. Both policies are deployed as two apps of the same Ray Serve instance and
+rate. "in-process" is the model's own generation (pipelines.serve.batch, no Ray, no HTTP) of c
+requests with their own prompts at once (one batched prefill, then steps); the ratio served /
+in-process says how much of the model's batched speed reaches clients. Both policies are deployed as two apps of the same Ray Serve instance and
 loaded one after the other.
 """
 
@@ -87,16 +87,22 @@ def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int
             "first_error": next((r["error"] for r in results if r["error"]), None)}
 
 
-def in_process(engine, prompt_ids: list[int], rows: int, max_tokens: int, repeats: int = 2) -> float:
-    """Completion tokens/s of the model generating ``rows`` completions of one prompt at once."""
-    from pipelines.serve.batch import stream_alone
+def in_process(engine, prompts: list[str], rows: int, max_tokens: int, repeats: int = 2) -> float:
+    """Completion tokens/s of the model generating ``rows`` requests at once, each its own prompt
+    and seed (the first ``rows`` of ``prompts``, as the served level sends them): one batched
+    prefill, then steps until the last ends (pipelines.serve.batch.Batch, no Ray, no HTTP)."""
+    from pipelines.serve.batch import Batch, Member
     from pipelines.serve.engine import GenRequest
 
     best = 0.0
     for rep in range(repeats + 1):  # the first is a warm-up
-        r = GenRequest(prompt_ids, max_tokens=max_tokens, n=rows, seed=rep)
+        batch = Batch(engine)
         t0 = time.perf_counter()
-        tokens = sum(d.tokens for step in stream_alone(engine, r) for d in step if d.finish)
+        batch.join([Member.start(engine, GenRequest(engine.tok.encode(prompts[i % len(prompts)]), max_tokens=max_tokens,
+                                                    seed=rep * rows + i)) for i in range(rows)])
+        tokens = 0
+        while batch.members:
+            tokens += sum(d.tokens for _, deltas, _ in batch.step() for d in deltas if d.finish)
         if rep:
             best = max(best, tokens / (time.perf_counter() - t0))
     return best
@@ -180,7 +186,7 @@ def main() -> None:
         prompts = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
         for c in args.concurrency:
             torch.set_num_threads(os.cpu_count() or 1)
-            alone = in_process(engine, engine.tok.encode(prompts[0]), c, args.max_tokens)
+            alone = in_process(engine, prompts, c, args.max_tokens)
             for policy in args.batching:
                 print(f"[bench] {model}, {policy}, concurrency {c}: {args.requests} requests", flush=True)
                 url = f"http://127.0.0.1:{port}/{policy}/v1/completions"

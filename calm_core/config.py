@@ -194,6 +194,8 @@ class ServeConfig:
     batching: str = "loop"  # loop: admit requests between model steps | serve_batch: Ray Serve's @serve.batch
     max_batch_rows: int = 32  # rows (completions) one model step computes at most
     batch_wait_ms: float = 10.0  # serve_batch: how long a batch waits to fill
+    stream_interval_ms: float = 50.0  # loop: after a stream's first message, at most one per interval (the
+    #                                  steps between ride along); 0 = a message per step
     cpus_per_replica: float = 0.5
     gpus_per_replica: float = 0.0
     threads_per_replica: int = 1  # torch threads in each model replica
@@ -456,7 +458,8 @@ def validate(cfg: Config) -> None:
     for key in ("port", "max_replicas", "target_ongoing_requests", "max_ongoing_requests", "threads_per_replica",
                 "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n"):
         _positive(getattr(sv, key), f"serve.{key}")
-    for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms"):
+    for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms",
+                "stream_interval_ms"):
         _positive(getattr(sv, key), f"serve.{key}", allow_zero=True)
     if sv.batching == "serve_batch" and sv.max_n > sv.max_batch_rows:
         raise ConfigError(f"key 'serve.max_n' ({sv.max_n}) must be <= serve.max_batch_rows ({sv.max_batch_rows}) "

@@ -39,6 +39,33 @@ class RaggedCache:
                    torch.ones(rows, T, dtype=torch.bool, device=k0.device),
                    torch.full((rows,), T, dtype=torch.long, device=k0.device))
 
+    @classmethod
+    def prefill(cls, backbone: Backbone, prompts: list[torch.Tensor], rows: list[int] | None = None
+                ) -> tuple[torch.Tensor, "RaggedCache"]:
+        """Several prompts of different lengths in one causal pass, left-padded to the longest:
+        prompts [T_i, d] -> (hidden state after each [R, d], their cache), prompt i given
+        ``rows[i]`` identical rows (default 1 each; R = sum of rows).
+
+        Row i's query t sits at RoPE position t - (T - T_i) and attends to its own real keys up to
+        t; a padding query attends only to itself (a real row never sees it), so every prompt's
+        keys, values and last hidden state are those of ``Backbone.prefix`` of it alone (up to
+        rounding of the batched matmuls)."""
+        lens = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)  # [P]
+        T = int(lens.max())
+        x = torch.stack([F.pad(p, (0, 0, T - p.shape[0], 0)) for p in prompts])  # [P, T, d]
+        t = torch.arange(T, device=x.device)
+        start = T - lens  # [P] first real column
+        real = t[None, :] >= start[:, None]  # [P, T]
+        causal = t[None, :, None] >= t[None, None, :]  # [1, T(query), T(key)]
+        mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)[None]  # [P, T, T]
+        positions = (t[None, :] - start[:, None]).clamp(min=0)  # [P, T]
+        empty = x.new_zeros(len(prompts), x.shape[-1] // backbone.head_dim, 0, backbone.head_dim)  # [P, H, 0, h]
+        h, past = backbone.extend(x, positions, [(empty, empty)] * len(backbone.blocks), mask)
+        index = torch.repeat_interleave(torch.arange(len(prompts), device=x.device),
+                                        torch.tensor(rows or [1] * len(prompts), device=x.device))  # [R]
+        cache = cls([(k[index], v[index]) for k, v in past], real[index], lens[index])
+        return h[index, -1], cache
+
     @property
     def rows(self) -> int:
         return self.valid.shape[0]

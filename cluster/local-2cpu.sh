@@ -5,6 +5,7 @@
 #   bash cluster/local-2cpu.sh stop
 set -euo pipefail
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
+export RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} RAY_SERVE_ENABLE_DIRECT_INGRESS=0
 case "${1:-}" in
   start) ray start --head --num-cpus="${NUM_CPUS:-2}" --include-dashboard=true --dashboard-host=127.0.0.1 --disable-usage-stats ;;
   stop) ray stop ;;

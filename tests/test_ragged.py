@@ -71,3 +71,23 @@ def test_per_request_generators_give_each_request_its_own_numbers_alone_or_batch
                                torch.cat([rng.categorical(w[:3], g(7)), rng.categorical(w[3:], g(8))]))
     with pytest.raises(ValueError, match="4 rows with generators for 2"):
         rng.uniform((4,), "cpu", rng.Rows([a, b]))
+
+
+@torch.no_grad()
+def test_prompts_of_different_lengths_prefilled_together_equal_each_alone(backbone):
+    prompts = [torch.randn(T, 32) for T in (5, 1, 9)]
+    h, cache = RaggedCache.prefill(backbone, prompts, rows=[2, 1, 1])
+    assert h.shape == (4, 32) and cache.valid.sum(1).tolist() == [5, 5, 1, 9] and cache.pos.tolist() == [5, 5, 1, 9]
+    for row, i in enumerate([0, 0, 1, 2]):
+        alone_h, alone_past = backbone.prefix(prompts[i][None])
+        torch.testing.assert_close(h[row], alone_h[0, -1], atol=1e-5, rtol=1e-5)
+        real = cache.valid[row]
+        for (k, v), (k1, v1) in zip(cache.past, alone_past):
+            torch.testing.assert_close(k[row][:, real], k1[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[row][:, real], v1[0], atol=1e-5, rtol=1e-5)
+    # and they continue as a full forward pass would
+    x = torch.randn(4, 1, 32)
+    h2, _ = cache.step(backbone, x)
+    for row, i in enumerate([0, 0, 1, 2]):
+        full = backbone(torch.cat([prompts[i][None], x[row][None]], 1))[0, -1]
+        torch.testing.assert_close(h2[row], full, atol=1e-5, rtol=1e-5)

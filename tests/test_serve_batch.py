@@ -55,8 +55,10 @@ def test_requests_joining_a_running_batch_get_the_text_they_get_alone(engines, k
     members: dict[int, Member] = {}
     step = 0
     while step in joins or batch.members or step <= max(joins):
-        for i in joins.get(step, []):
-            members[i] = batch.join(Member.start(eng, reqs[i]))
+        joining = {i: Member.start(eng, reqs[i]) for i in joins.get(step, [])}
+        if joining:
+            batch.join(list(joining.values()))  # requests of different prompt lengths prefilled together
+            members.update(joining)
         rows_seen.append(batch.rows)
         for m, deltas, _ in batch.step():
             i = next(k for k, v in members.items() if v is m)

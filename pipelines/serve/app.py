@@ -55,6 +55,7 @@ class ModelServer:
                        else BaselineEngine(rd.local_artifact("baseline"), device))
         self.metrics = ServeMetrics(kind)
         self.policy = s.batching
+        self.interval = s.stream_interval_ms / 1000.0
         self.loop = StepLoop(self.engine, s.max_batch_rows, self.metrics.step) if s.batching == "loop" else None
         self._window.set_max_batch_size(s.max_batch_rows)
         self._window.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
@@ -74,18 +75,23 @@ class ModelServer:
 
     async def _loop_stream(self, r):
         import asyncio
+        import time
 
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         m = self.loop.submit(r, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         try:
-            finished = False
+            finished, last = False, None
             while not finished:
                 items = [await q.get()]
+                if last is not None and self.interval and not isinstance(items[0], BaseException) and not items[0][1]:
+                    # after the first message, at most one per stream interval: the steps in between ride along
+                    await asyncio.sleep(max(0.0, last + self.interval - time.monotonic()))
                 while not q.empty() and not isinstance(items[-1], BaseException) and not items[-1][1]:
                     items.append(q.get_nowait())
                 if isinstance(items[-1], BaseException):
                     raise items[-1]
                 finished = items[-1][1]
+                last = time.monotonic()
                 yield [deltas for deltas, _ in items]
         finally:
             m.cancelled = True  # the client went away: the loop drops the rows at its next step
@@ -99,7 +105,7 @@ class ModelServer:
 
         batch = Batch(self.engine)
         members = [Member.start(self.engine, r) for r in rs]
-        await asyncio.to_thread(lambda: [batch.join(m) for m in members])
+        await asyncio.to_thread(batch.join, members)
         slot = {id(m): i for i, m in enumerate(members)}
         ended = [False] * len(rs)
         while batch.members:

@@ -63,13 +63,12 @@ class Batch:
     def rows(self) -> int:
         return sum(m.rows for m in self.members)
 
-    def join(self, m: Member) -> Member:
-        """Prefill the request's prompt and add its n rows (between steps)."""
-        h, cache = self.engine.prefill(m.r)  # [n, d]
-        self.members.append(m)
+    def join(self, ms: list[Member]) -> None:
+        """Prefill the requests' prompts (in one pass) and add their rows (between steps)."""
+        h, cache = self.engine.prefill([m.r for m in ms])  # [sum n, d]
+        self.members += ms
         self.h = h if self.h is None else torch.cat([self.h, h])
         self.cache = cache if self.cache is None else self.cache.join(cache)
-        return m
 
     def step(self) -> list[tuple[Member, list[Delta], bool]]:
         """One model step for every row -> per request (its deltas, whether it has finished)."""
@@ -136,7 +135,7 @@ def step_stats(out: list[tuple[Member, list[Delta], bool]]) -> tuple[int, int]:
 def stream_alone(engine: Engine, r: GenRequest) -> Iterator[list[Delta]]:
     """One request on its own: after every model step, the deltas of its running completions."""
     batch = Batch(engine)
-    batch.join(Member.start(engine, r))
+    batch.join([Member.start(engine, r)])
     while batch.members:
         for _, deltas, _ in batch.step():
             yield deltas
@@ -167,14 +166,22 @@ class StepLoop:
             except queue.Empty:
                 break
             block = False
-        while self.waiting and (not self.batch.members or self.batch.rows + self.waiting[0].rows <= self.max_rows):
+        joining, rows = [], self.batch.rows
+        while self.waiting and (not rows or rows + self.waiting[0].rows <= self.max_rows):
             m = self.waiting.pop(0)
-            if m.cancelled:
-                continue
-            try:
-                self.batch.join(m)
-            except Exception as e:  # a request that cannot start ends alone
-                m.sink(e)
+            if not m.cancelled:
+                joining.append(m)
+                rows += m.rows
+        if not joining:
+            return
+        try:
+            self.batch.join(joining)  # one prefill for all of them
+        except Exception:  # one of them cannot start: each alone, so that only it fails
+            for m in joining:
+                try:
+                    self.batch.join([m])
+                except Exception as e:
+                    m.sink(e)
 
     def _run(self) -> None:
         while True:

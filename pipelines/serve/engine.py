@@ -3,7 +3,8 @@ many requests at once, one model step at a time (CALM: a chunk of K tokens per s
 one token).
 
 An engine gives three things to ``pipelines.serve.batch.Batch``, which batches requests:
-``prefill`` (a prompt -> its KV cache and last hidden state), ``pick`` (hidden states of rows that
+``prefill`` (the prompts of the requests that join -> their KV cache and last hidden states, in one
+pass), ``pick`` (hidden states of rows that
 share sampling settings -> their next token ids) and ``feed`` (the ids just picked -> next inputs).
 A request's ``n`` completions are n rows of the same prompt. Sampling stays on the model's device
 with a generator seeded by the request's ``seed``; in a batch each request's rows draw from its own
@@ -70,8 +71,14 @@ class Engine(ABC):
         self.step_tokens = step_tokens  # tokens per model step (K for CALM, 1 for the baseline)
 
     @abstractmethod
-    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
-        """The prompt -> (hidden state after it [n, d], its cache for the request's n rows)."""
+    def inputs(self, r: GenRequest) -> torch.Tensor:
+        """The request's prompt as backbone inputs [T, d]."""
+
+    @torch.no_grad()
+    def prefill(self, rs: list[GenRequest]) -> tuple[torch.Tensor, RaggedCache]:
+        """Prompts of several requests in one pass (``RaggedCache.prefill``) -> (hidden state after
+        each prompt for each of its request's n rows [sum n, d], their cache)."""
+        return RaggedCache.prefill(self.backbone, [self.inputs(r) for r in rs], [r.n for r in rs])
 
     @abstractmethod
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
@@ -95,11 +102,9 @@ class CalmEngine(Engine):
         super().__init__(calm.tok, dev, self.model.mcfg.block_chunks * K, K)
 
     @torch.no_grad()
-    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
+    def inputs(self, r: GenRequest) -> torch.Tensor:
         context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id)
-        x = chunk_inputs(self.model, self.ae, context.to(self.device))  # [1, T, d]
-        h, past = self.backbone.prefix(x)
-        return h[:, -1].expand(r.n, -1), RaggedCache.from_prefix(past, r.n)
+        return chunk_inputs(self.model, self.ae, context.to(self.device))[0]  # [T, d]
 
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
@@ -121,10 +126,8 @@ class BaselineEngine(Engine):
         super().__init__(art.tok, dev, self.model.mcfg.block_chunks * self.model.K, 1)
 
     @torch.no_grad()
-    def prefill(self, r: GenRequest) -> tuple[torch.Tensor, RaggedCache]:
-        prompt = torch.tensor([[self.tok.eot_id, *r.prompt_ids]], device=self.device)  # [1, 1 + T]
-        h, past = self.backbone.prefix(self.model.embed(prompt))
-        return h[:, -1].expand(r.n, -1), RaggedCache.from_prefix(past, r.n)
+    def inputs(self, r: GenRequest) -> torch.Tensor:
+        return self.model.embed(torch.tensor([self.tok.eot_id, *r.prompt_ids], device=self.device))  # [1 + T, d]
 
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
