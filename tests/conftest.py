@@ -142,3 +142,15 @@ def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
     (run / kind).mkdir()
     write_trained(run / kind, kind, model.state_dict(), cfg, tok, [], {"step": 0}, model_inputs(cfg, tok, ae.sha256),
                   {}, load=lambda d: load_model(d, kind, verify=False).model)
+
+
+def one_line_error(proc, *needles: str) -> str:
+    """A job that refused its input as users should see it: exit status 2, one 'error: ' line on
+    stderr holding every needle, no traceback. Returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]

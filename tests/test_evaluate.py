@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import write_random_ae, write_random_model
+from conftest import one_line_error, write_random_ae, write_random_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,34 +133,26 @@ def _job(args: list[str]):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for n in needles:
-        assert n in errors[0], errors[0]
-
-
 def test_bad_input_is_one_line_and_nothing_is_half_written(evaluated, tmp_path):
     import shutil
 
     cfg, run, held, _ = evaluated
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    _one_line_error(_job(["--run", str(empty), "--corpus", str(held)]), "no trained model")
+    one_line_error(_job(["--run", str(empty), "--corpus", str(held)]), "no trained model")
     no_ae = tmp_path / "no_ae"
     shutil.copytree(run.path("calm"), no_ae / "calm")
-    _one_line_error(_job(["--run", str(no_ae), "--corpus", str(held)]), "ae", "stage1")
+    one_line_error(_job(["--run", str(no_ae), "--corpus", str(held)]), "ae", "stage1")
     short = tmp_path / "short.txt"
     short.write_text("the cat sat.")
     proc = _job(["--run", run.path(), "--corpus", str(short), "--name", "short"])
-    _one_line_error(proc, "chunks", "blocks of")
+    one_line_error(proc, "chunks", "blocks of")
     assert not Path(run.path("eval", "short")).exists()
-    _one_line_error(_job(["--run", run.path(), "--corpus", str(held), "--name", "_corpora"]), "--name")
+    one_line_error(_job(["--run", run.path(), "--corpus", str(held), "--name", "_corpora"]), "--name")
     foreign = tmp_path / "foreign.txt"  # a script the tokenizer never saw: every character is 3 unmerged bytes
     foreign.write_text("\n<|endoftext|>\n".join("".join(chr(0x4E00 + (i * 37 + j) % 5000) for j in range(400))
                                                 for i in range(6)))
-    _one_line_error(_job(["--run", run.path(), "--corpus", str(foreign), "--name", "foreign"]), "tokens per character")
+    one_line_error(_job(["--run", run.path(), "--corpus", str(foreign), "--name", "foreign"]), "tokens per character")
     assert not Path(run.path("eval", "foreign")).exists()
 
 

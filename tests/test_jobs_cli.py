@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,16 +22,6 @@ def _job(args, ray_address=None, timeout=300, script="stage1.py"):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for n in needles:
-        assert n in errors[0], errors[0]
-    return errors[0]
-
-
 def test_help_explains_options_and_overrides():
     p = _job(["--help"])
     assert p.returncode == 0
@@ -40,20 +31,20 @@ def test_help_explains_options_and_overrides():
 
 def test_config_typo_names_the_key(tmp_path):
     p = _job(["--config", "debug", "--run", str(tmp_path / "r"), "ae.latnt_dim=8"])
-    _one_line_error(p, "ae.latnt_dim", "did you mean 'ae.latent_dim'")
+    one_line_error(p, "ae.latnt_dim", "did you mean 'ae.latent_dim'")
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage1:\n  batch_size: many\n")
     p = _job(["--config", str(bad), "--run", str(tmp_path / "r")])
-    _one_line_error(p, "stage1.batch_size", "bad.yaml", "integer")
+    one_line_error(p, "stage1.batch_size", "bad.yaml", "integer")
 
 
 def test_missing_corpus_and_run_that_is_a_file(tmp_path):
     p = _job(["--config", "debug", "--corpus", str(tmp_path / "nope.txt"), "--run", str(tmp_path / "r")])
-    _one_line_error(p, "nope.txt")
+    one_line_error(p, "nope.txt")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     p = _job(["--config", "debug", "--corpus", str(a_file), "--run", str(a_file)])
-    _one_line_error(p, "not a directory")
+    one_line_error(p, "not a directory")
 
 
 @pytest.mark.slow
@@ -62,29 +53,29 @@ def test_empty_and_binary_corpora_are_clear_errors(ray_session, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n\n")
     p = _job(["--config", "debug", "--corpus", str(empty), "--run", str(tmp_path / "r1")], address)
-    _one_line_error(p, "no usable documents", "empty")
+    one_line_error(p, "no usable documents", "empty")
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)) * 64)
     p = _job(["--config", "debug", "--corpus", str(binary), "--run", str(tmp_path / "r2")], address)
-    _one_line_error(p, "no usable documents", "undecodable")
+    one_line_error(p, "no usable documents", "undecodable")
     assert not (tmp_path / "r1" / "ae").exists() and not (tmp_path / "r2" / "ae").exists()
 
 
 def test_precompute_needs_an_autoencoder(tmp_path, tiny_corpus):
     p = _job(["--config", "debug", "--corpus", str(tiny_corpus), "--run", str(tmp_path / "r")],
              script="precompute_latents.py")
-    _one_line_error(p, "ae", "does not exist")
+    one_line_error(p, "ae", "does not exist")
     p = _job(["--config", "debug", "--corpus", str(tiny_corpus), "--run", str(tmp_path / "r"),
               "--ae", str(tmp_path / "nowhere")], script="precompute_latents.py")
-    _one_line_error(p, "nowhere", "does not exist")
+    one_line_error(p, "nowhere", "does not exist")
     p = _job(["--help"], script="precompute_latents.py")
     assert p.returncode == 0 and "--ae" in p.stdout
 
 
 def test_generate_bad_inputs_are_one_line_errors(tmp_path):
-    _one_line_error(_job(["--run", str(tmp_path / "none")], script="generate.py"), "does not exist", "ae")
-    _one_line_error(_job(["--run", str(tmp_path), "--temperature", "2"], script="generate.py"), "--temperature")
-    _one_line_error(_job(["--run", str(tmp_path), "--chunks", "0"], script="generate.py"), "--chunks")
-    _one_line_error(_job(["--run", str(tmp_path), "--device", "warp9"], script="generate.py"), "--device")
+    one_line_error(_job(["--run", str(tmp_path / "none")], script="generate.py"), "does not exist", "ae")
+    one_line_error(_job(["--run", str(tmp_path), "--temperature", "2"], script="generate.py"), "--temperature")
+    one_line_error(_job(["--run", str(tmp_path), "--chunks", "0"], script="generate.py"), "--chunks")
+    one_line_error(_job(["--run", str(tmp_path), "--device", "warp9"], script="generate.py"), "--device")
     if not torch.cuda.is_available():
-        _one_line_error(_job(["--run", str(tmp_path), "--device", "cuda"], script="generate.py"), "no CUDA GPU")
+        one_line_error(_job(["--run", str(tmp_path), "--device", "cuda"], script="generate.py"), "no CUDA GPU")

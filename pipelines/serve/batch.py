@@ -76,29 +76,33 @@ class Batch:
         if not self.members:
             return []
         ids = self._pick().tolist()  # [B][step_tokens]
-        out, row = [], 0
-        for m in self.members:
+        out = []
+        for m, row in zip(self.members, self._starts()):
             m.steps_left -= 1
             deltas = []
             for i, c in enumerate(m.cutters):
                 if not c.done:
                     text = c.push(ids[row + i]) + (c.close() if m.steps_left == 0 else "")
                     deltas.append(Delta(i, text, c.finish, c.tokens))
-            row += m.rows
             out.append((m, deltas, all(c.done for c in m.cutters)))
         self._drop([m for m, _, finished in out if finished], torch.tensor(ids, device=self.engine.device))
         return out
 
-    def _pick(self) -> torch.Tensor:
-        """Next ids of every row [B, step_tokens]: one sampling call per group of equal settings."""
+    def _starts(self) -> list[int]:
+        """The first row of every member (its rows follow, in members' order)."""
         starts, row = [], 0
         for m in self.members:
             starts.append(row)
             row += m.rows
+        return starts
+
+    def _pick(self) -> torch.Tensor:
+        """Next ids of every row [B, step_tokens]: one sampling call per group of equal settings."""
+        starts = self._starts()
         groups: dict[tuple, list[int]] = {}
         for k, m in enumerate(self.members):
             groups.setdefault(m.r.sampling(), []).append(k)
-        ids = torch.empty(row, self.engine.step_tokens, dtype=torch.long, device=self.engine.device)
+        ids = torch.empty(self.rows, self.engine.step_tokens, dtype=torch.long, device=self.engine.device)
         for ks in groups.values():
             rows = torch.tensor([starts[k] + i for k in ks for i in range(self.members[k].rows)], device=ids.device)
             gens = rng.Rows([self.members[k].gen for k in ks for _ in range(self.members[k].rows)])
@@ -109,11 +113,7 @@ class Batch:
         """Remove finished or cancelled requests; with ``ids`` (this step's picks) feed the rest."""
         if not gone and ids is None:
             return
-        keep, row = [], 0
-        for m in self.members:
-            if m not in gone:
-                keep += range(row, row + m.rows)
-            row += m.rows
+        keep = [r for m, row in zip(self.members, self._starts()) if m not in gone for r in range(row, row + m.rows)]
         self.members = [m for m in self.members if m not in gone]
         if not self.members:
             self.h = self.cache = None
