@@ -54,6 +54,25 @@ def stream_one(url: str, body: dict) -> dict:
     return {"latency": time.perf_counter() - t0, "first": first, "tokens": tokens, "error": None}
 
 
+ROLES = (("model-", "model replica"), (":api", "ingress"), ("ProxyActor", "proxy"))
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this machine's processes, by their part in serving: the model replicas,
+    the ingress replica, Serve's HTTP proxy, this process (the load generator's threads) and the rest."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            title, t = (p.info["cmdline"] or [""])[0], p.cpu_times()
+        except (psutil.Error, IndexError):
+            continue
+        role = "client" if p.pid == os.getpid() else next((r for key, r in ROLES if key in title), "other")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
 def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int, max_tokens: int) -> dict:
     """c client threads sending n_requests streamed completions in all -> the level's figures."""
     results, lock, it = [], threading.Lock(), iter(range(n_requests))
@@ -70,13 +89,14 @@ def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int
             with lock:
                 results.append(r)
 
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_by_role(), time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(c)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_role().items()}
     ok = [r for r in results if r["error"] is None]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     firsts = sorted(r["first"] for r in ok if r["first"] is not None) or [float("nan")]
@@ -84,7 +104,8 @@ def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall,
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
             "first_chunk_p50_s": statistics.median(firsts),
-            "first_error": next((r["error"] for r in results if r["error"]), None)}
+            "first_error": next((r["error"] for r in results if r["error"]), None),
+            "wall_s": wall, "cpu_share": {k: v / wall / (os.cpu_count() or 1) for k, v in cpu.items()}}
 
 
 def in_process(engine, prompts: list[str], rows: int, max_tokens: int, repeats: int = 2) -> float:
@@ -132,6 +153,16 @@ def report(res: dict) -> None:
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
               f"{ip:,.0f} | {r['tokens_per_s'] / ip:.2f} |")
+    roles = ("model replica", "ingress", "proxy", "client", "other")
+    print("\nwhere the machine's CPU went during each level (share of all cores)")
+    print("| model | batching | concurrency | " + " | ".join(roles) + " | idle |")
+    print("| --- | --- | ---: |" + " ---: |" * (len(roles) + 1))
+    for r in res["levels"]:
+        share = r.get("cpu_share", {})
+        if share:
+            print(f"| {r['model']} | {r.get('batching', 'loop')} | {r['concurrency']} | "
+                  + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
+                  + f" | {max(0.0, 1 - sum(share.values())):.0%} |")
 
 
 def main() -> None:
@@ -167,6 +198,21 @@ def main() -> None:
             "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.5",
             "serve.threads_per_replica": str(os.cpu_count() or 1), **dict(o.split("=", 1) for o in args.overrides)}
     cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
+    run = RunDir(args.run)
+    device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
+    device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
+    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
+               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
+    # in-process first, before Ray and Serve start: nothing else competes for the cores
+    alone, prompts = {}, {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    for model in args.models:
+        engine = engines[model]()
+        prompts[model] = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
+        for c in args.concurrency:
+            alone[model, c] = in_process(engine, prompts[model], c, args.max_tokens)
+            print(f"[bench] {model} in-process, batch {c}: {alone[model, c]:,.0f} tokens/s", flush=True)
+        del engine
     init_ray(cfg.ray)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,23 +221,14 @@ def main() -> None:
     for policy in args.batching:
         serve.run(build_app({"run": args.run, "config": "demo", **sets, "serve.batching": policy}), name=policy,
                   route_prefix=f"/{policy}")
-    run = RunDir(args.run)
-    device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
-    device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
-    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
-               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
     levels = []
     for model in args.models:
-        engine = engines[model]()
-        prompts = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
         for c in args.concurrency:
-            torch.set_num_threads(os.cpu_count() or 1)
-            alone = in_process(engine, prompts, c, args.max_tokens)
             for policy in args.batching:
                 print(f"[bench] {model}, {policy}, concurrency {c}: {args.requests} requests", flush=True)
                 url = f"http://127.0.0.1:{port}/{policy}/v1/completions"
-                row = load_level(url, model, prompts, c, args.requests, args.max_tokens)
-                levels.append({**row, "batching": policy, "in_process_tokens_per_s": alone})
+                row = load_level(url, model, prompts[model], c, args.requests, args.max_tokens)
+                levels.append({**row, "batching": policy, "in_process_tokens_per_s": alone[model, c]})
     serve.shutdown()
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
            "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}
