@@ -208,6 +208,9 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     for model in args.models:
         engine = engines[model]()
+        if args.prompt_tokens + args.max_tokens > engine.context_tokens:
+            raise SystemExit(f"error: --prompt-tokens {args.prompt_tokens} + --max-tokens {args.max_tokens} exceed "
+                             f"{model}'s context of {engine.context_tokens} tokens (the server answers 400)")
         prompts[model] = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
         for c in args.concurrency:
             alone[model, c] = in_process(engine, prompts[model], c, args.max_tokens)
