@@ -8,8 +8,9 @@ step. Row b's cached keys and values sit at the right end of a shared length S (
 
 Padding does not change a row's result: a padded key gets attention weight exp(-inf) = 0, and RoPE
 makes every score depend only on true positions, so a row continues exactly as it would alone (up
-to floating-point rounding of the batched matmuls). Rows join between steps (``join``: the shorter
-side is left-padded) and leave (``keep``: columns no remaining row needs are dropped).
+to floating-point rounding of the batched matmuls). New prompts start with ``prefill`` (several of
+different lengths in one left-padded pass), join between steps (``join``: the shorter side is
+left-padded) and leave (``keep``: columns no remaining row needs are dropped).
 Shapes: B rows, H heads, S cached length, h head width, d model width.
 """
 
@@ -28,16 +29,6 @@ class RaggedCache:
     past: list[KV]  # per layer (k, v) [B, H, S, h], left-padded
     valid: torch.Tensor  # [B, S] bool: a real cached position
     pos: torch.Tensor  # [B] long: RoPE position of each row's next input
-
-    @classmethod
-    def from_prefix(cls, past: list[KV], rows: int = 1) -> "RaggedCache":
-        """The cache of one prefilled sequence (``Backbone.prefix`` of [1, T, d]) for ``rows``
-        identical rows (a request's n completions share their prompt)."""
-        k0 = past[0][0]  # [1, H, T, h]
-        T = k0.shape[2]
-        return cls([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past],
-                   torch.ones(rows, T, dtype=torch.bool, device=k0.device),
-                   torch.full((rows,), T, dtype=torch.long, device=k0.device))
 
     @classmethod
     def prefill(cls, backbone: Backbone, prompts: list[torch.Tensor], rows: list[int] | None = None

@@ -26,8 +26,7 @@ def test_rows_that_join_and_leave_continue_exactly_as_a_full_forward_pass(backbo
     for step in range(6):
         for i, j in enumerate(joins):
             if j == step:
-                _, past = backbone.prefix(prompts[i])
-                c = RaggedCache.from_prefix(past)
+                _, c = RaggedCache.prefill(backbone, [prompts[i][0]])
                 cache, rows = (c if cache is None else cache.join(c)), rows + [i]
         x = torch.stack([inputs[i][step - joins[i]] for i in rows])[:, None]  # [B, 1, d]
         h, cache = cache.step(backbone, x)
@@ -43,8 +42,8 @@ def test_rows_that_join_and_leave_continue_exactly_as_a_full_forward_pass(backbo
 
 @torch.no_grad()
 def test_padding_columns_that_no_row_needs_are_dropped(backbone):
-    short = RaggedCache.from_prefix(backbone.prefix(torch.randn(1, 2, 32))[1], rows=2)
-    long = RaggedCache.from_prefix(backbone.prefix(torch.randn(1, 7, 32))[1])
+    short = RaggedCache.prefill(backbone, [torch.randn(2, 32)], rows=[2])[1]
+    long = RaggedCache.prefill(backbone, [torch.randn(7, 32)])[1]
     both = short.join(long)
     assert both.valid.shape == (3, 7) and both.valid.sum(1).tolist() == [2, 2, 7]
     assert both.pos.tolist() == [2, 2, 7]

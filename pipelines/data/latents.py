@@ -172,7 +172,8 @@ def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | N
     checking that the output is complete, that it was made by the ``expected`` AE
     (``calm_core.artifacts.AEArtifact.identity``), and (``verify``) that no part file is truncated
     or corrupted. ``num_cpus``: what each read task reserves (Ray's default: 1 CPU; the evaluation
-    passes data.read_cpus, since its actors may hold all but that). Returns (dataset, manifest)."""
+    passes data.read_cpus so its reads fit beside its scoring actors; Ray Data's listing of the
+    files still takes 1 CPU, see ``pipelines.eval.job.check_fits``). Returns (dataset, manifest)."""
     import ray.data
 
     if split not in SPLITS:
