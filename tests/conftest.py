@@ -27,7 +27,10 @@ def _start_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=int(1e9), log_to_driver=True)
+        # address="local": always a fresh instance, never a `ray start` cluster found on this machine
+        # (tests/test_cluster_jobs.py starts and stops one)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=int(1e9),
+                 log_to_driver=True)
     return ray
 
 

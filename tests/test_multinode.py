@@ -24,9 +24,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def corpus(tmp_path, tiny_corpus_text):
-    """Ten times the tiny corpus: enough documents for several tokenised blocks, one per encoder."""
+    """Forty times the tiny corpus (2,400 documents): about ten tokenised blocks of 256 documents, so
+    that both encoder actors get work whichever starts first (with three blocks one actor once took
+    them all)."""
     p = tmp_path / "corpus.txt"
-    p.write_text(tiny_corpus_text * 10)
+    p.write_text(tiny_corpus_text * 40)
     return p
 
 
