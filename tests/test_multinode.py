@@ -54,8 +54,8 @@ def test_stage1_and_the_latents_spread_over_two_nodes(corpus, tmp_path):
         spread = precompute_latents(lat, str(corpus), RunDir(str(tmp_path / "run")))
         encoders = list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(EncodeChunks))")], detail=True)
         assert len({a.node_id for a in encoders}) == 2, [(a.node_id, a.state) for a in encoders]
-        # which of them encodes is Ray Data's choice: a small corpus is a block or two, and in two
-        # full-suite runs out of three one actor took them all (the precompute does not repartition)
+        # which of them encodes is Ray Data's choice: a small corpus is a block or two, and in both
+        # full-suite runs one actor took them all (the precompute does not repartition)
     finally:
         ray.shutdown()
         cluster.shutdown()
