@@ -135,15 +135,13 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
         num_cpus=lc.cpus_per_actor,
         num_gpus=1 if lc.use_gpu else 0,
     )
-    ctx = ray.data.DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # write task i = the i-th block in corpus order
-    try:
-        encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
-                              schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
-                              mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=16384, **LT.PARQUET_OPTIONS)
-    finally:
-        ctx.execution_options.preserve_order = keep
+    # write task i = the i-th block in corpus order. On the dataset's own context: a Dataset copies
+    # the global DataContext when it is made, so setting the global one here came too late (rows
+    # out of corpus order, now and then, in the full test suite)
+    encoded.context.execution_options.preserve_order = True
+    encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
+                          schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
+                          mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=16384, **LT.PARQUET_OPTIONS)
     parts = []
     for name, size in sorted(run.list_files(*folder), key=lambda x: _part_order(x[0])):
         path = run.path(*folder, name)
