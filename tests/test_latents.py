@@ -108,6 +108,49 @@ def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
     np.testing.assert_array_equal(got, want)
 
 
+def test_order_check_finds_rows_out_of_corpus_order():
+    import pyarrow as pa
+
+    from pipelines.data.precompute import _order_problem
+
+    def t(ids, pos):
+        return pa.table({"doc_id": ids, "position": pa.array(pos, pa.int32())})
+
+    docs = ["a", "b", "c"]
+    good = [t(["a", "a", "b"], [0, 1, 0]), t(["c", "c"], [0, 1])]
+    assert _order_problem(good, docs) is None
+    assert _order_problem([t(["a", "c"], [0, 0])], docs) is None  # a document may have no rows here
+    assert "out of corpus order" in _order_problem([good[1], good[0]], docs)  # two blocks swapped
+    assert "chunk 1 of document b" in _order_problem([t(["a", "b"], [0, 1])], docs)  # b's chunk 0 missing
+    assert "follows chunk 0" in _order_problem([t(["a", "a", "a"], [0, 2, 1])], docs)
+    assert _order_problem([], docs) == "no rows" and _order_problem([], []) is None
+
+
+def test_a_shard_written_out_of_order_is_written_again(ray_session, setup, monkeypatch, capsys):
+    from pipelines.data import precompute as P
+
+    run, model, tok, corpus = setup
+    real, calls = P._encode_and_write, []
+
+    def reversed_rows(tables):  # as if the blocks had come back in the opposite order
+        return [t.take(list(range(t.num_rows - 1, -1, -1))) for t in tables[::-1]]
+
+    def first_one_reversed(*args):
+        rec, tables = real(*args)
+        calls.append(1)
+        return rec, (reversed_rows(tables) if len(calls) == 1 else tables)
+
+    monkeypatch.setattr(P, "_encode_and_write", first_one_reversed)
+    m = precompute_latents(cfg_for(), str(corpus), run)
+    out = capsys.readouterr().out
+    assert "train shard 0: the rows Ray Data wrote are out of corpus order" in out and "attempt 1/3" in out
+    assert m["metrics"]["rows"] > 0 and len(calls) == 1 + sum(len(v) for v in m["parts"].values())
+
+    monkeypatch.setattr(P, "_encode_and_write", lambda *a: (lambda r: (r[0], reversed_rows(r[1])))(real(*a)))
+    with pytest.raises(ArtifactError, match="out of corpus order 3 times"):
+        precompute_latents(cfg_for(), str(corpus), run, overwrite=True)
+
+
 def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup, capsys):
     run, model, tok, corpus = setup
     cfg = cfg_for()
