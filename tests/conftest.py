@@ -6,19 +6,17 @@ import os
 import sys
 from pathlib import Path
 
-# Environment for every Ray process; set before anything imports ray (see docs/FIELD-NOTES in
-# shared design notes: Ray 2.60 needs RAY_AUTH_MODE set explicitly).
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as pipelines/__init__.py sets for users
-os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Environment for every Ray process, set before anything imports ray: what `pipelines` sets for
+# users' jobs (token auth off, no usage stats, Train V2, Serve's throughput mode), plus CPU-only
+# DeepSpeed and no progress bars for the tests.
+import pipelines  # noqa: E402, F401
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 
@@ -157,3 +155,37 @@ def one_line_error(proc, *needles: str) -> str:
     for n in needles:
         assert n in errors[0], errors[0]
     return errors[0]
+
+
+def latent_rows(run, manifest: dict | None = None) -> dict:
+    """Every split's latent rows in stream order, whatever part files and encoder batches Ray Data cut
+    them into (those may change between runs; the rows and their order may not):
+    {split: (keys [(doc_id, position)], tokens [N, K], mu [N, l], log_sigma [N, l])}."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipelines.data import latents as LT
+
+    manifest = manifest or LT.latents_manifest(run)
+    out = {}
+    for split in LT.SPLITS:
+        tables = [pq.read_table(f) for f in LT.part_files(run, manifest, split)]
+        keys = [k for t in tables for k in zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist())]
+        out[split] = (keys, *(np.concatenate([LT.column_matrix(t, c) for t in tables]) if tables else np.zeros(0)
+                              for c in ("tokens", "mu", "log_sigma")))
+    return out
+
+
+def assert_same_latent_rows(got: dict, want: dict, atol: float = 1e-6) -> None:
+    """The same rows (none twice) in the same order: keys and tokens exactly, the encoder's floats to
+    ``atol`` (batch shapes may differ between runs)."""
+    import numpy as np
+
+    assert got.keys() == want.keys()
+    for split, (keys, tokens, mu, log_sigma) in want.items():
+        g = got[split]
+        assert len(set(g[0])) == len(g[0]), f"{split}: a row written twice"
+        assert g[0] == keys, split
+        np.testing.assert_array_equal(g[1], tokens)
+        np.testing.assert_allclose(g[2], mu, atol=atol)
+        np.testing.assert_allclose(g[3], log_sigma, atol=atol)

@@ -24,12 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import pytest
+from conftest import assert_same_latent_rows, latent_rows
 
-from pipelines.data import latents as LT
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -149,20 +147,6 @@ def _checkpointed(run: Path, section: str):
     return ready
 
 
-def _rows(run: RunDir) -> dict:
-    """{(split, doc_id, position): (tokens, mu, log_sigma)} of every latent row; asserts none repeats."""
-    m = LT.latents_manifest(run)
-    rows = {}
-    for split in LT.SPLITS:
-        for f in LT.part_files(run, m, split):
-            t = pq.read_table(f)
-            tokens, mu, ls = (LT.column_matrix(t, c) for c in ("tokens", "mu", "log_sigma"))
-            for i, (d, p) in enumerate(zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist())):
-                assert (split, d, p) not in rows, f"row {(split, d, p)} written twice"
-                rows[split, d, p] = (tokens[i], mu[i], ls[i])
-    return rows
-
-
 def _assert_complete_or_absent(run: Path):
     for name in ARTIFACTS:
         a = run / name
@@ -220,12 +204,7 @@ def test_submitted_chain_survives_killed_workers_and_a_resubmission_skips(head, 
         precompute_latents(load_config("debug", OVERRIDES), str(corpus), RunDir(str(clean)))
     finally:
         ray.shutdown()
-    got, want = _rows(RunDir(str(run))), _rows(RunDir(str(clean)))
-    assert got.keys() == want.keys()
-    for k, (tokens, mu, ls) in want.items():
-        np.testing.assert_array_equal(got[k][0], tokens)
-        np.testing.assert_allclose(got[k][1], mu, atol=1e-6)
-        np.testing.assert_allclose(got[k][2], ls, atol=1e-6)
+    assert_same_latent_rows(latent_rows(RunDir(str(run))), latent_rows(RunDir(str(clean))))
 
     second = _submit(head, "chain-2", run, corpus)
     log = second.stdout + second.stderr

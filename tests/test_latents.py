@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_same_latent_rows, latent_rows
 
 from calm_core.artifacts import load_ae
 from calm_core.config import load_config
@@ -30,31 +31,6 @@ def read_rows(run: RunDir, manifest: dict, split: str):
     files = LT.part_files(run, manifest, split)
     tables = [pq.read_table(f) for f in files]
     return tables
-
-
-def content(run: RunDir, manifest: dict) -> dict:
-    """Every split's rows in stream order, whatever files they were cut into (how Ray Data groups
-    rows into part files and encoder batches can change between runs; the rows and their order may
-    not): {split: (doc_ids, positions, tokens, mu, log_sigma)}."""
-    out = {}
-    for split in LT.SPLITS:
-        tables = read_rows(run, manifest, split)
-        out[split] = ([d for t in tables for d in t.column("doc_id").to_pylist()],
-                      *(np.concatenate([LT.column_matrix(t, c) if c != "position" else t.column(c).to_numpy()
-                                        for t in tables]) if tables else np.zeros(0)
-                        for c in ("position", "tokens", "mu", "log_sigma")))
-    return out
-
-
-def assert_same_rows(got: dict, want: dict) -> None:
-    """The same rows in the same order; the encoder's floats to rounding (batch shapes may differ)."""
-    for split, (ids, pos, tokens, mu, ls) in want.items():
-        g = got[split]
-        assert g[0] == ids, split
-        np.testing.assert_array_equal(g[1], pos)
-        np.testing.assert_array_equal(g[2], tokens)
-        np.testing.assert_allclose(g[3], mu, atol=1e-6)
-        np.testing.assert_allclose(g[4], ls, atol=1e-6)
 
 
 @pytest.fixture
@@ -155,7 +131,7 @@ def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup,
     run, model, tok, corpus = setup
     cfg = cfg_for()
     clean = precompute_latents(cfg, str(corpus), run)
-    clean_rows = content(run, clean)
+    clean_rows = latent_rows(run, clean)
     root = run.local_root / "latents"
 
     # a crash after shard 0 of train was committed and while shard 1 was being written:
@@ -169,7 +145,7 @@ def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup,
     again = precompute_latents(cfg, str(corpus), run)
     assert "1 shard(s) were already committed" in capsys.readouterr().out
     assert again["metrics"]["rows"] == clean["metrics"]["rows"]
-    assert_same_rows(content(run, again), clean_rows)
+    assert_same_latent_rows(latent_rows(run, again), clean_rows)
     assert not (root / "train" / "shard-00001" / "part-999999.parquet").exists()
 
     # a rerun on the complete output does nothing and says so

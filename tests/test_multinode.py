@@ -5,15 +5,12 @@ each node, and its rows are those of the same precompute on one node."""
 
 import shutil
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import _start_ray
+from conftest import _start_ray, assert_same_latent_rows, latent_rows
 from ray.util.state import list_actors
 
 from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
-from pipelines.data import latents as LT
 from pipelines.data.precompute import precompute_latents
 from pipelines.storage import RunDir
 from pipelines.train.stage1 import run_stage1
@@ -67,17 +64,4 @@ def test_stage1_and_the_latents_spread_over_two_nodes(corpus, tmp_path):
     _start_ray()
     alone = precompute_latents(lat, str(corpus), RunDir(str(one)))
     assert alone["metrics"]["rows"] == spread["metrics"]["rows"]
-    for split in LT.SPLITS:
-        keys, tokens, mu = _split_rows(RunDir(str(tmp_path / "run")), spread, split)
-        keys1, tokens1, mu1 = _split_rows(RunDir(str(one)), alone, split)
-        assert keys == keys1
-        np.testing.assert_array_equal(tokens, tokens1)
-        np.testing.assert_allclose(mu, mu1, atol=1e-6)
-
-
-def _split_rows(run, manifest, split):
-    """Every row of a split in corpus order: [(doc_id, position)], tokens [N, K], mu [N, l]."""
-    tables = [pq.read_table(f) for f in LT.part_files(run, manifest, split)]
-    keys = [k for t in tables for k in zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist())]
-    return (keys, np.concatenate([LT.column_matrix(t, "tokens") for t in tables]),
-            np.concatenate([LT.column_matrix(t, "mu") for t in tables]))
+    assert_same_latent_rows(latent_rows(RunDir(str(tmp_path / "run")), spread), latent_rows(RunDir(str(one)), alone))
