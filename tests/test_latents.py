@@ -87,19 +87,17 @@ def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
 def test_order_check_finds_rows_out_of_corpus_order():
     import pyarrow as pa
 
-    from pipelines.data.precompute import _order_problem
-
     def t(ids, pos):
         return pa.table({"doc_id": ids, "position": pa.array(pos, pa.int32())})
 
     docs = ["a", "b", "c"]
     good = [t(["a", "a", "b"], [0, 1, 0]), t(["c", "c"], [0, 1])]
-    assert _order_problem(good, docs) is None
-    assert _order_problem([t(["a", "c"], [0, 0])], docs) is None  # a document may have no rows here
-    assert "out of corpus order" in _order_problem([good[1], good[0]], docs)  # two blocks swapped
-    assert "chunk 1 of document b" in _order_problem([t(["a", "b"], [0, 1])], docs)  # b's chunk 0 missing
-    assert "follows chunk 0" in _order_problem([t(["a", "a", "a"], [0, 2, 1])], docs)
-    assert _order_problem([], docs) == "no rows" and _order_problem([], []) is None
+    assert LT.order_problem(good, docs) is None
+    assert LT.order_problem([t(["a", "c"], [0, 0])], docs) is None  # a document may have no rows here
+    assert "out of corpus order" in LT.order_problem([good[1], good[0]], docs)  # two blocks swapped
+    assert "chunk 1 of document b" in LT.order_problem([t(["a", "b"], [0, 1])], docs)  # b's chunk 0 missing
+    assert "follows chunk 0" in LT.order_problem([t(["a", "a", "a"], [0, 2, 1])], docs)
+    assert LT.order_problem([], docs) == "no rows" and LT.order_problem([], []) is None
 
 
 def test_a_shard_written_out_of_order_is_written_again(ray_session, setup, monkeypatch, capsys):

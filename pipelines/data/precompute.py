@@ -118,28 +118,6 @@ def _committed(run: RunDir, split: str, shard: int) -> dict[str, Any] | None:
 ORDER_ATTEMPTS = 3  # writes of a shard whose rows come out of corpus order, before the job gives up
 
 
-def _order_problem(tables: list, want_docs: list[str]) -> str | None:
-    """None when the rows of ``tables`` (columns doc_id, position) are the chunks of ``want_docs`` in
-    order (each document's chunks 0, 1, 2, ... and the documents in corpus order); else what is wrong."""
-    ids = np.concatenate([t.column("doc_id").to_numpy(zero_copy_only=False) for t in tables]) if tables else []
-    pos = np.concatenate([t.column("position").to_numpy() for t in tables]) if tables else np.zeros(0)
-    if len(pos) == 0:
-        return None if not want_docs else "no rows"
-    start = pos == 0  # [N] where a document's chunks begin
-    inner = ~start[1:]
-    if not start[0] or not np.all(pos[1:][inner] == pos[:-1][inner] + 1) or not np.all(ids[1:][inner] == ids[:-1][inner]):
-        bad = next(i for i in range(1, len(pos)) if not start[i] and (pos[i] != pos[i - 1] + 1 or ids[i] != ids[i - 1]))
-        return f"row {bad}: chunk {pos[bad]} of document {str(ids[bad])[:12]} follows chunk {pos[bad - 1]} of {str(ids[bad - 1])[:12]}"
-    i = 0
-    for n, doc in enumerate(ids[start]):  # the documents must come in corpus order
-        while i < len(want_docs) and want_docs[i] != doc:
-            i += 1
-        if i == len(want_docs):
-            return f"document {n} of the rows ({str(doc)[:12]}) is out of corpus order"
-        i += 1
-    return None
-
-
 def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, blob: dict, meta: dict) -> dict:
     """Encode and write one shard; its rows are read back (doc_id, position) and checked against the
     shard's documents in corpus order before the commit. Ray Data's ``preserve_order`` is set, yet in
@@ -149,7 +127,7 @@ def _write_shard(run: RunDir, split: str, shard: int, docs, tok, cfg: Config, bl
                  for d in b.column("doc_id").to_pylist()]
     for attempt in range(1, ORDER_ATTEMPTS + 1):
         rec, tables = _encode_and_write(run, split, shard, docs, tok, cfg, blob, meta)
-        problem = _order_problem(tables, want_docs)
+        problem = LT.order_problem(tables, want_docs)
         if problem is None:
             run.write_text(json.dumps(rec, indent=1), LT.ARTIFACT, split, f"shard-{shard:05d}.json")  # the commit
             return rec
