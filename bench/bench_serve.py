@@ -142,25 +142,43 @@ def prompts_from(corpus: str, tok, n: int, length: int) -> list[str]:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ingress_url(base: int, ports: int, policy: str) -> str:
+    """The completions URL of the app at /policy on its ingress replica's own port (direct ingress)."""
+    for p in range(base, base + ports):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/{policy}/v1/models", timeout=5).read()
+            return f"http://127.0.0.1:{p}/{policy}/v1/completions"
+        except OSError:
+            continue
+    raise SystemExit(f"error: no ingress replica answers /{policy} on ports {base}..{base + ports - 1}")
+
+
 def report(res: dict) -> None:
     print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}")
-    print("| model | batching | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
+    print("| model | batching | ingress | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
           "| p99 latency (s) | p50 first chunk (s) | in-process tokens/s (batch = concurrency) | served / in-process |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in res["levels"]:
         ip = r.get("in_process_tokens_per_s") or float("nan")
-        print(f"| {r['model']} | {r.get('batching', 'loop')} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+        print(f"| {r['model']} | {r.get('batching', 'loop')} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
+              f"{r['requests']} | {r['errors']} | "
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
               f"{ip:,.0f} | {r['tokens_per_s'] / ip:.2f} |")
     roles = ("model replica", "ingress", "proxy", "client", "other")
     print("\nwhere the machine's CPU went during each level (share of all cores)")
-    print("| model | batching | concurrency | " + " | ".join(roles) + " | idle |")
-    print("| --- | --- | ---: |" + " ---: |" * (len(roles) + 1))
+    print("| model | batching | ingress | concurrency | " + " | ".join(roles) + " | idle |")
+    print("| --- | --- | --- | ---: |" + " ---: |" * (len(roles) + 1))
     for r in res["levels"]:
         share = r.get("cpu_share", {})
         if share:
-            print(f"| {r['model']} | {r.get('batching', 'loop')} | {r['concurrency']} | "
+            print(f"| {r['model']} | {r.get('batching', 'loop')} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
                   + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
                   + f" | {max(0.0, 1 - sum(share.values())):.0%} |")
 
@@ -176,6 +194,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["calm", "baseline"])
     ap.add_argument("--batching", nargs="+", default=["loop", "serve_batch"], choices=["loop", "serve_batch"],
                     help="batching policies to compare (serve.batching)")
+    ap.add_argument("--ingress", nargs="+", default=["proxy"], choices=["proxy", "direct"],
+                    help="how requests reach the ingress: through Serve's HTTP proxy, or straight to the ingress "
+                         "replica's own port (serve.direct_ingress); both in one run compare them")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
@@ -188,7 +209,7 @@ def main() -> None:
 
     from calm_core.config import load_config
     from pipelines.ray_env import init_ray
-    from pipelines.serve.app import build_app
+    from pipelines.serve.app import build_app, direct_ingress
     from pipelines.serve.engine import BaselineEngine, CalmEngine
     from pipelines.storage import RunDir
 
@@ -216,22 +237,26 @@ def main() -> None:
             alone[model, c] = in_process(engine, prompts[model], c, args.max_tokens)
             print(f"[bench] {model} in-process, batch {c}: {alone[model, c]:,.0f} tokens/s", flush=True)
         del engine
+    port, base = free_port(), free_port()
+    if "direct" in args.ingress:  # each app's ingress replica answers on a port of base .. base + apps - 1
+        direct_ingress(base, len(args.batching))
     init_ray(cfg.ray)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {}
     for policy in args.batching:
         serve.run(build_app({"run": args.run, "config": "demo", **sets, "serve.batching": policy}), name=policy,
                   route_prefix=f"/{policy}")
+        urls[policy, "proxy"] = f"http://127.0.0.1:{port}/{policy}/v1/completions"
+        if "direct" in args.ingress:
+            urls[policy, "direct"] = ingress_url(base, len(args.batching), policy)
     levels = []
     for model in args.models:
         for c in args.concurrency:
             for policy in args.batching:
-                print(f"[bench] {model}, {policy}, concurrency {c}: {args.requests} requests", flush=True)
-                url = f"http://127.0.0.1:{port}/{policy}/v1/completions"
-                row = load_level(url, model, prompts[model], c, args.requests, args.max_tokens)
-                levels.append({**row, "batching": policy, "in_process_tokens_per_s": alone[model, c]})
+                for how in args.ingress:
+                    print(f"[bench] {model}, {policy}, {how}, concurrency {c}: {args.requests} requests", flush=True)
+                    row = load_level(urls[policy, how], model, prompts[model], c, args.requests, args.max_tokens)
+                    levels.append({**row, "batching": policy, "ingress": how, "in_process_tokens_per_s": alone[model, c]})
     serve.shutdown()
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
            "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}

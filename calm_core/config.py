@@ -185,6 +185,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
     port: int = 8000
+    direct_ingress: bool = False  # jobs/serve.py: the ingress replica answers HTTP on `port` itself, no proxy hop
     device: str = "cpu"  # where each model replica runs: cpu | cuda | auto
     min_replicas: int = 1  # per model deployment (autoscaling range)
     max_replicas: int = 1

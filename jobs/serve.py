@@ -6,14 +6,23 @@ serve.api_key_env (default CALM_API_KEY) to require "Authorization: Bearer <key>
 
     python jobs/serve.py --run runs/demo
     python jobs/serve.py --run runs/small --port 8080 serve.max_replicas=2 serve.device=cuda
+    python jobs/serve.py --run runs/demo serve.direct_ingress=true   # no proxy hop (docs/SERVING.md)
 """
 
 import _bootstrap  # noqa: F401
 
 import argparse
+import os
+import socket
 import time
 
 from pipelines.cli import EPILOG, job_main
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None):
@@ -26,7 +35,8 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. serve.max_replicas=2")
     args = p.parse_args(argv)
     from calm_core.config import load_config
-    from pipelines.serve.app import build_app, served_kinds
+    from calm_core.errors import ConfigError
+    from pipelines.serve.app import build_app, direct_ingress, served_kinds
     from pipelines.storage import RunDir
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
@@ -37,12 +47,21 @@ def main(argv=None):
 
     from pipelines.ray_env import init_ray
 
+    proxy_port = cfg.serve.port
+    if cfg.serve.direct_ingress:
+        if os.environ.get("RAY_ADDRESS") and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            raise ConfigError("serve.direct_ingress=true needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and "
+                              "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT/MAX_HTTP_PORT on the cluster's nodes "
+                              "(set them on `ray start`; docs/SERVING.md), or leave RAY_ADDRESS unset")
+        direct_ingress(cfg.serve.port)
+        proxy_port = free_port(cfg.serve.host)  # Serve's proxy starts anyway; it must not take the port
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": proxy_port})
     app = build_app({"run": args.run, "config": args.config, **dict(o.split("=", 1) for o in overrides)})
     serve.run(app, name="calm", route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    print(f"[serve] serving {', '.join(kinds)} from {args.run} at {url}/v1 (Ctrl-C stops)", flush=True)
+    how = " (direct ingress)" if cfg.serve.direct_ingress else ""
+    print(f"[serve] serving {', '.join(kinds)} from {args.run} at {url}/v1{how} (Ctrl-C stops)", flush=True)
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{kinds[0]}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'", flush=True)
     try:

@@ -291,3 +291,52 @@ def test_serve_batch_batching_gives_the_same_texts_as_the_step_loop(server, mode
     assert len(set(loop)) == 4
     if model == "calm":
         assert batched_steps("window", 60)[1]  # @serve.batch put concurrent requests in one step
+
+
+def test_jobs_serve_with_direct_ingress_answers_from_the_ingress_replica(server, tmp_path):
+    """`jobs/serve.py ... serve.direct_ingress=true` as a user starts it (its own Ray): the port is held
+    by the ingress replica itself (no proxy hop) and the openai client gets plain and streamed text."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+    from openai import OpenAI
+
+    from conftest import one_line_error
+
+    root, run, port = Path(__file__).resolve().parents[1], server[1], free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    cmd = [sys.executable, str(root / "jobs" / "serve.py"), "--run", str(run), "--config", "debug", "--port",
+           str(port), "serve.direct_ingress=true", "serve.cpus_per_replica=0.2", "serve.max_tokens=24"]
+    refused = subprocess.run(cmd, env={**env, "RAY_ADDRESS": "127.0.0.1:1"}, capture_output=True, text=True,
+                             timeout=120)
+    one_line_error(refused, "serve.direct_ingress", "RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "[serve] serving" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert f"http://127.0.0.1:{port}/v1 (direct ingress)" in log.read_text()
+        holders = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        titles = [psutil.Process(p).cmdline()[0] for p in holders]
+        assert titles and all(t.startswith("ray::ServeReplica") and t.endswith(":api") for t in titles), titles
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        plain = client.completions.create(model="calm", prompt="the cat", max_tokens=12, seed=3)
+        streamed = "".join(e.choices[0].text for e in client.completions.create(
+            model="calm", prompt="the cat", max_tokens=12, seed=3, stream=True) if e.choices)
+        assert plain.choices[0].text and streamed == plain.choices[0].text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
