@@ -8,6 +8,7 @@ computes), so no Ray Train run is needed.
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -84,45 +85,44 @@ def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
     np.testing.assert_array_equal(got, want)
 
 
-def test_order_check_finds_rows_out_of_corpus_order():
-    import pyarrow as pa
-
-    def t(ids, pos):
-        return pa.table({"doc_id": ids, "position": pa.array(pos, pa.int32())})
-
+def test_corpus_order_is_the_permutation_back_to_the_documents():
     docs = ["a", "b", "c"]
-    good = [t(["a", "a", "b"], [0, 1, 0]), t(["c", "c"], [0, 1])]
-    assert LT.order_problem(good, docs) is None
-    assert LT.order_problem([t(["a", "c"], [0, 0])], docs) is None  # a document may have no rows here
-    assert "out of corpus order" in LT.order_problem([good[1], good[0]], docs)  # two blocks swapped
-    assert "chunk 1 of document b" in LT.order_problem([t(["a", "b"], [0, 1])], docs)  # b's chunk 0 missing
-    assert "follows chunk 0" in LT.order_problem([t(["a", "a", "a"], [0, 2, 1])], docs)
-    assert LT.order_problem([], docs) == "no rows" and LT.order_problem([], []) is None
+    ids, pos = ["a", "a", "b", "c", "c"], np.array([0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(LT.corpus_order(ids, pos, docs), np.arange(5))
+    # two encoder batches swapped: [c0 c1] came before [a0 a1 b0]
+    np.testing.assert_array_equal(LT.corpus_order(["c", "c", "a", "a", "b"], np.array([0, 1, 0, 1, 0]), docs),
+                                  [2, 3, 4, 0, 1])
+    # a document that appears twice takes its rows in turn
+    np.testing.assert_array_equal(LT.corpus_order(["b", "a", "a"], np.array([0, 0, 0]), ["a", "b", "a"]), [1, 0, 2])
+    with pytest.raises(ArtifactError, match="chunk 0 of document b is missing"):
+        LT.corpus_order(["a", "b"], np.array([0, 1]), docs)
+    with pytest.raises(ArtifactError, match="1 rows written belong to no document"):
+        LT.corpus_order(["a", "z"], np.array([0, 0]), docs)
 
 
-def test_a_shard_written_out_of_order_is_written_again(ray_session, setup, monkeypatch, capsys):
+def test_rows_written_out_of_order_are_put_in_corpus_order_before_the_commit(ray_session, setup, monkeypatch,
+                                                                              capsys):
     from pipelines.data import precompute as P
 
     run, model, tok, corpus = setup
-    real, calls = P._encode_and_write, []
+    clean = precompute_latents(cfg_for(), str(corpus), run)
+    want = latent_rows(run, clean)
+    real = P._encode_and_write
 
-    def reversed_rows(tables):  # as if the blocks had come back in the opposite order
-        return [t.take(list(range(t.num_rows - 1, -1, -1))) for t in tables[::-1]]
+    def batches_permuted(run_, split, shard, *args):  # as Ray Data did in the full suite: encoder batches permuted
+        rec = real(run_, split, shard, *args)
+        if split == "train" and shard == 1:
+            path = run_.path(LT.ARTIFACT, rec["parts"][0]["path"])
+            t = pq.read_table(path)
+            t = pa.concat_tables([t.slice(64), t.slice(0, 64)])
+            pq.write_table(t, path, **LT.PARQUET_OPTIONS)
+        return rec
 
-    def first_one_reversed(*args):
-        rec, tables = real(*args)
-        calls.append(1)
-        return rec, (reversed_rows(tables) if len(calls) == 1 else tables)
-
-    monkeypatch.setattr(P, "_encode_and_write", first_one_reversed)
-    m = precompute_latents(cfg_for(), str(corpus), run)
-    out = capsys.readouterr().out
-    assert "train shard 0: the rows Ray Data wrote are out of corpus order" in out and "attempt 1/3" in out
-    assert m["metrics"]["rows"] > 0 and len(calls) == 1 + sum(len(v) for v in m["parts"].values())
-
-    monkeypatch.setattr(P, "_encode_and_write", lambda *a: (lambda r: (r[0], reversed_rows(r[1])))(real(*a)))
-    with pytest.raises(ArtifactError, match="out of corpus order 3 times"):
-        precompute_latents(cfg_for(), str(corpus), run, overwrite=True)
+    monkeypatch.setattr(P, "_encode_and_write", batches_permuted)
+    again = precompute_latents(cfg_for(), str(corpus), run, overwrite=True)
+    assert "train shard 1: Ray Data wrote its rows out of corpus order" in capsys.readouterr().out
+    assert_same_latent_rows(latent_rows(run, again), want)
+    LT.read_latents(run, "train")  # the commit record's sizes and hashes are those of the files now there
 
 
 def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup, capsys):

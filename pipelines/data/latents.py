@@ -231,23 +231,24 @@ def latent_blocks(ds, manifest: dict[str, Any], L: int, num_cpus: float = 0.25):
                           batch_format="pyarrow", num_cpus=num_cpus)
 
 
-def order_problem(tables: list, want_docs: list[str]) -> str | None:
-    """None when the rows of ``tables`` (columns doc_id, position) are the chunks of ``want_docs`` in
-    order (each document's chunks 0, 1, 2, ... and the documents in corpus order); else what is wrong."""
-    ids = np.concatenate([t.column("doc_id").to_numpy(zero_copy_only=False) for t in tables]) if tables else []
-    pos = np.concatenate([t.column("position").to_numpy() for t in tables]) if tables else np.zeros(0)
-    if len(pos) == 0:
-        return None if not want_docs else "no rows"
-    start = pos == 0  # [N] where a document's chunks begin
-    inner = ~start[1:]
-    if not start[0] or not np.all(pos[1:][inner] == pos[:-1][inner] + 1) or not np.all(ids[1:][inner] == ids[:-1][inner]):
-        bad = next(i for i in range(1, len(pos)) if not start[i] and (pos[i] != pos[i - 1] + 1 or ids[i] != ids[i - 1]))
-        return f"row {bad}: chunk {pos[bad]} of document {str(ids[bad])[:12]} follows chunk {pos[bad - 1]} of {str(ids[bad - 1])[:12]}"
-    i = 0
-    for n, doc in enumerate(ids[start]):  # the documents must come in corpus order
-        while i < len(want_docs) and want_docs[i] != doc:
-            i += 1
-        if i == len(want_docs):
-            return f"document {n} of the rows ({str(doc)[:12]}) is out of corpus order"
-        i += 1
-    return None
+def corpus_order(ids: list, pos: np.ndarray, want_docs: list[str]) -> np.ndarray:
+    """The permutation that puts rows (``ids`` doc ids, ``pos`` chunk positions, [N]) in corpus order:
+    ``want_docs`` in order, each document's chunks 0, 1, 2, ... (a document that appears twice
+    takes the rows of its key in the order they come: they hold the same chunk). Raises
+    ``ArtifactError`` when the rows are not exactly the chunks of those documents."""
+    from collections import defaultdict, deque
+
+    rows: dict[tuple[str, int], deque] = defaultdict(deque)
+    chunks: dict[str, int] = {}
+    for i, (d, p) in enumerate(zip(ids, pos.tolist())):
+        rows[d, p].append(i)
+        chunks[d] = max(chunks.get(d, 0), p + 1)
+    perm = []
+    for d in want_docs:
+        for p in range(chunks.get(d, 0)):
+            if not rows[d, p]:
+                raise ArtifactError(f"latents: chunk {p} of document {d[:12]} is missing from the rows written")
+            perm.append(rows[d, p].popleft())
+    if len(perm) != len(ids):
+        raise ArtifactError(f"latents: {len(ids) - len(perm)} rows written belong to no document of the shard")
+    return np.asarray(perm, dtype=np.int64)
