@@ -173,9 +173,9 @@ def _encode_and_write(run: RunDir, split: str, shard: int, docs, tok, cfg: Confi
         num_cpus=lc.cpus_per_actor,
         num_gpus=1 if lc.use_gpu else 0,
     )
-    # write task i = the i-th block in corpus order. On the dataset's own context: a Dataset copies
-    # the global DataContext when it is made, so setting the global one here came too late (rows
-    # out of corpus order, now and then, in the full test suite)
+    # write task i = the i-th block in corpus order (the ingest sets the flag already: derived
+    # datasets share its context; said again here where the order matters). Ray Data still
+    # permuted encoder batches now and then in the full test suite: _write_shard checks and repairs
     encoded.context.execution_options.preserve_order = True
     encoded.write_parquet(run.path(*folder), filesystem=run.fs, filename_provider=_ordered_names(),
                           schema=schema, ray_remote_args={"num_cpus": cfg.data.read_cpus},
