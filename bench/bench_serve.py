@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import threading
@@ -142,12 +141,6 @@ def prompts_from(corpus: str, tok, n: int, length: int) -> list[str]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ingress_url(base: int, ports: int, policy: str) -> str:
     """The completions URL of the app at /policy on its ingress replica's own port (direct ingress)."""
     for p in range(base, base + ports):
@@ -208,7 +201,7 @@ def main() -> None:
     from ray import serve
 
     from calm_core.config import load_config
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import free_port, init_ray
     from pipelines.serve.app import build_app, direct_ingress
     from pipelines.serve.engine import BaselineEngine, CalmEngine
     from pipelines.storage import RunDir

@@ -13,16 +13,9 @@ import _bootstrap  # noqa: F401
 
 import argparse
 import os
-import socket
 import time
 
 from pipelines.cli import EPILOG, job_main
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):
@@ -45,7 +38,7 @@ def main(argv=None):
     kinds = served_kinds(RunDir(args.run))  # no model: a one-line error before Ray starts
     from ray import serve
 
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import free_port, init_ray
 
     proxy_port = cfg.serve.port
     if cfg.serve.direct_ingress:

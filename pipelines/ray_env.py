@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from calm_core.config import RayConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a server started next: Serve's proxy, a test's Ray head)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def init_ray(cfg: RayConfig) -> None:

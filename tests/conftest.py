@@ -188,3 +188,17 @@ def assert_same_latent_rows(got: dict, want: dict, atol: float = 1e-6) -> None:
         np.testing.assert_array_equal(g[1], tokens)
         np.testing.assert_allclose(g[2], mu, atol=atol)
         np.testing.assert_allclose(g[3], log_sigma, atol=atol)
+
+
+def stop_group(proc, sig: int, grace_s: float = 60) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started: ``sig`` to
+    its process group, then SIGKILL if it has not ended within ``grace_s``."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

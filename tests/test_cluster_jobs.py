@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +25,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_same_latent_rows, latent_rows
+from conftest import assert_same_latent_rows, latent_rows, stop_group
 
+from pipelines.ray_env import free_port
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,6 @@ TRAIN_WORKER = "ray::RayTrainWorker"
 ENCODER = "ray::MapWorker(MapBatches(EncodeChunks))"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """`ray start --head --block` with a dashboard (the job server) on 2 CPUs; stopped at the end by
@@ -54,7 +48,7 @@ def head(tmp_path_factory):
 
     if ray.is_initialized():
         ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     log_path = tmp_path_factory.mktemp("head") / "ray-start.log"
     log = open(log_path, "w")  # noqa: SIM115 (the head's output for as long as the module runs)
@@ -73,11 +67,7 @@ def head(tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM)
         log.close()
 
 

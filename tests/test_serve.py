@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.error
 import urllib.request
 
@@ -17,13 +16,9 @@ import pytest
 
 from conftest import write_random_ae, write_random_model
 
+from pipelines.ray_env import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +301,7 @@ def test_jobs_serve_with_direct_ingress_answers_from_the_ingress_replica(server,
     import psutil
     from openai import OpenAI
 
-    from conftest import one_line_error
+    from conftest import one_line_error, stop_group
 
     root, run, port = Path(__file__).resolve().parents[1], server[1], free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -334,9 +329,4 @@ def test_jobs_serve_with_direct_ingress_answers_from_the_ingress_replica(server,
             model="calm", prompt="the cat", max_tokens=12, seed=3, stream=True) if e.choices)
         assert plain.choices[0].text and streamed == plain.choices[0].text
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, signal.SIGINT)
