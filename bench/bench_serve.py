@@ -12,9 +12,12 @@ taken from --corpus (the first --prompt-tokens tokens of a document) at temperat
 model and concurrency c: c client threads send --requests requests in all; reported are completion
 tokens/s, requests/s, p50/p99 latency, p50 time to first chunk (first streamed text) and the error
 rate. "in-process" is the model's own generation (pipelines.serve.batch, no Ray, no HTTP) of c
-requests with their own prompts at once (one batched prefill, then steps); the ratio served /
-in-process says how much of the model's batched speed reaches clients. Both policies are deployed as two apps of the same Ray Serve instance and
-loaded one after the other.
+requests with their own prompts at once (one batched prefill, then steps), measured before Ray
+starts and again after it stops (the reference is the mean: this machine's speed drifts by up to
+1.4x between minutes), with all cores and with a model replica's torch threads
+(``serve.threads_per_replica``); the ratio served / in-process says how much of the model's batched
+speed reaches clients. The policies are deployed as apps of the same Ray Serve instance and loaded
+one after the other. The served app runs with the project's ``serve.*`` defaults unless overridden.
 """
 
 from __future__ import annotations
@@ -153,17 +156,22 @@ def ingress_url(base: int, ports: int, policy: str) -> str:
 
 
 def report(res: dict) -> None:
-    print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}")
+    th = res.get("threads", {})
+    print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}; "
+          f"torch threads: in-process {th.get('in_process', '?')}, each model replica {th.get('replica', '?')}")
     print("| model | batching | ingress | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
-          "| p99 latency (s) | p50 first chunk (s) | in-process tokens/s (batch = concurrency) | served / in-process |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| p99 latency (s) | p50 first chunk (s) | in-process tokens/s (batch = concurrency; before / after) "
+          "| served / in-process | served / in-process at the replica's threads |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in res["levels"]:
         ip = r.get("in_process_tokens_per_s") or float("nan")
+        runs = " / ".join(f"{x:,.0f}" for x in r.get("in_process_runs", []))
+        ipt = r.get("in_process_replica_threads_tokens_per_s") or float("nan")
         print(f"| {r['model']} | {r.get('batching', 'loop')} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
               f"{r['requests']} | {r['errors']} | "
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
-              f"{ip:,.0f} | {r['tokens_per_s'] / ip:.2f} |")
+              f"{ip:,.0f}{f' ({runs})' if runs else ''} | {r['tokens_per_s'] / ip:.2f} | {r['tokens_per_s'] / ipt:.2f} |")
     roles = ("model replica", "ingress", "proxy", "client", "other")
     print("\nwhere the machine's CPU went during each level (share of all cores)")
     print("| model | batching | ingress | concurrency | " + " | ".join(roles) + " | idle |")
@@ -210,26 +218,38 @@ def main() -> None:
     sets = {"serve.max_ongoing_requests": str(top), "serve.max_queued_requests": str(4 * top),
             "serve.max_batch_rows": str(top), "serve.target_ongoing_requests": str(top), "serve.max_n": "1",
             "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.5",
-            "serve.threads_per_replica": str(os.cpu_count() or 1), **dict(o.split("=", 1) for o in args.overrides)}
+            **dict(o.split("=", 1) for o in args.overrides)}
     cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
     run = RunDir(args.run)
     device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
     device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
     engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
                "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
-    # in-process first, before Ray and Serve start: nothing else competes for the cores
-    alone, prompts = {}, {}
-    torch.set_num_threads(os.cpu_count() or 1)
-    for model in args.models:
-        engine = engines[model]()
-        if args.prompt_tokens + args.max_tokens > engine.context_tokens:
-            raise SystemExit(f"error: --prompt-tokens {args.prompt_tokens} + --max-tokens {args.max_tokens} exceed "
-                             f"{model}'s context of {engine.context_tokens} tokens (the server answers 400)")
-        prompts[model] = prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens)
-        for c in args.concurrency:
-            alone[model, c] = in_process(engine, prompts[model], c, args.max_tokens)
-            print(f"[bench] {model} in-process, batch {c}: {alone[model, c]:,.0f} tokens/s", flush=True)
-        del engine
+    cores, threads = os.cpu_count() or 1, cfg.serve.threads_per_replica
+    prompts: dict[str, list[str]] = {}
+
+    def measure_alone(when: str) -> dict:
+        """In-process tokens/s of every model and batch, with all cores and with the replica's threads."""
+        out = {}
+        for model in args.models:
+            engine = engines[model]()
+            if args.prompt_tokens + args.max_tokens > engine.context_tokens:
+                raise SystemExit(f"error: --prompt-tokens {args.prompt_tokens} + --max-tokens {args.max_tokens} "
+                                 f"exceed {model}'s context of {engine.context_tokens} tokens (the server answers 400)")
+            prompts.setdefault(model, prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens))
+            for c in args.concurrency:
+                for n in sorted({cores, threads}):
+                    torch.set_num_threads(n)
+                    out[model, c, n] = in_process(engine, prompts[model], c, args.max_tokens)
+                    print(f"[bench] {model} in-process {when}, batch {c}, {n} threads: {out[model, c, n]:,.0f} "
+                          "tokens/s", flush=True)
+            del engine
+        torch.set_num_threads(cores)
+        return out
+
+    # in-process before Ray and Serve start (nothing else competes for the cores) and again after they
+    # stop: this machine's speed drifts between minutes, so the reference is the mean of the two
+    before = measure_alone("before")
     port, base = free_port(), free_port()
     if "direct" in args.ingress:  # each app's ingress replica answers on a port of base .. base + apps - 1
         direct_ingress(base, len(args.batching))
@@ -249,9 +269,20 @@ def main() -> None:
                 for how in args.ingress:
                     print(f"[bench] {model}, {policy}, {how}, concurrency {c}: {args.requests} requests", flush=True)
                     row = load_level(urls[policy, how], model, prompts[model], c, args.requests, args.max_tokens)
-                    levels.append({**row, "batching": policy, "ingress": how, "in_process_tokens_per_s": alone[model, c]})
+                    levels.append({**row, "batching": policy, "ingress": how})
     serve.shutdown()
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+    import ray
+
+    ray.shutdown()
+    after = measure_alone("after")
+    for row in levels:
+        key = row["model"], row["concurrency"]
+        row["in_process_runs"] = [before[key + (cores,)], after[key + (cores,)]]
+        row["in_process_tokens_per_s"] = statistics.mean(row["in_process_runs"])
+        row["in_process_replica_threads_tokens_per_s"] = statistics.mean([before[key + (threads,)],
+                                                                          after[key + (threads,)]])
+    res = {"machine": f"{platform.machine()} {cores} CPUs, Python {platform.python_version()}",
+           "threads": {"in_process": cores, "replica": threads},
            "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

@@ -197,6 +197,8 @@ class ServeConfig:
     batch_wait_ms: float = 10.0  # serve_batch: how long a batch waits to fill
     stream_interval_ms: float = 50.0  # loop: after a stream's first message, at most one per interval (the
     #                                  steps between ride along); 0 = a message per step
+    stream_messages_per_s: float = 200.0  # loop: a replica's streams together send about this many messages per
+    #                                  second at most (each stream's interval grows with the streams open); 0 = no cap
     cpus_per_replica: float = 0.5
     gpus_per_replica: float = 0.0
     threads_per_replica: int = 1  # torch threads in each model replica
@@ -460,7 +462,7 @@ def validate(cfg: Config) -> None:
                 "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n"):
         _positive(getattr(sv, key), f"serve.{key}")
     for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms",
-                "stream_interval_ms"):
+                "stream_interval_ms", "stream_messages_per_s"):
         _positive(getattr(sv, key), f"serve.{key}", allow_zero=True)
     if sv.batching == "serve_batch" and sv.max_n > sv.max_batch_rows:
         raise ConfigError(f"key 'serve.max_n' ({sv.max_n}) must be <= serve.max_batch_rows ({sv.max_batch_rows}) "

@@ -39,7 +39,8 @@ def server(ray_module, tmp_path_factory, tiny_corpus_text):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"run": str(run), "config": "debug", "serve.cpus_per_replica": "0.2", "serve.max_tokens": "24"}
-    serve.run(build_app(small), name="open", route_prefix="/")
+    # the open app caps its streams' messages (fuller messages as streams open): every test of it goes through that
+    serve.run(build_app({**small, "serve.stream_messages_per_s": "20"}), name="open", route_prefix="/")
     os.environ["CALM_TEST_KEY"] = "sesame"
     try:
         serve.run(build_app({**small, "serve.api_key_env": "CALM_TEST_KEY"}), name="secure", route_prefix="/secure")
@@ -167,6 +168,16 @@ def test_the_serve_deploy_config_validates_and_builds(tmp_path):
     assert app.import_path == "pipelines.serve.app:build_app" and app.args["run"]
     overrides = [f"{k}={v}" for k, v in app.args.items() if k.startswith("serve.")]
     assert load_config(app.args["config"], overrides).serve.max_replicas == app.args["serve.max_replicas"]
+
+
+def test_the_message_interval_grows_with_the_open_streams_beyond_the_cap():
+    """serve.stream_messages_per_s: n open streams at a cap of r messages/s send one message each per
+    n / r seconds, never more often than stream_interval_ms; no cap (0) keeps the interval."""
+    from pipelines.serve.app import message_interval
+
+    assert message_interval(0.05, 1, 200.0) == 0.05  # below the cap: the interval
+    assert message_interval(0.05, 32, 200.0) == pytest.approx(0.16)  # 32 streams x 1/0.16 s = 200 messages/s
+    assert message_interval(0.05, 64, 0.0) == 0.05 and message_interval(0.0, 64, 0.0) == 0.0
 
 
 def test_overload_beyond_the_queue_is_503_at_once_and_the_rest_are_served(server):

@@ -55,7 +55,7 @@ class ModelServer:
                        else BaselineEngine(rd.local_artifact("baseline"), device))
         self.metrics = ServeMetrics(kind)
         self.policy = s.batching
-        self.interval = s.stream_interval_ms / 1000.0
+        self.interval, self.rate, self.open = s.stream_interval_ms / 1000.0, s.stream_messages_per_s, 0
         self.loop = StepLoop(self.engine, s.max_batch_rows, self.metrics.step) if s.batching == "loop" else None
         self._window.set_max_batch_size(s.max_batch_rows)
         self._window.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
@@ -79,13 +79,15 @@ class ModelServer:
 
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         m = self.loop.submit(r, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        self.open += 1
         try:
             finished, last = False, None
             while not finished:
                 items = [await q.get()]
-                if last is not None and self.interval and not isinstance(items[0], BaseException) and not items[0][1]:
+                if last is not None and not isinstance(items[0], BaseException) and not items[0][1]:
                     # after the first message, at most one per stream interval: the steps in between ride along
-                    await asyncio.sleep(max(0.0, last + self.interval - time.monotonic()))
+                    wait = message_interval(self.interval, self.open, self.rate)
+                    await asyncio.sleep(max(0.0, last + wait - time.monotonic()))
                 while not q.empty() and not isinstance(items[-1], BaseException) and not items[-1][1]:
                     items.append(q.get_nowait())
                 if isinstance(items[-1], BaseException):
@@ -94,6 +96,7 @@ class ModelServer:
                 last = time.monotonic()
                 yield [deltas for deltas, _ in items]
         finally:
+            self.open -= 1
             m.cancelled = True  # the client went away: the loop drops the rows at its next step
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda rs: sum(r.n for r in rs))
@@ -128,6 +131,15 @@ class ModelServer:
         async for _ in self.stream(r):
             pass
         return True
+
+
+def message_interval(interval_s: float, open_streams: int, messages_per_s: float) -> float:
+    """Seconds between two messages of one stream: ``interval_s`` (``serve.stream_interval_ms``),
+    longer when the replica's ``open_streams`` would together send more than ``messages_per_s``
+    (``serve.stream_messages_per_s``; 0 = no cap). Every message costs Serve's transport and the
+    ingress about the same CPU whatever it holds, so under load fewer, fuller messages leave more
+    of the cores to the model (docs/BENCHMARKS.md)."""
+    return max(interval_s, open_streams / messages_per_s) if messages_per_s > 0 else interval_s
 
 
 class ServeMetrics:
