@@ -18,6 +18,9 @@ starts and again after it stops (the reference is the mean: this machine's speed
 (``serve.threads_per_replica``); the ratio served / in-process says how much of the model's batched
 speed reaches clients. The policies are deployed as apps of the same Ray Serve instance and loaded
 one after the other. The served app runs with the project's ``serve.*`` defaults unless overridden.
+``--variant NAME:serve.key=value,...`` (repeated) compares serve settings instead, one app each, and
+``--rounds R`` measures every level R times with the apps taking turns, then prints each app's
+median and its ratio to the first (settings compared in one run, on the same minutes of the machine).
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def report(res: dict) -> None:
     th = res.get("threads", {})
     print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}; "
           f"torch threads: in-process {th.get('in_process', '?')}, each model replica {th.get('replica', '?')}")
-    print("| model | batching | ingress | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
+    print("| model | app | ingress | concurrency | requests | errors | tokens/s | requests/s | p50 latency (s) "
           "| p99 latency (s) | p50 first chunk (s) | in-process tokens/s (batch = concurrency; before / after) "
           "| served / in-process | served / in-process at the replica's threads |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -167,21 +170,42 @@ def report(res: dict) -> None:
         ip = r.get("in_process_tokens_per_s") or float("nan")
         runs = " / ".join(f"{x:,.0f}" for x in r.get("in_process_runs", []))
         ipt = r.get("in_process_replica_threads_tokens_per_s") or float("nan")
-        print(f"| {r['model']} | {r.get('batching', 'loop')} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
-              f"{r['requests']} | {r['errors']} | "
+        print(f"| {r['model']} | {r.get('app', r.get('batching', 'loop'))} | {r.get('ingress', 'proxy')} | "
+              f"{r['concurrency']} | {r['requests']} | {r['errors']} | "
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
-              f"{ip:,.0f}{f' ({runs})' if runs else ''} | {r['tokens_per_s'] / ip:.2f} | {r['tokens_per_s'] / ipt:.2f} |")
+              f"{ip:,.0f}{f' ({runs})' if runs else ''} | {r['tokens_per_s'] / ip:.2f} | "
+              f"{r['tokens_per_s'] / ipt:.2f} |")
     roles = ("model replica", "ingress", "proxy", "client", "other")
     print("\nwhere the machine's CPU went during each level (share of all cores)")
-    print("| model | batching | ingress | concurrency | " + " | ".join(roles) + " | idle |")
+    print("| model | app | ingress | concurrency | " + " | ".join(roles) + " | idle |")
     print("| --- | --- | --- | ---: |" + " ---: |" * (len(roles) + 1))
     for r in res["levels"]:
         share = r.get("cpu_share", {})
         if share:
-            print(f"| {r['model']} | {r.get('batching', 'loop')} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
-                  + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
+            print(f"| {r['model']} | {r.get('app', r.get('batching', 'loop'))} | {r.get('ingress', 'proxy')} | "
+                  f"{r['concurrency']} | " + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
                   + f" | {max(0.0, 1 - sum(share.values())):.0%} |")
+    summary(res["levels"])
+
+
+def summary(levels: list[dict]) -> None:
+    """With several rounds: every app's median tokens/s per level and its ratio to the first app's."""
+    runs: dict[tuple, list[float]] = {}
+    for r in levels:
+        runs.setdefault((r["model"], r["concurrency"], r.get("ingress", "proxy"), r.get("app", r.get("batching"))),
+                        []).append(r["tokens_per_s"])
+    if max(len(v) for v in runs.values()) < 2:
+        return
+    print("\nrounds side by side: median tokens/s (every round) and the ratio to the first app of the level")
+    print("| model | concurrency | ingress | app | median tokens/s | rounds | ratio to the first app |")
+    print("| --- | ---: | --- | --- | ---: | --- | ---: |")
+    first: dict[tuple, float] = {}
+    for (model, c, how, app), xs in runs.items():
+        med = statistics.median(xs)
+        ref = first.setdefault((model, c, how), med)
+        print(f"| {model} | {c} | {how} | {app} | {med:,.0f} | {' / '.join(f'{x:,.0f}' for x in xs)} | "
+              f"{med / ref:.2f} |")
 
 
 def main() -> None:
@@ -198,6 +222,12 @@ def main() -> None:
     ap.add_argument("--ingress", nargs="+", default=["proxy"], choices=["proxy", "direct"],
                     help="how requests reach the ingress: through Serve's HTTP proxy, or straight to the ingress "
                          "replica's own port (serve.direct_ingress); both in one run compare them")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:serve.key=value,...",
+                    help="compare serve settings instead of batching policies: each variant is one app of the same "
+                         "Serve instance (repeat the option; --batching is then ignored, serve.batching may be set)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every level this many times, the apps taking turns (a fairer A/B on a machine "
+                         "whose speed drifts); the summary gives each app's median and its ratio to the first app")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
@@ -217,15 +247,25 @@ def main() -> None:
     top = max(args.concurrency)
     sets = {"serve.max_ongoing_requests": str(top), "serve.max_queued_requests": str(4 * top),
             "serve.max_batch_rows": str(top), "serve.target_ongoing_requests": str(top), "serve.max_n": "1",
-            "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.5",
+            "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.1",  # Ray scheduling only
             **dict(o.split("=", 1) for o in args.overrides)}
     cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
+    apps = {p: {**sets, "serve.batching": p} for p in args.batching}
+    if args.variant:
+        apps = {}
+        for v in args.variant:
+            name, _, kv = v.partition(":")
+            if not name or not kv or name in apps or "/" in name:
+                raise SystemExit(f"error: --variant '{v}': want a new NAME (no '/') and serve.key=value pairs")
+            apps[name] = {**sets, **dict(x.split("=", 1) for x in kv.split(","))}
+    app_threads = {a: load_config("demo", [f"{k}={v}" for k, v in st.items()]).serve.threads_per_replica
+                   for a, st in apps.items()}
     run = RunDir(args.run)
     device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
     device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
     engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
                "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
-    cores, threads = os.cpu_count() or 1, cfg.serve.threads_per_replica
+    cores = os.cpu_count() or 1
     prompts: dict[str, list[str]] = {}
 
     def measure_alone(when: str) -> dict:
@@ -238,7 +278,7 @@ def main() -> None:
                                  f"exceed {model}'s context of {engine.context_tokens} tokens (the server answers 400)")
             prompts.setdefault(model, prompts_from(args.corpus, engine.tok, max(args.requests, 8), args.prompt_tokens))
             for c in args.concurrency:
-                for n in sorted({cores, threads}):
+                for n in sorted({cores, *app_threads.values()}):
                     torch.set_num_threads(n)
                     out[model, c, n] = in_process(engine, prompts[model], c, args.max_tokens)
                     print(f"[bench] {model} in-process {when}, batch {c}, {n} threads: {out[model, c, n]:,.0f} "
@@ -252,24 +292,26 @@ def main() -> None:
     before = measure_alone("before")
     port, base = free_port(), free_port()
     if "direct" in args.ingress:  # each app's ingress replica answers on a port of base .. base + apps - 1
-        direct_ingress(base, len(args.batching))
+        direct_ingress(base, len(apps))
     init_ray(cfg.ray)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    for policy in args.batching:
-        serve.run(build_app({"run": args.run, "config": "demo", **sets, "serve.batching": policy}), name=policy,
-                  route_prefix=f"/{policy}")
-        urls[policy, "proxy"] = f"http://127.0.0.1:{port}/{policy}/v1/completions"
+    for name, settings in apps.items():
+        serve.run(build_app({"run": args.run, "config": "demo", **settings}), name=name, route_prefix=f"/{name}")
+        urls[name, "proxy"] = f"http://127.0.0.1:{port}/{name}/v1/completions"
         if "direct" in args.ingress:
-            urls[policy, "direct"] = ingress_url(base, len(args.batching), policy)
+            urls[name, "direct"] = ingress_url(base, len(apps), name)
     levels = []
     for model in args.models:
         for c in args.concurrency:
-            for policy in args.batching:
-                for how in args.ingress:
-                    print(f"[bench] {model}, {policy}, {how}, concurrency {c}: {args.requests} requests", flush=True)
-                    row = load_level(urls[policy, how], model, prompts[model], c, args.requests, args.max_tokens)
-                    levels.append({**row, "batching": policy, "ingress": how})
+            for rnd in range(args.rounds):
+                for name, settings in apps.items():
+                    for how in args.ingress:
+                        print(f"[bench] {model}, {name}, {how}, concurrency {c}: {args.requests} requests"
+                              + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+                        row = load_level(urls[name, how], model, prompts[model], c, args.requests, args.max_tokens)
+                        levels.append({**row, "app": name, "batching": settings.get("serve.batching", "loop"),
+                                       "ingress": how, "round": rnd, "replica_threads": app_threads[name]})
     serve.shutdown()
     import ray
 
@@ -279,11 +321,11 @@ def main() -> None:
         key = row["model"], row["concurrency"]
         row["in_process_runs"] = [before[key + (cores,)], after[key + (cores,)]]
         row["in_process_tokens_per_s"] = statistics.mean(row["in_process_runs"])
-        row["in_process_replica_threads_tokens_per_s"] = statistics.mean([before[key + (threads,)],
-                                                                          after[key + (threads,)]])
+        n = row["replica_threads"]
+        row["in_process_replica_threads_tokens_per_s"] = statistics.mean([before[key + (n,)], after[key + (n,)]])
     res = {"machine": f"{platform.machine()} {cores} CPUs, Python {platform.python_version()}",
-           "threads": {"in_process": cores, "replica": threads},
-           "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "levels": levels}
+           "threads": {"in_process": cores, "replica": app_threads},
+           "run": args.run, "max_tokens": args.max_tokens, "settings": sets, "apps": apps, "levels": levels}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     report(res)
