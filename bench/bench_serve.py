@@ -226,8 +226,9 @@ def main() -> None:
                     help="compare serve settings instead of batching policies: each variant is one app of the same "
                          "Serve instance (repeat the option; --batching is then ignored, serve.batching may be set)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="measure every level this many times, the apps taking turns (a fairer A/B on a machine "
-                         "whose speed drifts); the summary gives each app's median and its ratio to the first app")
+                    help="measure every level this many times, the apps taking turns, in reverse order every other "
+                         "round (a fairer A/B on a machine whose speed drifts: use an even number); the summary "
+                         "gives each app's median and its ratio to the first app")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
@@ -304,8 +305,8 @@ def main() -> None:
     levels = []
     for model in args.models:
         for c in args.concurrency:
-            for rnd in range(args.rounds):
-                for name, settings in apps.items():
+            for rnd in range(args.rounds):  # A B, then B A: a steady drift of the machine's speed cancels
+                for name, settings in (list(apps.items()) if rnd % 2 == 0 else list(apps.items())[::-1]):
                     for how in args.ingress:
                         print(f"[bench] {model}, {name}, {how}, concurrency {c}: {args.requests} requests"
                               + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
