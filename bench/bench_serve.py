@@ -158,6 +158,11 @@ def ingress_url(base: int, ports: int, policy: str) -> str:
     raise SystemExit(f"error: no ingress replica answers /{policy} on ports {base}..{base + ports - 1}")
 
 
+def app_of(r: dict) -> str:
+    """A level's app: its variant's name, or its batching policy (results written before --variant)."""
+    return r.get("app", r.get("batching", "loop"))
+
+
 def report(res: dict) -> None:
     th = res.get("threads", {})
     print(f"\nserving, run {res['run']}, {res['max_tokens']} completion tokens per request, machine {res['machine']}; "
@@ -170,7 +175,7 @@ def report(res: dict) -> None:
         ip = r.get("in_process_tokens_per_s") or float("nan")
         runs = " / ".join(f"{x:,.0f}" for x in r.get("in_process_runs", []))
         ipt = r.get("in_process_replica_threads_tokens_per_s") or float("nan")
-        print(f"| {r['model']} | {r.get('app', r.get('batching', 'loop'))} | {r.get('ingress', 'proxy')} | "
+        print(f"| {r['model']} | {app_of(r)} | {r.get('ingress', 'proxy')} | "
               f"{r['concurrency']} | {r['requests']} | {r['errors']} | "
               f"{r['tokens_per_s']:,.0f} | "
               f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['first_chunk_p50_s']:.2f} | "
@@ -183,8 +188,8 @@ def report(res: dict) -> None:
     for r in res["levels"]:
         share = r.get("cpu_share", {})
         if share:
-            print(f"| {r['model']} | {r.get('app', r.get('batching', 'loop'))} | {r.get('ingress', 'proxy')} | "
-                  f"{r['concurrency']} | " + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
+            print(f"| {r['model']} | {app_of(r)} | {r.get('ingress', 'proxy')} | {r['concurrency']} | "
+                  + " | ".join(f"{share.get(k, 0.0):.0%}" for k in roles)
                   + f" | {max(0.0, 1 - sum(share.values())):.0%} |")
     summary(res["levels"])
 
@@ -193,9 +198,9 @@ def summary(levels: list[dict]) -> None:
     """With several rounds: every app's median tokens/s per level and its ratio to the first app's."""
     runs: dict[tuple, list[float]] = {}
     for r in levels:
-        runs.setdefault((r["model"], r["concurrency"], r.get("ingress", "proxy"), r.get("app", r.get("batching"))),
-                        []).append(r["tokens_per_s"])
-    if max(len(v) for v in runs.values()) < 2:
+        key = r["model"], r["concurrency"], r.get("ingress", "proxy"), app_of(r)
+        runs.setdefault(key, []).append(r["tokens_per_s"])
+    if max(map(len, runs.values()), default=0) < 2:
         return
     print("\nrounds side by side: median tokens/s (every round) and the ratio to the first app of the level")
     print("| model | concurrency | ingress | app | median tokens/s | rounds | ratio to the first app |")
@@ -233,9 +238,12 @@ def main() -> None:
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be 1 or more, got {args.rounds}")
     if args.from_json:
         report(json.loads(Path(args.from_json).read_text()))
         return
+    import ray
     import torch
     from ray import serve
 
@@ -251,14 +259,12 @@ def main() -> None:
             "serve.max_tokens": str(args.max_tokens), "serve.cpus_per_replica": "0.1",  # Ray scheduling only
             **dict(o.split("=", 1) for o in args.overrides)}
     cfg = load_config("demo", [f"{k}={v}" for k, v in sets.items()])
-    apps = {p: {**sets, "serve.batching": p} for p in args.batching}
-    if args.variant:
-        apps = {}
-        for v in args.variant:
-            name, _, kv = v.partition(":")
-            if not name or not kv or name in apps or "/" in name:
-                raise SystemExit(f"error: --variant '{v}': want a new NAME (no '/') and serve.key=value pairs")
-            apps[name] = {**sets, **dict(x.split("=", 1) for x in kv.split(","))}
+    apps = {} if args.variant else {p: {**sets, "serve.batching": p} for p in args.batching}
+    for v in args.variant:
+        name, _, kv = v.partition(":")
+        if not name or not kv or name in apps or "/" in name:
+            raise SystemExit(f"error: --variant '{v}': want a new NAME (no '/') and serve.key=value pairs")
+        apps[name] = {**sets, **dict(x.split("=", 1) for x in kv.split(","))}
     app_threads = {a: load_config("demo", [f"{k}={v}" for k, v in st.items()]).serve.threads_per_replica
                    for a, st in apps.items()}
     run = RunDir(args.run)
@@ -314,8 +320,6 @@ def main() -> None:
                         levels.append({**row, "app": name, "batching": settings.get("serve.batching", "loop"),
                                        "ingress": how, "round": rnd, "replica_threads": app_threads[name]})
     serve.shutdown()
-    import ray
-
     ray.shutdown()
     after = measure_alone("after")
     for row in levels:

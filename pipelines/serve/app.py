@@ -86,8 +86,9 @@ class ModelServer:
                 items = [await q.get()]
                 if last is not None and not isinstance(items[0], BaseException) and not items[0][1]:
                     # after the first message, at most one per stream interval: the steps in between ride along
-                    wait = message_interval(self.interval, self.open, self.rate)
-                    await asyncio.sleep(max(0.0, last + wait - time.monotonic()))
+                    wait = last + message_interval(self.interval, self.open, self.rate) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not q.empty() and not isinstance(items[-1], BaseException) and not items[-1][1]:
                     items.append(q.get_nowait())
                 if isinstance(items[-1], BaseException):
