@@ -43,7 +43,7 @@ from calm_core import rng
 from calm_core.config import AEConfig
 from calm_core.layers import ResidualMLPBlock, RMSNorm, init_weights, matmul_weights
 
-# log sigma is clamped to this range: exp(2 * 5) ~ 2e4 keeps sigma^2 (and the KL) finite in fp32 and
+# log sigma is clamped to this range (``ae.clamp_log_sigma``, on by default; the official AE has no clamp): exp(2 * 5) ~ 2e4 keeps sigma^2 (and the KL) finite in fp32 and
 # bf16, exp(-10) ~ 4.5e-5 keeps 2 log sigma away from -inf. The clamp is straight-through (the
 # forward value is clamped, the gradient is the identity's), so a dimension that overshoots still
 # gets the KL gradient that pulls it back instead of sitting on a flat clamp.
@@ -91,31 +91,32 @@ class ChunkAutoencoder(nn.Module):
     def __init__(self, cfg: AEConfig, vocab_size: int, mask_id: int, pad_id: int):
         super().__init__()
         self.cfg, self.vocab_size, self.mask_id, self.pad_id = cfg, vocab_size, mask_id, pad_id
-        K, d, f, l = cfg.K, cfg.d_model, cfg.ffn_dim, cfg.latent_dim
+        K, d, f, l, eps = cfg.K, cfg.d_model, cfg.ffn_dim, cfg.latent_dim, cfg.norm_eps
         self.embed = nn.Embedding(vocab_size, d)  # E [V, d], also the output matrix (tied)
         # encoder
-        self.enc_tok = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.token_blocks)])
+        self.enc_tok = nn.Sequential(*[ResidualMLPBlock(d, f, eps) for _ in range(cfg.token_blocks)])
         self.enc_compress = nn.Linear(K * d, d)
-        self.enc_lat = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.latent_blocks)])
-        self.enc_norm = RMSNorm(d)
+        self.enc_lat = nn.Sequential(*[ResidualMLPBlock(d, f, eps) for _ in range(cfg.latent_blocks)])
+        self.enc_norm = RMSNorm(d, eps)
         self.enc_out = nn.Linear(d, 2 * l)  # -> (mu, log sigma)
         # decoder
         self.dec_in = nn.Linear(l, d)
-        self.dec_lat = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.latent_blocks)])
+        self.dec_lat = nn.Sequential(*[ResidualMLPBlock(d, f, eps) for _ in range(cfg.latent_blocks)])
         self.dec_expand = nn.Linear(d, K * d)
-        self.dec_tok = nn.Sequential(*[ResidualMLPBlock(d, f) for _ in range(cfg.token_blocks)])
-        self.dec_norm = RMSNorm(d)
+        self.dec_tok = nn.Sequential(*[ResidualMLPBlock(d, f, eps) for _ in range(cfg.token_blocks)])
+        self.dec_norm = RMSNorm(d, eps)
         init_weights(self)
 
     # ------------------------------------------------------------------ encoder / decoder
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, K] (any integer dtype) -> mu [B, l], log_sigma [B, l] (clamped). Deterministic."""
+        """tokens [B, K] (any integer dtype) -> mu [B, l], log_sigma [B, l] (clamped unless
+        ``ae.clamp_log_sigma`` is off). Deterministic."""
         B, K = tokens.shape
         e = self.enc_tok(self.embed(tokens.long()))  # [B, K, d]
         h = self.enc_compress(e.reshape(B, K * self.cfg.d_model))  # [B, d]
         h = self.enc_lat(h)  # [B, d]
         mu, log_sigma = self.enc_out(self.enc_norm(h)).chunk(2, dim=-1)  # [B, l] x 2
-        return mu, _clamp_log_sigma(log_sigma)
+        return mu, (_clamp_log_sigma(log_sigma) if self.cfg.clamp_log_sigma else log_sigma)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, l] -> logits [B, K, V]. Deterministic."""

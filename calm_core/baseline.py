@@ -2,6 +2,8 @@
 
     h      = Backbone(E[x_1..x_{T}])                      [B, T, d]
     logits = h E^T                                         tied input embedding   [B, T, V]
+             (or h W^T with its own ``lm_head`` W when ``model.tie_embeddings`` is off, as the official
+             baselines are)
     loss   = mean_t CE(logits_t, x_{t+1})
 
 Trained on the same tokenizer, corpus and split as CALM (blocks of L*K tokens), so the two can be
@@ -23,7 +25,7 @@ from torch import nn
 from calm_core import rng
 from calm_core.config import ModelConfig
 from calm_core.layers import init_weights
-from calm_core.transformer import Backbone, backbone_flops_per_position
+from calm_core.transformer import backbone_flops_per_position, backbone_of
 
 
 class Branches(NamedTuple):
@@ -59,13 +61,19 @@ class TokenLM(nn.Module):
         super().__init__()
         self.mcfg, self.K = model, K
         self.embed = nn.Embedding(vocab_size, model.d_model)
-        self.backbone = Backbone(model.d_model, model.n_layers, model.n_heads, model.ffn_dim, model.rope_theta)
+        self.backbone = backbone_of(model)
+        self.lm_head = None if model.tie_embeddings else nn.Linear(model.d_model, vocab_size, bias=False)
         init_weights(self)
+
+    @property
+    def out_weight(self) -> torch.Tensor:
+        """The output projection [V, d]: the input embedding (tied) or the own ``lm_head``."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> next-token logits [B, T, V]."""
         h = self.backbone(self.embed(tokens.long()))
-        return F.linear(h, self.embed.weight)
+        return F.linear(h, self.out_weight)
 
     def branches(self, tokens: torch.Tensor, starts: torch.Tensor, n: int, R: int,
                  generator: rng.Gen = None, temperature: float = 1.0) -> Branches:
@@ -81,7 +89,7 @@ class TokenLM(nn.Module):
         if int(starts.min()) < 1 or int(starts.max()) + n > T:
             raise ValueError(f"starts must lie in [1, {T - n}] for {n}-token continuations of {T} tokens")
         h, past = self.backbone.prefix(self.embed(tokens.long()))
-        logp = F.linear(h, self.embed.weight).float().log_softmax(-1)  # [B, T, V]
+        logp = F.linear(h, self.out_weight).float().log_softmax(-1)  # [B, T, V]
         idx = starts[:, None] - 1 + torch.arange(n, device=starts.device)  # [S, n] positions predicting y_i
         true = tokens[:, idx + 1].long()  # [B, S, n]
         logp_true = logp[:, idx].gather(-1, true[..., None]).squeeze(-1)  # [B, S, n]
@@ -101,7 +109,7 @@ class TokenLM(nn.Module):
             mask = torch.cat([see_block, own], dim=1)  # [S*R, T + (i+1)*S*R]
             pos = (starts + i).repeat_interleave(R)  # RoPE position of token i of each branch
             h, past = self.backbone.extend(self.embed(x), pos, past, mask)
-            step_logp = F.linear(h, self.embed.weight).float().log_softmax(-1)  # [B, S*R, V]
+            step_logp = F.linear(h, self.out_weight).float().log_softmax(-1)  # [B, S*R, V]
         shape = (B, S, R, n)
         return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true,
                         collision1, logp)
@@ -113,7 +121,7 @@ class TokenLM(nn.Module):
         Temperature scales the logits (softmax(logits / T)); ``top_p`` < 1 samples from the smallest
         set of tokens whose probability reaches top_p (nucleus sampling). This model has likelihoods."""
         h, past = self.backbone.prefix(self.embed(prompt.long()))
-        logits, T = F.linear(h[:, -1], self.embed.weight), prompt.shape[1]
+        logits, T = F.linear(h[:, -1], self.out_weight), prompt.shape[1]
         for i in range(n):
             probs = nucleus((logits.float() / temperature).softmax(-1), top_p)  # [B, V]
             x = rng.categorical(probs, generator)  # [B], on the generator's device
@@ -121,7 +129,7 @@ class TokenLM(nn.Module):
             if i == n - 1:
                 break
             h, past = self.backbone.extend(self.embed(x[:, None]), torch.tensor([T + i], device=x.device), past)
-            logits = F.linear(h[:, -1], self.embed.weight)
+            logits = F.linear(h[:, -1], self.out_weight)
 
     def generate(self, prompt: torch.Tensor, n: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -143,6 +151,7 @@ def baseline_train_flops_per_token(model: TokenLM) -> dict[str, float]:
         softmax head : 6 * V * d              (tied embedding; the lookup is free)
     """
     m = model.mcfg
-    backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks * model.K - 1)
-    head = 6.0 * model.embed.weight.numel()
+    backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks * model.K - 1,
+                                           (m.n_kv_heads or m.n_heads) / m.n_heads)
+    head = 6.0 * model.out_weight.numel()
     return {"backbone": backbone, "head": head, "total": backbone + head}

@@ -25,7 +25,7 @@ from calm_core.config import AEConfig, HeadConfig, ModelConfig
 from calm_core.energy import energy_loss_flops_per_position, posterior_energy_loss
 from calm_core.heads import EnergyHead, QuadraticHead, build_energy_head, head_forward_weights, quadratic_loss
 from calm_core.layers import init_weights, matmul_weights
-from calm_core.transformer import Backbone, backbone_flops_per_position
+from calm_core.transformer import backbone_flops_per_position, backbone_of
 
 
 @dataclass
@@ -39,11 +39,11 @@ class CALMOutput:
 class ChunkInput(nn.Module):
     """The token input path: K token embeddings of a chunk -> one d-vector. [.., K] -> [.., d]"""
 
-    def __init__(self, vocab_size: int, K: int, d: int):
+    def __init__(self, vocab_size: int, K: int, d: int, ln_eps: float = 1e-5):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d)
         self.mlp = nn.Sequential(nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=ln_eps)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         e = self.embed(tokens.long())  # [.., K, d]
@@ -55,13 +55,15 @@ class CALM(nn.Module):
         super().__init__()
         self.mcfg, self.hcfg, self.K, self.latent_dim = model, head, ae.K, ae.latent_dim
         d = model.d_model
-        self.token_in = ChunkInput(vocab_size, ae.K, d) if model.input_mode in ("tokens", "both") else None
+        self.token_in = (ChunkInput(vocab_size, ae.K, d, model.layernorm_eps)
+                         if model.input_mode in ("tokens", "both") else None)
         self.latent_in = nn.Linear(ae.latent_dim, d) if model.input_mode in ("latents", "both") else None
-        self.backbone = Backbone(d, model.n_layers, model.n_heads, model.ffn_dim, model.rope_theta)
+        self.backbone = backbone_of(model)
         init_weights(self)
         blocks = head.blocks or max(1, model.n_layers // 4)
         if head.kind == "energy":  # built after init_weights: its own init scheme (head.init)
-            self.head = build_energy_head(head.arch, d, ae.latent_dim, model.ffn_dim, blocks, head.noise_dim, head.init)
+            self.head = build_energy_head(head.arch, d, ae.latent_dim, model.ffn_dim, blocks, head.noise_dim, head.init,
+                                          head.noise, head.layernorm_eps)
         else:
             self.head = QuadraticHead(d, ae.latent_dim)
 
@@ -117,7 +119,8 @@ def calm_train_flops_per_token(model: CALM) -> dict[str, float]:
         encoder   : counted separately (precomputed once: 2 * encoder weights / K per token, forward)
     """
     m, K = model.mcfg, model.K
-    backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks - 1) / K
+    backbone = backbone_flops_per_position(m.d_model, m.n_layers, m.ffn_dim, m.block_chunks - 1,
+                                           (m.n_kv_heads or m.n_heads) / m.n_heads) / K
     inp = 0.0
     if model.token_in is not None:
         inp += 6.0 * matmul_weights(model.token_in.mlp) / K

@@ -68,6 +68,8 @@ class AEConfig:
     mask_prob: float = 0.15  # training-only input token masking
     latent_dropout: float = 0.15  # training-only dropout on the sampled z
     eval_noise_std: float = 0.3  # std of the noise added to mu in the robustness metric
+    norm_eps: float = 1e-6  # RMSNorm eps (the official AE's rms_norm_eps)
+    clamp_log_sigma: bool = True  # clamp log sigma to [-10, 5] (straight-through); the official AE does not
 
 
 @dataclass
@@ -117,6 +119,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     block_chunks: int = 512  # L: chunks per training block (the baseline sees L*K tokens)
     input_mode: str = "tokens"  # tokens | latents | both: what CALM feeds back at each position
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention when < n_heads); 0 = n_heads
+    norm_eps: float = 1e-6  # RMSNorm eps of the backbone (the official rms_norm_eps)
+    layernorm_eps: float = 1e-5  # LayerNorm eps of CALM's token input path (official: 1e-6)
+    rope_pairing: str = "adjacent"  # adjacent: rotate (2i, 2i+1) | halves: rotate (i, i + h/2) (Llama, official)
+    tie_embeddings: bool = True  # baseline: logits through the input embedding (official: its own lm_head)
 
 
 @dataclass
@@ -126,7 +133,9 @@ class HeadConfig:
     kind: str = "energy"  # energy | quadratic (the seed's ablation)
     arch: str = "adanorm"  # energy head: paper (the official MLPGenerator) | adanorm (docs/BENCHMARKS.md: head A/Bs)
     init: str = "torch"  # energy head weights: normal (N(0, 0.02^2), the official code) | torch (PyTorch default)
-    noise_dim: int = 64  # width of the U(-0.5, 0.5) noise
+    noise_dim: int = 64  # width of the head's noise
+    noise: str = "uniform"  # head noise distribution: uniform (U(-0.5, 0.5), the official code) | gaussian (N(0, 1))
+    layernorm_eps: float = 1e-5  # LayerNorm eps of the paper head (official: 1e-6)
     blocks: int = 0  # residual blocks; 0 = one per four backbone layers (paper)
     n_samples: int = 8  # N head samples per position
     n_targets: int = 100  # M targets drawn from the posterior per position, fresh every step
@@ -440,10 +449,19 @@ def validate(cfg: Config) -> None:
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"key 'model.d_model' ({m.d_model}) must be n_heads ({m.n_heads}) x an even head width")
     _choice(m.input_mode, "model.input_mode", ("tokens", "latents", "both"))
+    _choice(m.rope_pairing, "model.rope_pairing", ("adjacent", "halves"))
+    _positive(m.n_kv_heads, "model.n_kv_heads", allow_zero=True)
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"key 'model.n_kv_heads' ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
+    for key in ("norm_eps", "layernorm_eps"):
+        _positive(getattr(m, key), f"model.{key}")
+    _positive(a.norm_eps, "ae.norm_eps")
     h = cfg.head
     _choice(h.kind, "head.kind", ("energy", "quadratic"))
     _choice(h.arch, "head.arch", ("paper", "adanorm"))
     _choice(h.init, "head.init", ("normal", "torch"))
+    _choice(h.noise, "head.noise", ("uniform", "gaussian"))
+    _positive(h.layernorm_eps, "head.layernorm_eps")
     if h.n_samples < 2:
         raise ConfigError(f"key 'head.n_samples' must be >= 2 (the energy score compares samples), got {h.n_samples}")
     _positive(h.n_targets, "head.n_targets")

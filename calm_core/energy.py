@@ -95,8 +95,8 @@ def energy_score(samples: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> 
 
 
 def posterior_energy_terms(samples: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, n_targets: int,
-                           alpha: float = 1.0, generator: torch.Generator | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           alpha: float = 1.0, generator: torch.Generator | None = None,
+                           eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position (fidelity, diversity) against M targets y_m = mu + sigma * eps_m drawn from the
     posterior of the true next chunk, without materialising the targets.
 
@@ -106,7 +106,8 @@ def posterior_energy_terms(samples: torch.Tensor, mu: torch.Tensor, log_sigma: t
 
         ||x_n - y_m||^2 = ||a_n||^2 - 2 (a_n * s) . eps_m + (s^2) . (eps_m^2)
 
-    three matmul-shaped terms: memory B*T*N*M for the distances, never B*T*N*M*l.
+    three matmul-shaped terms: memory B*T*N*M for the distances, never B*T*N*M*l. ``eps``
+    [B, T, M, l]: given draws to use instead (a replay of recorded noise).
     """
     B, T, N, l = samples.shape
     if N < 2:
@@ -114,7 +115,9 @@ def posterior_energy_terms(samples: torch.Tensor, mu: torch.Tensor, log_sigma: t
     x = samples.float()
     a = x - mu.float().unsqueeze(-2)  # [B, T, N, l]
     s = log_sigma.float().exp().unsqueeze(-2)  # [B, T, 1, l]
-    eps = rng.normal((B, T, n_targets, l), x.device, generator)  # [B, T, M, l]
+    if eps is None:
+        eps = rng.normal((B, T, n_targets, l), x.device, generator)  # [B, T, M, l]
+    eps = eps.float()
     t1 = a.pow(2).sum(-1)  # [B, T, N]
     t2 = torch.matmul(a * s, eps.transpose(-1, -2))  # [B, T, N, M]
     t3 = torch.matmul(s.pow(2), eps.pow(2).transpose(-1, -2))  # [B, T, 1, M]

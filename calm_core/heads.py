@@ -1,7 +1,7 @@
 """Next-vector heads on top of the backbone's hidden state h (CALM.md section 2).
 
 Two energy heads (config ``head.arch``), both likelihood-free one-step samplers g(h, eps) with
-eps ~ U(-0.5, 0.5)^noise_dim, trained with the energy score (calm_core.energy); each call with fresh
+eps ~ U(-0.5, 0.5)^noise_dim (``head.noise``: or N(0, I), an ablation), trained with the energy score (calm_core.energy); each call with fresh
 noise is an independent sample of the next latent. Their last Linear is zero-initialised, so at
 init every sample equals the final bias (0).
 
@@ -44,9 +44,24 @@ from calm_core import rng
 from calm_core.layers import RMSNorm, SwiGLU, init_weights, matmul_weights
 
 
-def _noise(h: torch.Tensor, n_samples: int, noise_dim: int, generator: rng.Gen) -> torch.Tensor:
-    """eps ~ U(-0.5, 0.5)^noise_dim per sample: h [.., d] -> [.., N, noise_dim] in h's dtype."""
-    return rng.uniform((*h.shape[:-1], n_samples, noise_dim), h.device, generator, -0.5, 0.5, h.dtype)
+def noise_from_uniform(u: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
+    """The head's noise from uniform draws u ~ U[0, 1): ``uniform`` eps = u - 0.5 (the official
+    code's draw, exactly), ``gaussian`` eps = Phi^-1(u) ~ N(0, 1) (``head.noise``: an ablation).
+    Every head draw goes through here, so a recorded official draw replays as u = noise + 0.5."""
+    if kind == "uniform":
+        return u - 0.5
+    if kind == "gaussian":
+        return torch.special.ndtri(u.float().clamp(1e-7, 1 - 1e-7)).to(u.dtype)
+    raise ValueError(f"unknown head noise {kind!r} (uniform | gaussian)")
+
+
+def _noise(h: torch.Tensor, n_samples: int, noise_dim: int, generator: rng.Gen, kind: str = "uniform",
+           u: torch.Tensor | None = None) -> torch.Tensor:
+    """eps per sample: h [.., d] -> [.., N, noise_dim] in h's dtype. ``u`` [.., N, noise_dim]: the
+    uniform draws to use (a replay) instead of fresh ones."""
+    if u is None:
+        u = rng.uniform((*h.shape[:-1], n_samples, noise_dim), h.device, generator)
+    return noise_from_uniform(u.float(), kind).to(h.dtype)
 
 
 def init_head(head: nn.Module, last: nn.Linear, scheme: str) -> None:
@@ -66,9 +81,9 @@ def init_head(head: nn.Module, last: nn.Linear, scheme: str) -> None:
 class PaperBlock(nn.Module):
     """x + W_down(SiLU(g) * u), [g, u] = MLP(concat(LayerNorm(x), c)), the c half precomputed."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=eps)
         self.in_x = nn.Linear(d, d)  # the x half of Linear(2d, d), with the bias
         self.in_c = nn.Linear(d, d, bias=False)  # the c half: once per position
         self.mid = nn.Linear(d, d)
@@ -85,22 +100,25 @@ class PaperBlock(nn.Module):
 
 
 class PaperEnergyHead(nn.Module):
-    def __init__(self, d: int, latent_dim: int, blocks: int, noise_dim: int = 64, init: str = "normal"):
+    def __init__(self, d: int, latent_dim: int, blocks: int, noise_dim: int = 64, init: str = "normal",
+                 noise: str = "uniform", ln_eps: float = 1e-5):
         super().__init__()
-        self.noise_dim = noise_dim
+        self.noise_dim, self.noise_kind = noise_dim, noise
         self.noise = nn.Linear(noise_dim, d)
-        self.noise_norm = nn.LayerNorm(d)
+        self.noise_norm = nn.LayerNorm(d, eps=ln_eps)
         self.cond = nn.Linear(d, d)
-        self.cond_norm = nn.LayerNorm(d)
-        self.blocks = nn.ModuleList([PaperBlock(d) for _ in range(max(1, blocks))])
-        self.out_norm = nn.LayerNorm(d)
+        self.cond_norm = nn.LayerNorm(d, eps=ln_eps)
+        self.blocks = nn.ModuleList([PaperBlock(d, ln_eps) for _ in range(max(1, blocks))])
+        self.out_norm = nn.LayerNorm(d, eps=ln_eps)
         self.out_hidden = nn.Linear(d, d)
         self.out = nn.Linear(d, latent_dim)
         init_head(self, self.out, init)
 
-    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None) -> torch.Tensor:
-        """h [.., d] -> n_samples independent samples [.., n_samples, l]."""
-        eps = _noise(h, n_samples, self.noise_dim, generator)  # [.., N, noise_dim]
+    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
+        """h [.., d] -> n_samples independent samples [.., n_samples, l] (``u``: replayed uniform draws
+        [.., n_samples, noise_dim])."""
+        eps = _noise(h, n_samples, self.noise_dim, generator, self.noise_kind, u)  # [.., N, noise_dim]
         c = self.cond_norm(self.cond(h)).unsqueeze(-2)  # [.., 1, d]
         x = self.noise_norm(self.noise(eps))  # [.., N, d]
         for block in self.blocks:
@@ -130,9 +148,10 @@ class AdaBlock(nn.Module):
 
 
 class AdaNormEnergyHead(nn.Module):
-    def __init__(self, d: int, latent_dim: int, ffn: int, blocks: int, noise_dim: int = 64, init: str = "torch"):
+    def __init__(self, d: int, latent_dim: int, ffn: int, blocks: int, noise_dim: int = 64, init: str = "torch",
+                 noise: str = "uniform"):
         super().__init__()
-        self.noise_dim = noise_dim
+        self.noise_dim, self.noise_kind = noise_dim, noise
         self.cond = nn.Linear(d, d)
         self.cond_norm = RMSNorm(d)
         self.noise = nn.Linear(noise_dim, d)
@@ -145,9 +164,10 @@ class AdaNormEnergyHead(nn.Module):
             nn.init.zeros_(b.mod.weight)
             nn.init.zeros_(b.mod.bias)
 
-    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None) -> torch.Tensor:
-        """h [.., d] -> n_samples independent samples [.., n_samples, l]."""
-        eps = _noise(h, n_samples, self.noise_dim, generator)  # [.., N, noise_dim]
+    def forward(self, h: torch.Tensor, n_samples: int, generator: rng.Gen = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
+        """h [.., d] -> n_samples independent samples [.., n_samples, l] (``u``: replayed uniform draws)."""
+        eps = _noise(h, n_samples, self.noise_dim, generator, self.noise_kind, u)  # [.., N, noise_dim]
         c = self.cond_norm(self.cond(h)).unsqueeze(-2)  # [.., 1, d]
         u = self.noise_norm(self.noise(eps))  # [.., N, d]
         for block in self.blocks:
@@ -163,11 +183,11 @@ EnergyHead = (PaperEnergyHead, AdaNormEnergyHead)  # for isinstance checks
 
 
 def build_energy_head(arch: str, d: int, latent_dim: int, ffn: int, blocks: int, noise_dim: int,
-                      init: str) -> nn.Module:
+                      init: str, noise: str = "uniform", ln_eps: float = 1e-5) -> nn.Module:
     if arch == "paper":
-        return PaperEnergyHead(d, latent_dim, blocks, noise_dim, init)
+        return PaperEnergyHead(d, latent_dim, blocks, noise_dim, init, noise, ln_eps)
     if arch == "adanorm":
-        return AdaNormEnergyHead(d, latent_dim, ffn, blocks, noise_dim, init)
+        return AdaNormEnergyHead(d, latent_dim, ffn, blocks, noise_dim, init, noise)
     raise ValueError(f"unknown head arch {arch!r} (paper | adanorm)")
 
 

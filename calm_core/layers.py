@@ -49,9 +49,9 @@ class SwiGLU(nn.Module):
 class ResidualMLPBlock(nn.Module):
     """y = x + SwiGLU(RMSNorm(x)): a pre-norm residual MLP block (a Transformer block's MLP half)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]

@@ -50,7 +50,8 @@ class RaggedCache:
         causal = t[None, :, None] >= t[None, None, :]  # [1, T(query), T(key)]
         mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)[None]  # [P, T, T]
         positions = (t[None, :] - start[:, None]).clamp(min=0)  # [P, T]
-        empty = x.new_zeros(len(prompts), x.shape[-1] // backbone.head_dim, 0, backbone.head_dim)  # [P, H, 0, h]
+        kv_heads = backbone.blocks[0].attn.n_kv_heads
+        empty = x.new_zeros(len(prompts), kv_heads, 0, backbone.head_dim)  # [P, Hkv, 0, h]
         h, past = backbone.extend(x, positions, [(empty, empty)] * len(backbone.blocks), mask)
         index = torch.repeat_interleave(torch.arange(len(prompts), device=x.device),
                                         torch.tensor(rows or [1] * len(prompts), device=x.device))  # [R]

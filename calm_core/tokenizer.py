@@ -21,19 +21,37 @@ EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 MASK = "<|mask|>"
 SPECIAL_TOKENS = (EOT, PAD, MASK)
+# The official CALM release uses the Llama-3 tokenizer with an appended "[PAD]" (vocabulary 128,257):
+# its end-of-text and padding tokens are recognised under their own names, and since the official
+# AE masks input tokens with id 0 during training, a tokenizer in that convention (no "<|mask|>")
+# gets mask id 0 instead of a new token (which would change the vocabulary the weights were made for).
+OFFICIAL_EOT, OFFICIAL_PAD, OFFICIAL_BOS = "<|end_of_text|>", "[PAD]", "<|begin_of_text|>"
+OFFICIAL_MASK_ID = 0
 
 
 class CalmTokenizer:
-    """A ``tokenizers.Tokenizer`` plus the ids of the pipeline's special tokens."""
+    """A ``tokenizers.Tokenizer`` plus the ids of the pipeline's special tokens (``bos_id``: the
+    official tokenizer's begin-of-text, None for the project's own tokenizers)."""
 
     def __init__(self, tok: Tokenizer):
-        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-        if missing:
-            tok.add_special_tokens(missing)  # an existing tokenizer.json gains what it lacks
+        official = (tok.token_to_id(EOT) is None and tok.token_to_id(OFFICIAL_EOT) is not None
+                    and tok.token_to_id(PAD) is None and tok.token_to_id(OFFICIAL_PAD) is not None)
+        if official:
+            self.eot_id: int = tok.token_to_id(OFFICIAL_EOT)
+            self.pad_id: int = tok.token_to_id(OFFICIAL_PAD)
+            mask = tok.token_to_id(MASK)
+            self.mask_id: int = OFFICIAL_MASK_ID if mask is None else mask
+            self.bos_id: int | None = tok.token_to_id(OFFICIAL_BOS)
+        else:
+            missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+            if missing:
+                tok.add_special_tokens(missing)  # an existing tokenizer.json gains what it lacks
+            self.eot_id = tok.token_to_id(EOT)
+            self.pad_id = tok.token_to_id(PAD)
+            self.mask_id = tok.token_to_id(MASK)
+            self.bos_id = None
+        self.official = official
         self.tok = tok
-        self.eot_id: int = tok.token_to_id(EOT)
-        self.pad_id: int = tok.token_to_id(PAD)
-        self.mask_id: int = tok.token_to_id(MASK)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -5,9 +5,13 @@
     x'_t = a_t + SwiGLU(RMSNorm(a_t))
     out  = RMSNorm(x_L)                                                    no LM head here
 
-RoPE (Su et al. 2021) rotates each pair (q_{2i}, q_{2i+1}) of a head by the angle t * theta^(-2i/h)
-(h = head width), so q_s . k_t depends only on s - t. Attention is
-``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``.
+RoPE (Su et al. 2021) rotates pair i of a head by the angle t * theta^(-2i/h) (h = head width), so
+q_s . k_t depends only on s - t. Which features form pair i is ``rope_pairing``: "adjacent" pairs
+(q_{2i}, q_{2i+1}) (this project's models), "halves" pairs (q_i, q_{i+h/2}) (Llama's rotate-half,
+the official CALM code). The two are the same function up to a fixed permutation of the q/k
+features, so a model trained with one cannot be run with the other. Attention is
+``torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)``; with ``n_kv_heads`` <
+``n_heads`` (grouped-query attention) each key/value head serves n_heads / n_kv_heads query heads.
 
 Incremental use (``Backbone.extend``): the rotated keys and values of earlier positions are kept
 (``past``, one (k, v) pair per layer); new positions carry explicit RoPE positions and attend to the
@@ -38,20 +42,26 @@ def rope_tables(positions: int | torch.Tensor, head_dim: int, theta: float, devi
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of features: x [B, H, T, h] -> [B, H, T, h]."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, H, T, h/2] each
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
+    """Rotate pairs of features: x [B, H, T, h] -> [B, H, T, h] (pairs by ``pairing``, see above)."""
+    xf = x.float()
+    if pairing == "halves":
+        x1, x2 = xf.chunk(2, dim=-1)  # [B, H, T, h/2] each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B, H, T, h/2] each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, H, T, h/2, 2]
     return out.flatten(-2).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, n_heads: int):
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int = 0, rope_pairing: str = "adjacent"):
         super().__init__()
-        if d % n_heads:
-            raise ValueError(f"d_model {d} is not divisible by n_heads {n_heads}")
-        self.n_heads, self.head_dim = n_heads, d // n_heads
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        n_kv_heads = n_kv_heads or n_heads
+        if d % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"d_model {d} / n_heads {n_heads} / n_kv_heads {n_kv_heads} do not divide")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.rope_pairing = rope_pairing
+        self.qkv = nn.Linear(d, d + 2 * n_kv_heads * self.head_dim, bias=False)  # [q | k | v] rows
         self.out = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
@@ -60,21 +70,26 @@ class CausalSelfAttention(nn.Module):
         Without ``past`` attention is causal; with it, ``mask`` [T, Tp + T] or [B, 1, T, Tp + T]
         (True = may attend)."""
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, h] x3
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, h = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * h, Hkv * h, Hkv * h], dim=-1)
+        q = q.view(B, T, H, h).transpose(1, 2)  # [B, H, T, h]
+        k, v = k.view(B, T, Hkv, h).transpose(1, 2), v.view(B, T, Hkv, h).transpose(1, 2)  # [B, Hkv, T, h]
+        q, k = apply_rope(q, cos, sin, self.rope_pairing), apply_rope(k, cos, sin, self.rope_pairing)
+        gqa = Hkv != H
         if past is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, h]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, h]
         else:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, Tp + T, h]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, Hkv, Tp + T, h]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, n_heads: int, ffn: int):
+    def __init__(self, d: int, n_heads: int, ffn: int, n_kv_heads: int = 0, eps: float = 1e-6,
+                 rope_pairing: str = "adjacent"):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(d), CausalSelfAttention(d, n_heads)
-        self.mlp_norm, self.mlp = RMSNorm(d), SwiGLU(d, ffn)
+        self.attn_norm, self.attn = RMSNorm(d, eps), CausalSelfAttention(d, n_heads, n_kv_heads, rope_pairing)
+        self.mlp_norm, self.mlp = RMSNorm(d, eps), SwiGLU(d, ffn)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KV | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
@@ -86,10 +101,11 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """x [B, T, d] (already embedded inputs) -> hidden states [B, T, d], causal."""
 
-    def __init__(self, d: int, n_layers: int, n_heads: int, ffn: int, rope_theta: float = 10000.0):
+    def __init__(self, d: int, n_layers: int, n_heads: int, ffn: int, rope_theta: float = 10000.0,
+                 n_kv_heads: int = 0, eps: float = 1e-6, rope_pairing: str = "adjacent"):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(d, n_heads, ffn) for _ in range(n_layers)])
-        self.norm = RMSNorm(d)
+        self.blocks = nn.ModuleList([Block(d, n_heads, ffn, n_kv_heads, eps, rope_pairing) for _ in range(n_layers)])
+        self.norm = RMSNorm(d, eps)
         self.head_dim, self.rope_theta = d // n_heads, rope_theta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +142,16 @@ class Backbone(nn.Module):
         return self.norm(x), cache
 
 
-def backbone_flops_per_position(d: int, n_layers: int, ffn: int, T: int) -> float:
+def backbone_of(m) -> Backbone:
+    """The backbone a ``ModelConfig`` describes."""
+    return Backbone(m.d_model, m.n_layers, m.n_heads, m.ffn_dim, m.rope_theta, m.n_kv_heads, m.norm_eps,
+                    m.rope_pairing)
+
+
+def backbone_flops_per_position(d: int, n_layers: int, ffn: int, T: int, kv_ratio: float = 1.0) -> float:
     """Training FLOPs (forward + backward = 3 x forward) per position of a T-long sequence:
     6 * (matmul weights) + 6 * n_layers * T * d for attention scores and values (causal: half of
-    2 * 2 * T * d per position forward, i.e. 2 * T * d, times 3)."""
-    weights = n_layers * (4 * d * d + 3 * d * ffn)
+    2 * 2 * T * d per position forward, i.e. 2 * T * d, times 3). ``kv_ratio`` = n_kv_heads / n_heads
+    (grouped-query attention shrinks the key and value projections)."""
+    weights = n_layers * ((2 + 2 * kv_ratio) * d * d + 3 * d * ffn)
     return 6.0 * weights + 6.0 * n_layers * T * d

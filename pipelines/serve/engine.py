@@ -133,7 +133,7 @@ class BaselineEngine(Engine):
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
         # temperature 0 is greedy: nucleus sampling with a vanishing top_p keeps only the most likely token
         t, top_p = (1.0, 1e-9) if r.temperature == 0.0 else (r.temperature, r.top_p)
-        logits = F.linear(h, self.model.embed.weight)  # [b, V]
+        logits = F.linear(h, self.model.out_weight)  # [b, V]
         return rng.categorical(nucleus((logits.float() / t).softmax(-1), top_p), gen)[:, None]  # [b, 1]
 
     @torch.no_grad()
