@@ -121,7 +121,7 @@ def _backbone_rules(cfg: Config, prefix: str) -> list[Rule]:
         b, o = f"backbone.blocks.{i}.", f"{prefix}layers.{i}."
         qkv = tuple(f"{o}self_attn.{x}_proj.weight" for x in "qkv")
         rules.append(Rule((b + "attn.qkv.weight",), qkv, lambda ts: [torch.cat(ts, 0)],
-                          lambda ps, s=sizes: list(ps[0].split(s, 0))))
+                          lambda ps, s=sizes: [t.clone() for t in ps[0].split(s, 0)]))  # own storage each, as official
         rules.append(rename(b + "attn.out.weight", o + "self_attn.o_proj.weight"))
         rules += _mlp(b + "mlp", o + "mlp")
         rules += [rename(b + "attn_norm.weight", o + "input_layernorm.weight"),

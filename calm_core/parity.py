@@ -98,14 +98,14 @@ def recompute_baseline(model, ref: dict[str, torch.Tensor]) -> dict[str, torch.T
 @dataclass
 class Check:
     name: str
-    status: str  # ok | FAIL | unknown | input | not checked
+    status: str  # ok | FAIL | unknown | input | not checked | skip
     max_abs: float = 0.0
     max_rel: float = 0.0
     note: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.status in ("ok", "input")
+        return self.status in ("ok", "input", "skip")
 
     def line(self) -> str:
         if self.status in ("ok", "FAIL"):

@@ -137,3 +137,27 @@ class RunDir:
             pafs.copy_files(str(src / MANIFEST), self.path(name, MANIFEST), source_filesystem=local,
                             destination_filesystem=self.fs)
         return self.uri(name)
+
+
+def fetch_dir(spec: str, file_ok: bool = False) -> Path:
+    """A local path for a folder (or, with ``file_ok``, a file) given as a path or a URI: a local one
+    as it is, a remote one copied into a temporary folder first. Missing -> ArtifactError."""
+    if "://" not in spec or spec.startswith("file://"):
+        p = Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+        if not p.is_dir() and not (file_ok and p.is_file()):
+            raise ArtifactError(f"'{spec}' does not exist" + ("" if file_ok else " or is not a directory"))
+        return p
+    try:
+        fs, root = pafs.FileSystem.from_uri(spec)
+        info = fs.get_file_info(root)
+    except Exception as e:
+        raise ArtifactError(f"'{spec}' cannot be opened ({str(e)[:120]})") from None
+    if info.type == pafs.FileType.NotFound or (info.type == pafs.FileType.File and not file_ok):
+        raise ArtifactError(f"'{spec}' does not exist" + ("" if file_ok else " or is not a directory"))
+    dest = Path(tempfile.mkdtemp(prefix="calm-fetch-"))
+    if info.type == pafs.FileType.File:
+        target = dest / info.base_name
+        pafs.copy_files(root, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return target
+    pafs.copy_files(root, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest

@@ -1,0 +1,302 @@
+"""Official CALM checkpoints in and out of a run directory (jobs/official.py), over calm_core.official.
+
+    import_official   official AE / CALM / baseline folders + a tokenizer -> RUN/tokenizer, RUN/ae,
+                      RUN/calm, RUN/baseline, each with its manifest, as if trained here
+    export_official   RUN/ae, RUN/calm, RUN/baseline -> OUT/ae, OUT/calm, OUT/baseline in the official
+                      format (pytorch_model.bin + config.json), loadable by the official code
+    run_parity        the run's models against a reference folder (calm_core.parity)
+
+Folders may be local paths or URIs (``pipelines.storage.fetch_dir``). Weights keep their dtype
+(float32 or bfloat16) on the way in and out, so official -> import -> export is bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calm_core import official as O
+from calm_core.artifacts import load_ae, load_model, model_inputs, write_trained, flops_breakdown
+from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token, load_autoencoder_dir
+from calm_core.calm_model import CALM
+from calm_core.baseline import TokenLM
+from calm_core.checkpoint import load_weights, sha256_file, write_manifest
+from calm_core.config import Config
+from calm_core.errors import ArtifactError
+from calm_core.tokenizer import CalmTokenizer
+from pipelines.progress import progress
+from pipelines.storage import RunDir, fetch_dir
+
+KINDS = ("ae", "calm", "baseline")
+
+
+@dataclass
+class Source:
+    """One official checkpoint folder, read."""
+
+    kind: str
+    spec: str  # as the user gave it
+    path: Path  # local
+    conf: dict
+
+    @property
+    def where(self) -> str:
+        return f"{self.spec} ({O.KIND_ARCH[self.kind]})"
+
+
+def open_source(spec: str, kind: str) -> Source:
+    path = fetch_dir(spec)
+    conf = O.read_config(path)
+    found = O.architecture(conf, spec)
+    if found != kind:
+        raise ArtifactError(f"'{spec}' holds {O.KIND_ARCH[found]}, but was given as the {kind} "
+                            f"(--{kind} expects {O.KIND_ARCH[kind]})")
+    return Source(kind, spec, path, conf)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta(kind: str, cfg: Config, tok: CalmTokenizer) -> torch.nn.Module:
+    with torch.device("meta"):  # shapes only
+        if kind == "ae":
+            return ChunkAutoencoder(cfg.ae, tok.vocab_size, tok.mask_id, tok.pad_id)
+        if kind == "calm":
+            return CALM(cfg.model, cfg.head, cfg.ae, tok.vocab_size)
+        return TokenLM(cfg.model, tok.vocab_size, cfg.ae.K)
+
+
+def check_tokenizer(tok: CalmTokenizer, src: Source) -> None:
+    """The tokenizer must have the vocabulary and special ids the checkpoint was made with (the
+    baseline's config keeps Llama's default bos/eos ids, so only its vocabulary size is checked)."""
+    vocab = src.conf.get("vocab_size")
+    if vocab != tok.vocab_size:
+        raise ArtifactError(f"the tokenizer has {tok.vocab_size} tokens, {src.where} was made for vocab_size {vocab}; "
+                            "pass the tokenizer it was trained with (the official one: Llama-3 plus '[PAD]', 128,257)")
+    if src.kind == "baseline":
+        return
+    for key, ours in (("eos_token_id", tok.eot_id), ("pad_token_id", tok.pad_id), ("bos_token_id", tok.bos_id)):
+        theirs = src.conf.get(key)
+        if theirs is not None and theirs != ours:
+            raise ArtifactError(f"{src.where} has {key}={theirs}, the tokenizer's is {ours}; pass the tokenizer it "
+                                "was trained with")
+
+
+def _convert(src: Source, kind: str, cfg: Config, tok: CalmTokenizer, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The project state dict of ``kind`` from ``src`` (``prefix`` "ae_model.": the AE inside a CALM)."""
+    rules = O.ae_rules(cfg, prefix) if kind == "ae" else O.rules_for(kind, cfg)
+    shapes = _shapes(_meta(kind, cfg, tok))
+    if kind == "calm":
+        skip = lambda n: n.startswith(O.AE_PREFIX)  # noqa: E731 (the AE is its own artifact)
+    elif prefix:
+        skip = lambda n: not n.startswith(prefix)  # noqa: E731
+    else:
+        skip = lambda n: False  # noqa: E731
+    state = O.to_project(O.iter_official(src.path), rules, shapes, src.where, skip)
+    if set(state) != set(shapes):
+        raise ArtifactError(f"{src.where}: the conversion left {sorted(set(shapes) - set(state))[:3]} unset")
+    return state
+
+
+def _load_check(kind: str):
+    if kind == "ae":
+        return lambda d: load_autoencoder_dir(d, verify=False)[0]
+    return lambda d: load_model(d, kind, verify=False).model
+
+
+def _publish(run: RunDir, kind: str, state, cfg: Config, tok: CalmTokenizer, inputs: dict, src: Source,
+             extra: dict | None = None) -> dict:
+    source = {"format": "official", "dir": src.spec, "architectures": src.conf.get("architectures"),
+              "config": src.conf,
+              "files": {p.name: sha256_file(p) for p in O.weight_files(src.path)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_trained(tmp, kind, state, cfg, tok, [], {"step": 0, "imported": True}, inputs,
+                                 {"source": source, "identity": {"official": source["files"]}, "K": cfg.ae.K,
+                                  "latent_dim": cfg.ae.latent_dim, **(extra or {})}, _load_check(kind))
+        uri = run.publish_artifact(tmp, kind)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    progress(f"[official] {kind}: {src.spec} -> {uri} ({manifest['parameters']:,} parameters, {'/'.join(dtypes)})")
+    return manifest
+
+
+def _publish_tokenizer(run: RunDir, tok: CalmTokenizer, cfg: Config, spec: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+        write_manifest(tmp, "tokenizer", inputs={"source": f"file:{spec}", "corpus": {}},
+                       metrics={"vocab_size": tok.vocab_size},
+                       extra={"sha256": tok.sha256, "identity": {"official_tokenizer": tok.sha256},
+                              "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id, "bos": tok.bos_id}})
+        run.publish_artifact(tmp, "tokenizer")
+
+
+def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None = None, ae: str | None = None,
+                    baseline: str | None = None, overwrite: bool = False) -> dict[str, dict]:
+    """Official folders -> RUN/tokenizer, RUN/ae, RUN/calm, RUN/baseline (those given; the AE from
+    ``ae`` or else from the copy inside the CALM checkpoint). Nothing is written unless every given
+    folder converts."""
+    if not (calm or ae or baseline):
+        raise ArtifactError("nothing to import: give --calm, --ae and/or --baseline")
+    existing = [k for k in ("tokenizer", *KINDS) if run.has_artifact(k)]
+    if existing and not overwrite:
+        raise ArtifactError(f"'{run.uri()}' already holds {', '.join(existing)}; use a new --run or --overwrite")
+    tok = CalmTokenizer.from_file(fetch_dir(tokenizer, file_ok=True))
+    srcs = {k: open_source(s, k) for k, s in (("calm", calm), ("ae", ae), ("baseline", baseline)) if s}
+    for s in srcs.values():
+        check_tokenizer(tok, s)
+    if "ae" in srcs:
+        ae_section = O.ae_settings(srcs["ae"].conf, srcs["ae"].where)
+    elif "calm" in srcs:
+        ae_section = O.ae_settings_from_shapes(O.tensor_shapes(srcs["calm"].path), srcs["calm"].conf, srcs["calm"].where)
+    else:
+        raise ArtifactError("the baseline needs an AE for its chunk size K and for the run's latents: give --ae or --calm")
+    cfg_ae = O.official_config(base, ae_section)
+    states: dict[str, dict] = {}
+    cfgs: dict[str, Config] = {"ae": cfg_ae}
+    if "ae" in srcs:
+        states["ae"] = _convert(srcs["ae"], "ae", cfg_ae, tok)
+    if "calm" in srcs:
+        c = srcs["calm"]
+        cfgs["calm"] = O.official_config(base, ae_section, O.model_settings(c.conf, c.where, "calm", cfg_ae.ae.K))
+        inner_keys = [k for k in O.tensor_shapes(c.path) if k.startswith(O.AE_PREFIX)]
+        if inner_keys:  # the AE the CALM model was trained with: it overrides --ae in the official loader
+            inner = _convert(c, "ae", cfg_ae, tok, prefix=O.AE_PREFIX)
+            if "ae" in states and any(not torch.equal(inner[k], states["ae"][k].to(inner[k].dtype)) for k in inner):
+                raise ArtifactError(f"the AE in --ae ({srcs['ae'].spec}) is not the one inside the CALM checkpoint "
+                                    f"({c.spec}, ae_model.*), which CALM was trained with; leave out --ae to use that one")
+            states.setdefault("ae", inner)
+            srcs.setdefault("ae", c)
+        elif "ae" not in states:
+            raise ArtifactError(f"{c.where} holds no AE copy (ae_model.*); pass the autoencoder with --ae")
+        states["calm"] = _convert(c, "calm", cfgs["calm"], tok)
+    if "baseline" in srcs:
+        b = srcs["baseline"]
+        cfgs["baseline"] = O.official_config(base, ae_section, O.model_settings(b.conf, b.where, "baseline", cfg_ae.ae.K))
+        states["baseline"] = _convert(b, "baseline", cfgs["baseline"], tok)
+    if "ae" not in states:
+        raise ArtifactError("no AE to import: give --ae (the baseline alone has no chunk autoencoder)")
+
+    for k in ("tokenizer", *KINDS):  # --overwrite: the run's old models go with the old tokenizer
+        run.delete(k)
+    _publish_tokenizer(run, tok, cfg_ae, tokenizer)
+    manifests = {"ae": _publish(run, "ae", states.pop("ae"), cfg_ae, tok,
+                                {"tokenizer_sha256": tok.sha256, "corpus": {}, "config_sha256": cfg_ae.section_hash()},
+                                srcs["ae"])}
+    ae_sha = manifests["ae"]["files"]["model.safetensors"]
+    for kind in ("calm", "baseline"):
+        if kind in states:
+            cfg = cfgs[kind]
+            flops = flops_breakdown(kind, _meta(kind, cfg, tok))
+            if kind == "calm":
+                ae_model = load_autoencoder_dir(run.local_artifact("ae"), verify=False)[0]
+                flops["encoder_forward_once"] = encoder_flops_per_token(ae_model)
+            manifests[kind] = _publish(run, kind, states.pop(kind), cfg, tok, model_inputs(cfg, tok, ae_sha), srcs[kind],
+                                       {"flops_per_token": flops["total"], "flops_per_token_by_part": flops})
+    return manifests
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _save_official(out: Path, state: dict[str, torch.Tensor], conf: dict, tok: CalmTokenizer) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / "pytorch_model.bin")
+    conf = {**conf, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    tok.save(out)
+
+
+def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """RUN's models -> OUT/ae, OUT/calm (with its AE under ae_model.), OUT/baseline."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ArtifactError(f"'{out}' is not empty; choose another --out or pass --overwrite")
+    ae = load_ae(run.local_artifact("ae"))
+    O.check_exportable("ae", ae.cfg)
+    ids = {"eos": ae.tok.eot_id, "pad": ae.tok.pad_id, "bos": ae.tok.bos_id}
+    ae_state = load_weights(ae.path / "model.safetensors")  # as stored: the dtype kept
+    ae_official = O.to_official(ae_state, O.ae_rules(ae.cfg))
+    written = []
+    _save_official(out / "ae", ae_official, O.export_config("ae", ae.cfg, ae.tok.vocab_size, ids), ae.tok)
+    written.append(out / "ae")
+    for kind in ("calm", "baseline"):
+        if not run.has_artifact(kind):
+            continue
+        art = load_model(run.local_artifact(kind), kind, expected_ae_sha256=ae.sha256 if kind == "calm" else None)
+        O.check_exportable(kind, art.cfg)
+        state = O.to_official(load_weights(art.path / "model.safetensors"), O.rules_for(kind, art.cfg))
+        if kind == "calm":  # the official CALM carries its frozen AE
+            state = {**{O.AE_PREFIX + k: v for k, v in O.to_official(ae_state, O.ae_rules(ae.cfg)).items()}, **state}
+        conf = O.export_config(kind, art.cfg, art.tok.vocab_size, ids, str((out / "ae").resolve()))
+        _save_official(out / kind, state, conf, art.tok)
+        written.append(out / kind)
+    for p in written:
+        progress(f"[official] wrote {p} ({O.KIND_ARCH[p.name]})")
+    return written
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def read_reference(spec: str) -> dict[str, torch.Tensor]:
+    """A reference folder: reference.safetensors, in the order reference.json lists (when present)."""
+    from safetensors.torch import load_file
+
+    d = fetch_dir(spec)
+    path = d / "reference.safetensors"
+    if not path.is_file():
+        raise ArtifactError(f"'{spec}' has no reference.safetensors (the fixture's format: reference.safetensors + reference.json)")
+    try:
+        ref = load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"'{path}' is not a readable safetensors file ({str(e)[:100]})") from None
+    if "input_ids" not in ref:
+        raise ArtifactError(f"'{path}' holds no 'input_ids': nothing to feed the models")
+    order = []
+    if (d / "reference.json").is_file():
+        listed = json.loads((d / "reference.json").read_text()).get("tensors", {})
+        order = [n for n in listed if n in ref]
+    return {n: ref[n] for n in order + sorted(set(ref) - set(order))}
+
+
+def run_parity(run: RunDir, reference: str, atol: float, rtol: float, only: tuple[str, ...] = KINDS):
+    """The run's models against ``reference`` -> a list of calm_core.parity.Check, in reference order."""
+    from calm_core import parity as P
+
+    ref = read_reference(reference)
+    K = None
+    ours: dict[str, torch.Tensor] = {}
+    absent: dict[str, str] = {k: "skipped (--only)" for k in KINDS if k not in only}
+    groups = {n.split(".")[0] for n in ref if n not in P.INPUTS}
+    ae = None
+    if {"ae", "calm"} & groups & set(only):
+        if run.has_artifact("ae"):
+            ae = load_ae(run.local_artifact("ae"))
+            K = ae.cfg.ae.K
+            if ref["input_ids"].shape[1] % K:
+                raise ArtifactError(f"the reference's sequences of {ref['input_ids'].shape[1]} tokens are not whole chunks of K={K}")
+            if "ae" in only:
+                ours.update(P.recompute_ae(ae.model, ref))
+        else:
+            absent.update({"ae": f"not checked: {run.uri('ae')} is absent", "calm": f"not checked: {run.uri('ae')} is absent"})
+    if "calm" in groups and "calm" in only and ae is not None:
+        if run.has_artifact("calm"):
+            calm = load_model(run.local_artifact("calm"), "calm", expected_ae_sha256=ae.sha256)
+            ours.update(P.recompute_calm(calm.model, ae.model, ref))
+        else:
+            absent["calm"] = f"not checked: {run.uri('calm')} is absent"
+    if "baseline" in groups and "baseline" in only:
+        if run.has_artifact("baseline"):
+            ours.update(P.recompute_baseline(load_model(run.local_artifact("baseline"), "baseline").model, ref))
+        else:
+            absent["baseline"] = f"not checked: {run.uri('baseline')} is absent"
+    checks = P.check_all(ref, ours, atol, rtol, absent)
+    for c in checks:
+        if c.note.startswith("skipped"):
+            c.status = "skip"
+    return checks
