@@ -133,8 +133,9 @@ def _head_rules(cfg: Config) -> list[Rule]:
     """The official MLPGenerator, stored under both of its names, for PaperEnergyHead."""
     d = cfg.model.d_model
 
-    def both(project: str, official: str) -> Rule:
-        return tied(project, tuple(p + official for p in HEAD_PREFIXES))
+    def both(project: str, official: str) -> Rule:  # a deduplicating save (safetensors) keeps one of the two
+        names = tuple(p + official for p in HEAD_PREFIXES)
+        return tied(project, names, optional=names)
 
     pairs = [("noise", "noise_embd"), ("cond", "hidden_embd"), ("noise_norm", "norm_noise"),
              ("cond_norm", "norm_hidden"), ("out_norm", "final_layer.in_ln"),
@@ -147,7 +148,7 @@ def _head_rules(cfg: Config) -> list[Rule]:
         w = tuple(f"{p}mlp_blocks.{i}.linears.0.weight" for p in HEAD_PREFIXES)
         rules.append(Rule((f"head.blocks.{i}.in_x.weight", f"head.blocks.{i}.in_c.weight"), w,
                           lambda ts, w=w: list(tied("_", w).join(ts)[0].split(d, 1)),
-                          lambda ps: [torch.cat(ps, 1)] * 2))
+                          lambda ps: [torch.cat(ps, 1)] * 2, optional=w))
         rules.append(both(f"head.blocks.{i}.in_x.bias", f"mlp_blocks.{i}.linears.0.bias"))
     return rules
 
@@ -348,8 +349,10 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle's UnpicklingError, zip errors, ...
-        raise ArtifactError(f"'{path}' is not a plain state dict that torch.load(weights_only=True) accepts "
-                            f"({str(e).splitlines()[0][:120]})") from None
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        why = next((x for x in lines if "Unsupported global" in x or "Unsupported operand" in x), lines[0] if lines else "")
+        raise ArtifactError(f"'{path}' is not a plain state dict: torch.load(weights_only=True) refuses it "
+                            f"({why[:160]}); objects in a checkpoint are never unpickled here") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ArtifactError(f"'{path}' does not hold a flat {{name: tensor}} state dict")
     return state
@@ -397,8 +400,9 @@ def to_project(items: Iterator[tuple[str, torch.Tensor]], rules: list[Rule], sha
     pending: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
 
-    def apply(r: Rule) -> None:
-        ts = [pending.get(o, pending.get(r.official[0])) for o in r.official]
+    def apply(r: Rule) -> None:  # an absent optional name: another copy of the same tensor stands in
+        present = next(pending[o] for o in r.official if o in pending)
+        ts = [pending.get(o, present) for o in r.official]
         out.update(zip(r.project, r.join(ts)))
         for o in r.official:
             pending.pop(o, None)
@@ -420,7 +424,8 @@ def to_project(items: Iterator[tuple[str, torch.Tensor]], rules: list[Rule], sha
         if any(p in out for p in r.project):
             continue
         missing = [o for o in r.official if o not in pending and o not in r.optional]
-        if missing:
+        if missing or not any(o in pending for o in r.official):
+            missing = missing or list(r.official)
             raise ArtifactError(f"{where}: missing key '{missing[0]}'")
         apply(r)  # only optional names were absent (the dropped AE tie: its embedding stands in)
     return out

@@ -114,23 +114,24 @@ class Check:
         return f"{self.status:<5} {self.name:<28} {self.note}"
 
 
-def _ties(logits: torch.Tensor) -> torch.Tensor:
-    """Positions whose two largest logits are within TIE_MARGIN: [.., V] -> [..] bool."""
+def _ties(logits: torch.Tensor, margin: float) -> torch.Tensor:
+    """Positions whose two largest logits are within ``margin``: [.., V] -> [..] bool."""
     top = logits.float().topk(2, dim=-1).values
-    return (top[..., 0] - top[..., 1]) < TIE_MARGIN
+    return (top[..., 0] - top[..., 1]) < margin
 
 
 def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float,
             logits: torch.Tensor | None = None) -> Check:
     """|ours - ref| <= atol + rtol |ref| everywhere; integer tensors exactly, except at argmax ties
-    of ``logits`` (reported)."""
+    of ``logits`` (their two best within max(TIE_MARGIN, atol): logits that may be off by atol can
+    flip there; reported)."""
     if tuple(ours.shape) != tuple(ref.shape):
         return Check(name, "FAIL", note=f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}")
     if not ref.is_floating_point():
         differ = ours.long() != ref.long()
         note = ""
         if logits is not None:
-            ties = _ties(logits)
+            ties = _ties(logits, max(TIE_MARGIN, atol))
             note = f"{int((differ & ties).sum())} differ at ties" if bool((differ & ties).any()) else ""
             differ = differ & ~ties
         n = int(differ.sum())
