@@ -90,6 +90,8 @@ class TrainConfig:
     brier_samples: int = 2  # stage 2 / baseline: samples per position for the held-out BrierLM (>= 2)
     shuffle_buffer: int = 8192  # local shuffle buffer of the streamed training chunks
     seed: int = 0
+    init_from: str = ""  # stage2 / baseline: a CALM or baseline artifact (RUN/calm of any run, a path or URI) whose
+    #                      weights and architecture (model, head) this training starts from: fine-tuning
 
 
 @dataclass

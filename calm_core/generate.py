@@ -11,7 +11,9 @@ and one decode; below 1 either the exact sampler (``sampler="exact"``: law P^(1/
 
 A prompt becomes whole chunks: a document boundary chunk [EOT, PAD, ..] first (what the model saw
 between documents), then the prompt's tokens; the first len % K tokens are dropped so the rest
-fills whole chunks (``prompt_chunks`` says which text was kept).
+fills whole chunks (``prompt_chunks`` says which text was kept). A model in the official format
+(a tokenizer with a begin-of-text id) gets the official layout instead: BOS, the whole prompt, then
+PAD up to a multiple of K (the official ``generate`` right-pads the prompt the same way).
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from calm_core.calm_model import CALM
 from calm_core.temperature import ExactStats, exact_pick, pick_by_counts
 
 
-def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int) -> tuple[torch.Tensor, list[int]]:
-    """Prompt token ids -> (chunks [1, T, K] starting with a boundary chunk, the ids kept)."""
+def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int,
+                  bos_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Prompt token ids -> (chunks [1, T, K], the ids kept): a boundary chunk then the last whole
+    chunks of the prompt, or with ``bos_id`` (official models) BOS + prompt + PAD to a multiple of K."""
+    if bos_id is not None:
+        kept = list(ids)
+        seq = [bos_id] + kept + [pad_id] * (-(len(kept) + 1) % K)
+        return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept
     kept = list(ids)[len(ids) % K:]
     seq = [eot_id] + [pad_id] * (K - 1) + kept
     return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept

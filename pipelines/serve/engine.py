@@ -103,7 +103,7 @@ class CalmEngine(Engine):
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:
-        context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id)
+        context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id, self.tok.bos_id)
         return chunk_inputs(self.model, self.ae, context.to(self.device))[0]  # [T, d]
 
     @torch.no_grad()
@@ -127,7 +127,8 @@ class BaselineEngine(Engine):
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:
-        return self.model.embed(torch.tensor([self.tok.eot_id, *r.prompt_ids], device=self.device))  # [1 + T, d]
+        start = self.tok.eot_id if self.tok.bos_id is None else self.tok.bos_id  # a document's start
+        return self.model.embed(torch.tensor([start, *r.prompt_ids], device=self.device))  # [1 + T, d]
 
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:

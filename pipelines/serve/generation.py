@@ -50,7 +50,8 @@ class Generator:
         tok, K, L = self.tok, self.model.K, self.model.mcfg.block_chunks
         ids = tok.encode(prompt)
         room = max(0, L - chunks - 1) * K  # prompt tokens that fit in the trained context with the output
-        context, kept = prompt_chunks(ids[len(ids) - room:] if len(ids) > room else ids, K, tok.eot_id, tok.pad_id)
+        context, kept = prompt_chunks(ids[len(ids) - room:] if len(ids) > room else ids, K, tok.eot_id, tok.pad_id,
+                                      tok.bos_id)
         warning = None
         if chunks > L - 1:
             warning = (f"{chunks} chunks exceed the {L}-chunk context the model was trained on "

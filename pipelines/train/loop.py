@@ -42,6 +42,7 @@ class TrainPlan:
     tb_dir: str | None = None  # TensorBoard events (local runs, when tensorboardX is installed)
     ae_weights: bytes = b""  # CALM: the frozen AE's safetensors, for the in-training BrierLM
     val_label: str = "held-out"  # what ``val`` is, in progress lines: "held-out", or "training-block" (fallback)
+    init_weights: str = ""  # stage 2 / baseline fine-tuning: the safetensors (path or URI) the model starts from
 
 
 class Stage(Protocol):
@@ -108,6 +109,13 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     report = lambda metrics, final: save_and_report(  # noqa: E731
         engine, step, plan.identity, log, d.zero_stage, rank, metrics, final)
     stopped_early = False
+    if step == 0 and plan.init_weights:  # fine-tuning: where the loaded model stands before its first step
+        with eager(d):
+            val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
+        if log is not None:
+            rec = {"step": 0, "init": True, **val_m, **clock.record(fpt)}
+            log.log(rec)
+            progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
     engine.train()
     while step < t.max_steps:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)

@@ -31,7 +31,7 @@ from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_a
 from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
 from calm_core.brierlm import ORDERS
 from calm_core.config import Config
-from calm_core.errors import ConfigError, DataError
+from calm_core.errors import ArtifactError, ConfigError, DataError
 from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.claim import Spot, claim
@@ -65,8 +65,16 @@ class ModelStage:
             self.ae.load_state_dict(load_safetensors(plan.ae_weights))
             self.ae.to(device).eval().requires_grad_(False)
 
+        self.init_weights = plan.init_weights
+
     def build(self) -> torch.nn.Module:
-        return build_model(self.kind, self.cfg, self.tok.vocab_size)
+        model = build_model(self.kind, self.cfg, self.tok.vocab_size)
+        if self.init_weights:  # fine-tuning: the earlier model's weights (a resume then loads its checkpoint)
+            from calm_core.checkpoint import load_weights
+            from pipelines.storage import fetch_dir
+
+            model.load_state_dict(load_weights(fetch_dir(self.init_weights, file_ok=True)))
+        return model
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
         return flops_breakdown(self.kind, model)["total"]
@@ -86,7 +94,7 @@ class ModelStage:
                 "val_on_training_data": float(self.val_label != "held-out")}
 
     def describe(self, r: dict[str, Any]) -> str:
-        return (f"loss {r['loss']:.4f} | {self.val_label} loss {r['val_loss']:.4f} BrierLM {r['val_brierlm']:.2f} "
+        return (f"loss {r.get('loss', float('nan')):.4f} | {self.val_label} loss {r['val_loss']:.4f} BrierLM {r['val_brierlm']:.2f} "
                 f"(Brier-1 {r['val_brier1']:.3f}) | {r['tokens_per_s']:,.0f} tok/s | {r['train_flops']:.3g} FLOPs")
 
 
@@ -138,6 +146,30 @@ def _load_ae(cfg: Config, run: RunDir, ae_path: str | None) -> tuple[AEArtifact,
     return ae, dataclasses.replace(cfg, ae=ae.cfg.ae)
 
 
+def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dict[str, Any]]:
+    """``<section>.init_from``: the earlier artifact's architecture in ``cfg`` (the training layout,
+    model.block_chunks, stays this config's), the path of its weights and what names it. Its
+    tokenizer, and for CALM its AE, must be this run's (by hash)."""
+    from pipelines.storage import fetch_dir
+
+    spec = getattr(cfg, SECTIONS[kind]).init_from
+    if not spec:
+        return cfg, "", {}
+    init = load_model(fetch_dir(spec), kind, expected_ae_sha256=ae.sha256 if kind == "calm" else None)
+    if init.tok.sha256 != ae.tok.sha256:
+        raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' was made with another tokenizer "
+                            f"({init.tok.sha256[:12]}) than this run's AE ({ae.tok.sha256[:12]})")
+    if init.cfg.ae.K != cfg.ae.K:
+        raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' works on chunks of K={init.cfg.ae.K}, this run's AE on K={cfg.ae.K}")
+    model = dataclasses.replace(init.cfg.model, block_chunks=cfg.model.block_chunks)
+    cfg = dataclasses.replace(cfg, model=model, head=init.cfg.head if kind == "calm" else cfg.head)
+    weights = init.path / "model.safetensors"
+    progress(f"[{kind}] starting from {spec} ({sum(p.numel() for p in init.model.parameters()):,} parameters, "
+             f"d_model {model.d_model}, {model.n_layers} layers)")
+    return cfg, spec.rstrip("/") + "/model.safetensors" if "://" in spec else str(weights), {
+        "init_from_sha256": init.manifest.get("files", {}).get("model.safetensors")}
+
+
 def _train_blocks(cfg: Config, run: RunDir, kind: str, ae_ident: dict):
     t, d, L = getattr(cfg, SECTIONS[kind]), cfg.distributed, cfg.model.block_chunks
     train_ds, lman = LT.read_latents(run, "train", expected=ae_ident)
@@ -162,9 +194,10 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     if overwrite:
         spot.discard()
     ae, cfg = _load_ae(cfg, run, ae_path)
+    cfg, init_weights, init_ident = _init_from(cfg, kind, ae)
     lman = LT.latents_manifest(run)
     LT.check_matches(lman, ae.identity, run.uri(LT.ARTIFACT))
-    identity = stage2_identity(kind, cfg, ae.identity, lman["identity"])
+    identity = {**stage2_identity(kind, cfg, ae.identity, lman["identity"]), **init_ident}
     max_steps = getattr(cfg, section).max_steps
     done = claim(spot, identity, lambda m: f"{m['metrics'].get('step', 0)} steps"
                  if m["metrics"].get("step", 0) >= max_steps else None, replace_stale=replace_stale,
@@ -181,7 +214,7 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     plan = TrainPlan(kind, section, cfg, ae.tok.to_str(), val, identity,
                      run.path("logs", f"{section}.metrics.jsonl") if local else None,
                      run.path("logs", "tb", section) if local else None,
-                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"", label)
+                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"", label, init_weights)
     return _publish(plan, run, ae, fit(ModelStage, plan, run, {"train": train}))
 
 

@@ -1,0 +1,149 @@
+"""Every job on a run imported from the official format: generate, evaluate, serve (the official
+``openai`` client) and fine-tuning that starts from the imported weights (stage2/baseline.init_from)
+on another corpus, resumed after a restart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_official import FIX, official_style_tokenizer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def imported(ray_module, tmp_path_factory):
+    from calm_core.config import load_config
+    from pipelines.official import import_official
+    from pipelines.storage import RunDir
+
+    tmp = tmp_path_factory.mktemp("official")
+    tok = official_style_tokenizer(tmp / "tokenizer.json")
+    run = RunDir(str(tmp / "run"))
+    import_official(load_config("debug"), run, str(tok), calm=str(FIX / "calm"), baseline=str(FIX / "baseline"))
+    return tmp, run
+
+
+def test_generate_prints_text(imported):
+    tmp, run = imported
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--run", run.uri(), "--prompt",
+                          "the king said", "--chunks", "5", "--temperature", "0.5", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    head, text = out.stdout.split("\n")[0], out.stdout.split("\n")[1]
+    assert head.startswith("--- sample 1") and text.startswith("the king said") and len(text) > len("the king said")
+
+
+def test_evaluate_writes_its_report(imported, tiny_corpus_text):
+    from calm_core.config import load_config
+    from pipelines.eval.job import evaluate
+
+    tmp, run = imported
+    corpus = tmp / "held.txt"
+    corpus.write_text(tiny_corpus_text)
+    rep = evaluate(load_config("debug", ["eval.max_blocks=6", "eval.bootstrap=20", "eval.cpus_per_actor=0.5"]),
+                   run, str(corpus), "held")
+    assert rep["models"] == ["calm", "baseline"] and rep["blocks"] > 0
+    assert (tmp / "run" / "eval" / "held" / "report.md").is_file()
+    assert 0.0 <= rep["ae"]["acc_mu"] <= 1.0
+
+
+def test_serve_answers_the_official_openai_client(imported):
+    from openai import OpenAI
+    from ray import serve
+
+    from pipelines.ray_env import free_port
+    from pipelines.serve.app import build_app
+
+    _, run = imported
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"run": run.uri(), "config": "debug", "serve.cpus_per_replica": "0.2",
+                             "serve.max_tokens": "16"}), name="official", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert {m.id for m in client.models.list().data} == {"calm", "baseline"}
+        for model in ("calm", "baseline"):
+            r = client.completions.create(model=model, prompt="the king", max_tokens=8, seed=1, temperature=1.0)
+            assert r.choices[0].text and r.usage.completion_tokens > 0, model
+    finally:
+        serve.shutdown()
+
+
+def test_fine_tuning_starts_from_the_imported_weights_and_resumes(imported, tiny_corpus_text):
+    import torch
+
+    from calm_core.artifacts import build_model, load_ae, load_model
+    from calm_core.config import load_config
+    from calm_core.evaluate import calm_heldout, heldout_record
+    from pipelines.data import latents as LT
+    from pipelines.data.precompute import precompute_latents
+    from pipelines.storage import RunDir
+    from pipelines.train.stage2 import held_out_blocks, run_stage2
+
+    tmp, src = imported
+    corpus = tmp / "new.txt"
+    corpus.write_text(tiny_corpus_text)
+    run = RunDir(str(tmp / "ft"))
+    ae_dir = str(tmp / "run" / "ae")
+    over = ["distributed.num_workers=1", f"stage2.init_from={tmp / 'run' / 'calm'}", "stage2.max_steps=4",
+            "stage2.log_every=2", "stage2.checkpoint_every=2"]
+    precompute_latents(load_config("debug"), str(corpus), run, ae_path=ae_dir)
+    cut = run_stage2(load_config("debug", [*over, "stage2.max_minutes=0.0001"]), run, "calm", ae_path=ae_dir)
+    assert cut["metrics"]["step"] == 2 and cut["metrics"]["stopped_early"] is True
+    done = run_stage2(load_config("debug", over), run, "calm", ae_path=ae_dir)
+    recs = [json.loads(x) for x in (tmp / "ft" / "calm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 2, 4] and done["metrics"]["step"] == 4  # resumed, not restarted
+    # the step-0 validation is the imported model's on the same blocks, not a fresh model's
+    cfg = load_config("debug", over)
+    ae = load_ae(ae_dir)
+    val, _ = held_out_blocks(run, LT.latents_manifest(run), ae.identity, cfg.model.block_chunks,
+                             cfg.stage2.val_max_chunks, cfg.data.read_cpus, "calm")
+    val = {k: torch.from_numpy(v.copy()) for k, v in val.items()}
+    imported_model = load_model(tmp / "run" / "calm", "calm").model
+    want = heldout_record("calm", calm_heldout(imported_model, ae.model, val, cfg.stage2.batch_size,
+                                               cfg.stage2.brier_samples, cfg.stage2.seed))
+    assert recs[0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    torch.manual_seed(0)
+    fresh_cfg = load_model(tmp / "ft" / "calm", "calm").cfg
+    fresh = build_model("calm", fresh_cfg, ae.tok.vocab_size).eval()
+    other = heldout_record("calm", calm_heldout(fresh, ae.model, val, cfg.stage2.batch_size,
+                                                cfg.stage2.brier_samples, cfg.stage2.seed))
+    assert abs(other["val_loss"] - recs[0]["val_loss"]) > 1e-3
+    # the fine-tuned artifact keeps the imported architecture and names the model it started from
+    assert fresh_cfg.model.d_model == 64 and fresh_cfg.head.arch == "paper" and fresh_cfg.model.rope_pairing == "halves"
+    ident = json.loads((tmp / "ft" / "_train" / "stage2.identity.json").read_text())
+    assert ident["init_from_sha256"] == json.loads((tmp / "run" / "calm" / "manifest.json").read_text())["files"]["model.safetensors"]
+
+
+def test_the_baseline_fine_tunes_from_the_imported_one(imported):
+    import torch
+
+    from calm_core.artifacts import load_ae, load_model
+    from calm_core.config import load_config
+    from calm_core.evaluate import baseline_heldout, heldout_record
+    from pipelines.data import latents as LT
+    from pipelines.storage import RunDir
+    from pipelines.train.stage2 import held_out_blocks, run_stage2
+
+    tmp, _ = imported
+    run = RunDir(str(tmp / "ft"))  # the latents of the test above
+    over = ["distributed.num_workers=1", f"baseline.init_from={tmp / 'run' / 'baseline'}", "baseline.max_steps=2",
+            "baseline.log_every=2"]
+    done = run_stage2(load_config("debug", over), run, "baseline", ae_path=str(tmp / "run" / "ae"))
+    recs = [json.loads(x) for x in (tmp / "ft" / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 2] and done["metrics"]["step"] == 2
+    cfg, ae = load_config("debug", over), load_ae(tmp / "run" / "ae")
+    val, _ = held_out_blocks(run, LT.latents_manifest(run), ae.identity, cfg.model.block_chunks,
+                             cfg.baseline.val_max_chunks, cfg.data.read_cpus, "baseline")
+    val = {k: torch.from_numpy(v.copy()) for k, v in val.items()}
+    model = load_model(tmp / "run" / "baseline", "baseline").model
+    want = heldout_record("baseline", baseline_heldout(model, val, cfg.baseline.batch_size, ae.cfg.ae.K,
+                                                       cfg.baseline.brier_samples, cfg.baseline.seed, ae.tok.pad_id))
+    assert recs[0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
