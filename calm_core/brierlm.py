@@ -101,6 +101,16 @@ def brier_lm(brier_n: dict[int, float]) -> float:
     return 100.0 * prod ** 0.25
 
 
+def brier_lm_official(brier_n: dict[int, float]) -> float:
+    """BrierLM as the official evaluation combines it: 100 * max(0, Brier-1 * .. * Brier-4)^(1/4).
+    Only the product is clamped, so two negative terms give a positive score (``brier_lm`` clamps each
+    term); reported beside it under ``eval.protocol=paper``."""
+    prod = 1.0
+    for n in ORDERS:
+        prod *= float(brier_n[n])
+    return 100.0 * max(0.0, prod) ** 0.25
+
+
 class BrierAccumulator:
     """Sums per-position estimates over a corpus (and over ranks by adding ``sums``)."""
 

@@ -180,6 +180,20 @@ class EvalConfig:
     threads_per_actor: int = 0  # torch threads per scoring actor; 0: max(1, round(cpus_per_actor))
     use_gpu: bool = False  # one GPU per scoring actor
     bootstrap: int = 1000  # resamples of blocks for BrierLM's confidence interval
+    protocol: str = "project"  # project | paper: the official evaluation (2 samples, blocks of 2,048 chunks unless
+    #                            block_chunks is set, BrierLM also with the official clamp of the product)
+
+
+PAPER_EVAL_BLOCK_CHUNKS = 2048  # the official evaluation's blocks: 8,192 tokens = 2,048 chunks of K = 4
+PAPER_EVAL_SAMPLES = 2  # the official Brier terms compare two decoded head samples
+
+
+def eval_protocol(ev: EvalConfig) -> EvalConfig:
+    """The evaluation settings in force: ``protocol: paper`` fixes two samples and (unless
+    ``block_chunks`` is set) blocks of 2,048 chunk positions, as the official evaluation does."""
+    if ev.protocol != "paper":
+        return ev
+    return dataclasses.replace(ev, samples=PAPER_EVAL_SAMPLES, block_chunks=ev.block_chunks or PAPER_EVAL_BLOCK_CHUNKS)
 
 
 @dataclass
@@ -491,6 +505,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'serve.min_replicas' ({sv.min_replicas}) must be <= serve.max_replicas ({sv.max_replicas})")
     ev = cfg.eval
     _choice(ev.split, "eval.split", ("all", "heldout"))
+    _choice(ev.protocol, "eval.protocol", ("project", "paper"))
     for key in ("batch_blocks", "samples", "sweep_every", "candidates", "actors", "cpus_per_actor"):
         _positive(getattr(ev, key), f"eval.{key}")
     if ev.threads_per_actor < 0:

@@ -64,7 +64,9 @@ def main(argv=None):
         only = tuple(x.strip() for x in args.only.split(",") if x.strip())
         if not only or set(only) - set(official.KINDS):
             raise ConfigError(f"--only takes a comma-separated subset of {', '.join(official.KINDS)}, got {args.only!r}")
-        checks = official.run_parity(run, args.reference, args.atol, args.rtol, only)
+        from pipelines.parity import run_parity
+
+        checks = run_parity(run, args.reference, args.atol, args.rtol, only)
         for c in checks:
             print(c.line(), flush=True)
         bad = [c for c in checks if not c.passed]

@@ -4,7 +4,7 @@
                       RUN/calm, RUN/baseline, each with its manifest, as if trained here
     export_official   RUN/ae, RUN/calm, RUN/baseline -> OUT/ae, OUT/calm, OUT/baseline in the official
                       format (pytorch_model.bin + config.json), loadable by the official code
-    run_parity        the run's models against a reference folder (calm_core.parity)
+    (parity: pipelines/parity.py)
 
 Folders may be local paths or URIs (``pipelines.storage.fetch_dir``). Weights keep their dtype
 (float32 or bfloat16) on the way in and out, so official -> import -> export is bit for bit.
@@ -21,11 +21,11 @@ import torch
 
 from calm_core import official as O
 from calm_core.artifacts import load_ae, load_model, model_inputs, write_trained, flops_breakdown
-from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token, load_autoencoder_dir
+from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
 from calm_core.calm_model import CALM
 from calm_core.baseline import TokenLM
 from calm_core.checkpoint import load_weights, sha256_file, write_manifest
-from calm_core.config import Config
+from calm_core.config import Config, config_from_yaml
 from calm_core.errors import ArtifactError
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.progress import progress
@@ -104,9 +104,21 @@ def _convert(src: Source, kind: str, cfg: Config, tok: CalmTokenizer, prefix: st
 
 
 def _load_check(kind: str):
-    if kind == "ae":
-        return lambda d: load_autoencoder_dir(d, verify=False)[0]
-    return lambda d: load_model(d, kind, verify=False).model
+    """What write_trained calls to prove the written artifact loads: its config and tokenizer build the
+    model (on the meta device: a CALM-XL is not built twice in memory) and the safetensors header
+    holds exactly that model's names and shapes."""
+    from safetensors import safe_open
+
+    def check(d: Path) -> torch.nn.Module:
+        cfg = config_from_yaml((Path(d) / "config.yaml").read_text(), "config.yaml")
+        model = _meta(kind, cfg, CalmTokenizer.from_file(Path(d) / "tokenizer.json"))
+        with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if stored != _shapes(model):
+            raise ArtifactError(f"the written {kind} weights do not fit their config ({sorted(set(stored) ^ set(_shapes(model)))[:3]})")
+        return model
+
+    return check
 
 
 def _publish(run: RunDir, kind: str, state, cfg: Config, tok: CalmTokenizer, inputs: dict, src: Source,
@@ -135,6 +147,16 @@ def _publish_tokenizer(run: RunDir, tok: CalmTokenizer, cfg: Config, spec: str) 
         run.publish_artifact(tmp, "tokenizer")
 
 
+def _ae_section(srcs: dict[str, Source]) -> dict:
+    """The AE's settings: from --ae's config, else from the shapes of the CALM's ae_model.* copy."""
+    if "ae" in srcs:
+        return O.ae_settings(srcs["ae"].conf, srcs["ae"].where)
+    if "calm" in srcs:
+        c = srcs["calm"]
+        return O.ae_settings_from_shapes(O.tensor_shapes(c.path), c.conf, c.where)
+    raise ArtifactError("the baseline needs an AE for its chunk size K and for the run's latents: give --ae or --calm")
+
+
 def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None = None, ae: str | None = None,
                     baseline: str | None = None, overwrite: bool = False) -> dict[str, dict]:
     """Official folders -> RUN/tokenizer, RUN/ae, RUN/calm, RUN/baseline (those given; the AE from
@@ -149,12 +171,7 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
     srcs = {k: open_source(s, k) for k, s in (("calm", calm), ("ae", ae), ("baseline", baseline)) if s}
     for s in srcs.values():
         check_tokenizer(tok, s)
-    if "ae" in srcs:
-        ae_section = O.ae_settings(srcs["ae"].conf, srcs["ae"].where)
-    elif "calm" in srcs:
-        ae_section = O.ae_settings_from_shapes(O.tensor_shapes(srcs["calm"].path), srcs["calm"].conf, srcs["calm"].where)
-    else:
-        raise ArtifactError("the baseline needs an AE for its chunk size K and for the run's latents: give --ae or --calm")
+    ae_section = _ae_section(srcs)
     cfg_ae = O.official_config(base, ae_section)
     states: dict[str, dict] = {}
     cfgs: dict[str, Config] = {"ae": cfg_ae}
@@ -193,8 +210,7 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
             cfg = cfgs[kind]
             flops = flops_breakdown(kind, _meta(kind, cfg, tok))
             if kind == "calm":
-                ae_model = load_autoencoder_dir(run.local_artifact("ae"), verify=False)[0]
-                flops["encoder_forward_once"] = encoder_flops_per_token(ae_model)
+                flops["encoder_forward_once"] = encoder_flops_per_token(_meta("ae", cfg_ae, tok))
             manifests[kind] = _publish(run, kind, states.pop(kind), cfg, tok, model_inputs(cfg, tok, ae_sha), srcs[kind],
                                        {"flops_per_token": flops["total"], "flops_per_token_by_part": flops})
     return manifests
@@ -238,65 +254,3 @@ def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> li
     for p in written:
         progress(f"[official] wrote {p} ({O.KIND_ARCH[p.name]})")
     return written
-
-
-# ----------------------------------------------------------------------------- parity
-
-
-def read_reference(spec: str) -> dict[str, torch.Tensor]:
-    """A reference folder: reference.safetensors, in the order reference.json lists (when present)."""
-    from safetensors.torch import load_file
-
-    d = fetch_dir(spec)
-    path = d / "reference.safetensors"
-    if not path.is_file():
-        raise ArtifactError(f"'{spec}' has no reference.safetensors (the fixture's format: reference.safetensors + reference.json)")
-    try:
-        ref = load_file(str(path))
-    except Exception as e:
-        raise ArtifactError(f"'{path}' is not a readable safetensors file ({str(e)[:100]})") from None
-    if "input_ids" not in ref:
-        raise ArtifactError(f"'{path}' holds no 'input_ids': nothing to feed the models")
-    order = []
-    if (d / "reference.json").is_file():
-        listed = json.loads((d / "reference.json").read_text()).get("tensors", {})
-        order = [n for n in listed if n in ref]
-    return {n: ref[n] for n in order + sorted(set(ref) - set(order))}
-
-
-def run_parity(run: RunDir, reference: str, atol: float, rtol: float, only: tuple[str, ...] = KINDS):
-    """The run's models against ``reference`` -> a list of calm_core.parity.Check, in reference order."""
-    from calm_core import parity as P
-
-    ref = read_reference(reference)
-    K = None
-    ours: dict[str, torch.Tensor] = {}
-    absent: dict[str, str] = {k: "skipped (--only)" for k in KINDS if k not in only}
-    groups = {n.split(".")[0] for n in ref if n not in P.INPUTS}
-    ae = None
-    if {"ae", "calm"} & groups & set(only):
-        if run.has_artifact("ae"):
-            ae = load_ae(run.local_artifact("ae"))
-            K = ae.cfg.ae.K
-            if ref["input_ids"].shape[1] % K:
-                raise ArtifactError(f"the reference's sequences of {ref['input_ids'].shape[1]} tokens are not whole chunks of K={K}")
-            if "ae" in only:
-                ours.update(P.recompute_ae(ae.model, ref))
-        else:
-            absent.update({"ae": f"{run.uri('ae')} is absent", "calm": f"{run.uri('ae')} is absent"})
-    if "calm" in groups and "calm" in only and ae is not None:
-        if run.has_artifact("calm"):
-            calm = load_model(run.local_artifact("calm"), "calm", expected_ae_sha256=ae.sha256)
-            ours.update(P.recompute_calm(calm.model, ae.model, ref))
-        else:
-            absent["calm"] = f"{run.uri('calm')} is absent"
-    if "baseline" in groups and "baseline" in only:
-        if run.has_artifact("baseline"):
-            ours.update(P.recompute_baseline(load_model(run.local_artifact("baseline"), "baseline").model, ref))
-        else:
-            absent["baseline"] = f"{run.uri('baseline')} is absent"
-    checks = P.check_all(ref, ours, atol, rtol, absent)
-    for c in checks:
-        if c.note.startswith("skipped"):
-            c.status = "skip"
-    return checks

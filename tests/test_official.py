@@ -344,3 +344,23 @@ def test_the_fixture_copy_is_the_official_one():
     for rel in ("ae/pytorch_model.bin", "calm/pytorch_model.bin", "baseline/pytorch_model.bin", "ae/config.json",
                 "calm/config.json", "baseline/config.json", "reference.safetensors"):
         assert sha256_file(FIX / rel) == files[rel]["sha256"], rel
+
+
+def test_the_evaluation_estimator_gives_the_official_brier_terms_on_the_official_samples():
+    """calm.forward_brier (the official eval forward) from calm.sample_tokens (its two decoded head
+    samples) by the estimator the evaluation uses (R = 2), and the paper protocol's settings."""
+    from safetensors.torch import load_file
+
+    from calm_core.brierlm import brier_lm, brier_lm_official, brier_n_estimates
+    from calm_core.config import EvalConfig, eval_protocol
+
+    ref = load_file(str(FIX / "reference.safetensors"))
+    picks = ref["calm.sample_tokens"].view(2, -1, 4).transpose(0, 1)  # [N, 2, K]
+    truth = ref["input_ids"].view(2, 8, 4)[:, 1:].reshape(-1, 4)  # [N, K]: chunks 1..L-1
+    brier = brier_n_estimates(picks, truth)
+    assert torch.allclose(torch.stack([brier[n].mean() for n in (1, 2, 3, 4)]), ref["calm.forward_brier"], atol=1e-7)
+    means = {n: float(ref["calm.forward_brier"][n - 1]) for n in (1, 2, 3, 4)}  # all four negative here
+    assert brier_lm(means) == 0.0 and brier_lm_official(means) > 0.0  # the official clamp lets them multiply
+    paper = eval_protocol(EvalConfig(protocol="paper"))
+    assert (paper.samples, paper.block_chunks) == (2, 2048)
+    assert eval_protocol(EvalConfig(protocol="paper", block_chunks=64)).block_chunks == 64

@@ -47,10 +47,12 @@ def test_evaluate_writes_its_report(imported, tiny_corpus_text):
     tmp, run = imported
     corpus = tmp / "held.txt"
     corpus.write_text(tiny_corpus_text)
-    rep = evaluate(load_config("debug", ["eval.max_blocks=6", "eval.bootstrap=20", "eval.cpus_per_actor=0.5"]),
-                   run, str(corpus), "held")
+    rep = evaluate(load_config("debug", ["eval.max_blocks=6", "eval.bootstrap=20", "eval.cpus_per_actor=0.5",
+                                         "eval.protocol=paper", "eval.block_chunks=8"]), run, str(corpus), "held")
     assert rep["models"] == ["calm", "baseline"] and rep["blocks"] > 0
-    assert (tmp / "run" / "eval" / "held" / "report.md").is_file()
+    assert (rep["protocol"], rep["samples"], rep["context_chunks"]) == ("paper", 2, 8)  # two samples, as official
+    assert "brierlm_official" in rep["calm"]
+    assert "official combination" in (tmp / "run" / "eval" / "held" / "report.md").read_text()
     assert 0.0 <= rep["ae"]["acc_mu"] <= 1.0
 
 

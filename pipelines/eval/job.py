@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from calm_core.artifacts import MODEL_KINDS
-from calm_core.config import Config, config_from_yaml
+from calm_core.config import Config, config_from_yaml, eval_protocol
 from calm_core.errors import ArtifactError, ConfigError, DataError
 from pipelines.claim import Spot, claim
 from pipelines.data import latents as LT
@@ -145,6 +145,10 @@ def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool =
 
     if not name or "/" in name or name.startswith(".") or name in RESERVED:
         raise ArtifactError(f"--name '{name}' cannot name an evaluation (a plain folder name, not {RESERVED})")
+    cfg = dataclasses.replace(cfg, eval=eval_protocol(cfg.eval))
+    if cfg.eval.protocol == "paper":
+        progress(f"[eval] the paper's protocol: {cfg.eval.samples} samples per position, blocks of "
+                 f"{cfg.eval.block_chunks} chunks, BrierLM also with the official clamp of the product")
     kinds, missing = run_models(run)
     progress(f"[eval] models: {', '.join(kinds)}" + (f"; not in this run: {', '.join(missing)}" if missing else ""))
     L = context_chunks(run, kinds, cfg)

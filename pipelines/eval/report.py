@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from calm_core.brierlm import ORDERS, brier_lm
+from calm_core.brierlm import ORDERS, brier_lm, brier_lm_official
 from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
 from pipelines.eval.scores import RS
@@ -46,6 +46,7 @@ def brier_block(rows: list[dict], prefix: str, n_boot: int, seed: int, positions
     sums = np.stack([col(rows, f"{prefix}brier{n}") for n in ORDERS], 1)  # [blocks, 4]
     out: dict[str, Any] = {f"brier{n}": ratio_ci(sums[:, i], pos) for i, n in enumerate(ORDERS)}
     out["brierlm"] = brier_lm({n: out[f"brier{n}"]["mean"] for n in ORDERS})
+    out["brierlm_official"] = brier_lm_official({n: out[f"brier{n}"]["mean"] for n in ORDERS})
     if n_boot and len(pos) > 1:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, len(pos), size=(n_boot, len(pos)))
@@ -142,7 +143,7 @@ def build_report(rows: list[dict], cfg: Config, run: RunDir, corpus: str, lman: 
         "split": ("every document of the corpus" if cfg.eval.split == "all" else
                   "the documents the run's split rule held out of training"),
         "corpus_chunks": lman["metrics"]["rows"], "context_chunks": L, "K": K, "blocks": len(rows),
-        "positions_per_block": L - 1, "samples": cfg.eval.samples, "seed": cfg.eval.seed,
+        "positions_per_block": L - 1, "samples": cfg.eval.samples, "seed": cfg.eval.seed, "protocol": cfg.eval.protocol,
         "models": kinds, "missing": missing, "ae": ae_part(rows, cfg, band_source),
         "throughput": {"tokens_scored": scored, "seconds": seconds, "tokens_per_s": scored / max(seconds, 1e-9),
                        "actors": cfg.eval.actors},
@@ -175,6 +176,8 @@ def markdown(rep: dict[str, Any]) -> str:
         out.append(f"| {label} | " + " | ".join(_f(get(rep[k])) if get(rep[k]) is not None else "-" for k in kinds) + " |")
 
     row("BrierLM", lambda m: m["brierlm"])
+    if rep.get("protocol") == "paper":
+        row("BrierLM, official combination (clamps only the product)", lambda m: m.get("brierlm_official"))
     row("BrierLM 95% interval", lambda m: "{:.2f}..{:.2f}".format(*m["brierlm_ci95"]) if "brierlm_ci95" in m else None)
     for n in ORDERS:
         row(f"Brier-{n}", lambda m, n=n: m[f"brier{n}"])

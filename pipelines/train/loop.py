@@ -83,6 +83,17 @@ def epoch_batches(shard, batch_size: int, shuffle_buffer: int, seed: int, too_sm
         epoch += 1
 
 
+def validate_start(plan: TrainPlan, stage, engine, val, log, clock_rec: dict, device: torch.device) -> None:
+    """A step-0 record: the validation of the weights training starts from (every rank validates)."""
+    d = plan.config.distributed
+    with eager(d):
+        val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
+    if log is not None:
+        rec = {"step": 0, "init": True, **val_m, **clock_rec}
+        log.log(rec)
+        progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
+
+
 def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     """The loop of the module docstring, on one Ray Train worker."""
     import ray.train
@@ -110,12 +121,7 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
         engine, step, plan.identity, log, d.zero_stage, rank, metrics, final)
     stopped_early = False
     if step == 0 and plan.init_weights:  # fine-tuning: where the loaded model stands before its first step
-        with eager(d):
-            val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
-        if log is not None:
-            rec = {"step": 0, "init": True, **val_m, **clock.record(fpt)}
-            log.log(rec)
-            progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
+        validate_start(plan, stage, engine, val, log, clock.record(fpt), device)
     engine.train()
     while step < t.max_steps:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
