@@ -95,8 +95,8 @@ def measure(folder: Path, tok: Path, run: Path) -> tuple[float, float]:
 
 def idle_rss() -> int:
     """Peak RSS of a process that only imports what the import job imports (the fixed cost)."""
-    code = ("import resource, subprocess, sys; subprocess.run([sys.executable, '-c', "
-            f"'import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, pipelines.official']); "
+    inner = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, pipelines.official"
+    code = (f"import resource, subprocess, sys; subprocess.run([sys.executable, '-c', {inner!r}]); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()) * 1024
 
