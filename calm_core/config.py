@@ -232,6 +232,7 @@ class ServeConfig:
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_n: int = 16
+    max_draws: int = 2000  # the largest max_draws (exact sampler: decoded draws per chunk) a request may ask for
 
 
 @dataclass
@@ -493,7 +494,7 @@ def validate(cfg: Config) -> None:
     _choice(sv.device, "serve.device", ("cpu", "cuda", "auto"))
     _choice(sv.batching, "serve.batching", ("loop", "serve_batch"))
     for key in ("port", "max_replicas", "target_ongoing_requests", "max_ongoing_requests", "threads_per_replica",
-                "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n"):
+                "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n", "max_draws"):
         _positive(getattr(sv, key), f"serve.{key}")
     for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms",
                 "stream_interval_ms", "stream_messages_per_s"):

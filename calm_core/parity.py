@@ -109,9 +109,9 @@ class Check:
 
     def line(self) -> str:
         if self.status in ("ok", "FAIL"):
-            return (f"{self.status:<5} {self.name:<28} max abs {self.max_abs:.2e}  max rel {self.max_rel:.2e}"
+            return (f"{self.status:<11} {self.name:<28} max abs {self.max_abs:.2e}  max rel {self.max_rel:.2e}"
                     f"{'  ' + self.note if self.note else ''}")
-        return f"{self.status:<5} {self.name:<28} {self.note}"
+        return f"{self.status:<11} {self.name:<28} {self.note}"
 
 
 def _ties(logits: torch.Tensor, margin: float) -> torch.Tensor:

@@ -90,6 +90,10 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
     n = max(1, math.floor(s + 1e-9))
     a = s - n if s - n > 1e-9 else 0.0
     per_call = 1 if (n, a) == (1, 0.0) else max(n, batch - batch % n)  # whole stage-1 attempts per call
+    # one attempt needs n = floor(1/T) draws: never more than max_draws of them at once (T = 1e-6 would
+    # ask for a million decoded chunks in one call); when n > max_draws no attempt fits and every row
+    # goes straight to the counted batch-approximation fallback
+    per_call = min(per_call, (max_draws // n) * n)
     rows = torch.arange(B, device=device)
     result = cand = None  # [B, K] each, made once the first draw says K; cand: x* of the rows in stage 2
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -97,7 +101,7 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
     i = torch.ones(B, dtype=torch.float64, device=device)  # factory draw index
     used = torch.zeros(B, dtype=torch.long, device=device)
     stats = ExactStats(rows=B)
-    while True:
+    while per_call > 0:
         active = rows[~done & (used < max_draws)]
         if len(active) == 0:
             break
@@ -134,7 +138,10 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
                 i[other[~restart]] += 1.0
     left = rows[~done]
     if len(left):  # the attempt cap: the batch approximation for these rows, counted
-        result[left] = pick_by_counts(draw(left, candidates), temperature, rng.select(generator, left))
+        picks = pick_by_counts(draw(left, candidates), temperature, rng.select(generator, left))
+        if result is None:
+            result = torch.zeros(B, picks.shape[-1], dtype=picks.dtype, device=device)
+        result[left] = picks
         stats.fallbacks += len(left)
         stats.draws += len(left) * candidates
     return result, stats

@@ -38,6 +38,9 @@ def run_parity(run: RunDir, reference: str, atol: float, rtol: float, only: tupl
     """The run's models against ``reference`` -> a list of calm_core.parity.Check, in reference order."""
     from calm_core import parity as P
 
+    if not any(run.has_artifact(k) for k in KINDS):
+        raise ArtifactError(f"'{run.uri()}' holds none of {', '.join(KINDS)}; import a model first "
+                            "(python jobs/official.py import ...)")
     ref = read_reference(reference)
     K = None
     ours: dict[str, torch.Tensor] = {}

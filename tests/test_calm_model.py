@@ -79,6 +79,45 @@ def test_cached_extension_equals_a_full_pass():
     torch.testing.assert_close(torch.cat([h0, h1, h2], 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pairing", ["adjacent", "halves"])
+def test_rope_pairings_are_the_same_rotation_up_to_a_permutation(pairing):
+    """Both pairings rotate pair i by t * theta^(-2i/h) and keep scores relative; halves on x equals
+    adjacent on x with its features interleaved (x_i, x_{i+h/2} side by side)."""
+    cos, sin = rope_tables(16, 8, 10000.0)
+    x = torch.randn(1, 1, 1, 8)
+    perm = torch.arange(8).view(2, 4).t().flatten()  # [0, 4, 1, 5, 2, 6, 3, 7]
+    got = apply_rope(x, cos[3:4], sin[3:4], "halves")
+    want = apply_rope(x[..., perm], cos[3:4], sin[3:4], "adjacent")[..., perm.argsort()]
+    torch.testing.assert_close(got, want)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def score(s, t):
+        return (apply_rope(q, cos[s : s + 1], sin[s : s + 1], pairing) * apply_rope(k, cos[t : t + 1], sin[t : t + 1], pairing)).sum()
+    torch.testing.assert_close(score(5, 2), score(12, 9))
+
+
+def test_grouped_query_attention_equals_full_attention_with_shared_key_value_heads():
+    """n_kv_heads = 2 of 4: each key/value head serves two query heads. The same model with 4 heads
+    whose k/v weights repeat each group's head gives the same outputs, with and without the cache."""
+    torch.manual_seed(0)
+    gqa = Backbone(32, 2, 4, 64, n_kv_heads=2, rope_pairing="halves").eval()
+    full = Backbone(32, 2, 4, 64, rope_pairing="halves").eval()
+    state = gqa.state_dict()
+    h = 8
+    for i in range(2):
+        w = state[f"blocks.{i}.attn.qkv.weight"]  # [32 + 16 + 16, 32]
+        q, k, v = w.split([32, 16, 16])
+        rep = lambda t: t.view(2, h, 32).repeat_interleave(2, 0).reshape(32, 32)  # noqa: E731 kv head g -> heads 2g, 2g+1
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, rep(k), rep(v)])
+    full.load_state_dict(state)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), full(x), rtol=1e-5, atol=1e-5)
+        h0, past = gqa.prefix(x[:, :4])
+        assert past[0][0].shape == (2, 2, 4, h)  # the cache holds the 2 key/value heads only
+        h1, _ = gqa.extend(x[:, 4:], torch.arange(4, 7), past)
+        torch.testing.assert_close(torch.cat([h0, h1], 1), full(x), rtol=1e-5, atol=1e-5)
+
+
 def test_baseline_branches_equal_recomputing_each_continuation():
     """Every sampled branch's log-probabilities match a fresh forward pass over its own prefix and
     tokens: the branches see the block before their start and their own tokens, nothing else."""

@@ -197,7 +197,9 @@ def test_safetensors_and_sharded_copies_import_to_the_same_run(run, tok, tmp_pat
 
 
 def test_the_calm_folder_alone_brings_its_ae(run, tok, tmp_path):
-    code, _, err = official("import", "--calm", str(FIX / "calm"), "--tokenizer", str(tok), "--run", str(tmp_path / "r"))
+    """(Given as file:// URIs, which the storage layer reads like any other.)"""
+    code, _, err = official("import", "--calm", f"file://{FIX / 'calm'}", "--tokenizer", f"file://{tok}",
+                            "--run", str(tmp_path / "r"))
     assert code == 0, err
     assert weights_hashes(tmp_path / "r")["ae"] == weights_hashes(run)["ae"]
     code, out, _ = official("parity", "--run", str(tmp_path / "r"), "--reference", str(FIX), "--only", "ae,calm")

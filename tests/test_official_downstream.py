@@ -48,7 +48,8 @@ def test_evaluate_writes_its_report(imported, tiny_corpus_text):
     corpus = tmp / "held.txt"
     corpus.write_text(tiny_corpus_text)
     rep = evaluate(load_config("debug", ["eval.max_blocks=6", "eval.bootstrap=20", "eval.cpus_per_actor=0.5",
-                                         "eval.protocol=paper", "eval.block_chunks=8"]), run, str(corpus), "held")
+                                         "eval.protocol=paper", "eval.block_chunks=8", "eval.temperatures=[1.0]"]),
+                   run, str(corpus), "held")
     assert rep["models"] == ["calm", "baseline"] and rep["blocks"] > 0
     assert (rep["protocol"], rep["samples"], rep["context_chunks"]) == ("paper", 2, 8)  # two samples, as official
     assert "brierlm_official" in rep["calm"]
@@ -124,28 +125,30 @@ def test_fine_tuning_starts_from_the_imported_weights_and_resumes(imported, tiny
     assert ident["init_from_sha256"] == json.loads((tmp / "run" / "calm" / "manifest.json").read_text())["files"]["model.safetensors"]
 
 
-def test_the_baseline_fine_tunes_from_the_imported_one(imported):
+def test_the_baseline_starts_from_the_imported_one(imported):
+    """baseline.init_from on the worker's side (the same ModelStage.build a Ray Train worker runs; the
+    CALM test above runs the whole fit): the imported weights and architecture, the tokenizer checked."""
+    import dataclasses
+
     import torch
 
     from calm_core.artifacts import load_ae, load_model
     from calm_core.config import load_config
-    from calm_core.evaluate import baseline_heldout, heldout_record
-    from pipelines.data import latents as LT
-    from pipelines.storage import RunDir
-    from pipelines.train.stage2 import held_out_blocks, run_stage2
+    from calm_core.errors import ArtifactError
+    from pipelines.train.loop import TrainPlan
+    from pipelines.train.stage2 import ModelStage, _init_from
 
     tmp, _ = imported
-    run = RunDir(str(tmp / "ft"))  # the latents of the test above
-    over = ["distributed.num_workers=1", f"baseline.init_from={tmp / 'run' / 'baseline'}", "baseline.max_steps=2",
-            "baseline.log_every=2"]
-    done = run_stage2(load_config("debug", over), run, "baseline", ae_path=str(tmp / "run" / "ae"))
-    recs = [json.loads(x) for x in (tmp / "ft" / "baseline" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [0, 2] and done["metrics"]["step"] == 2
-    cfg, ae = load_config("debug", over), load_ae(tmp / "run" / "ae")
-    val, _ = held_out_blocks(run, LT.latents_manifest(run), ae.identity, cfg.model.block_chunks,
-                             cfg.baseline.val_max_chunks, cfg.data.read_cpus, "baseline")
-    val = {k: torch.from_numpy(v.copy()) for k, v in val.items()}
-    model = load_model(tmp / "run" / "baseline", "baseline").model
-    want = heldout_record("baseline", baseline_heldout(model, val, cfg.baseline.batch_size, ae.cfg.ae.K,
-                                                       cfg.baseline.brier_samples, cfg.baseline.seed, ae.tok.pad_id))
-    assert recs[0]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    ae = load_ae(tmp / "run" / "ae")
+    cfg = dataclasses.replace(load_config("debug", [f"baseline.init_from={tmp / 'run' / 'baseline'}"]), ae=ae.cfg.ae)
+    cfg, weights, ident = _init_from(cfg, "baseline", ae)
+    assert cfg.model.block_chunks == 8 and cfg.model.d_model == 64 and cfg.model.tie_embeddings is False
+    plan = TrainPlan("baseline", "baseline", cfg, ae.tok.to_str(), {}, {}, init_weights=weights)
+    built = ModelStage(plan, torch.device("cpu")).build()
+    imported_state = load_model(tmp / "run" / "baseline", "baseline").model.state_dict()
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in imported_state.items())
+    assert ident["init_from_sha256"] == json.loads((tmp / "run" / "baseline" / "manifest.json").read_text())["files"]["model.safetensors"]
+    other = load_ae(tmp / "run" / "ae")
+    object.__setattr__(other, "tok", type(other.tok).from_str(other.tok.to_str().replace("[PAD]", "[PAD2]")))
+    with pytest.raises(ArtifactError, match="another tokenizer"):
+        _init_from(cfg, "baseline", other)

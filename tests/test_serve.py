@@ -136,6 +136,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     bad({**good, "temperature": 1.5}, 400, "temperature")
     bad({**good, "model": "baseline", "temperature": -1}, 400, "temperature")
     bad({**good, "logprobs": 2}, 400, "logprobs")
+    # the request that stalled a replica (a billion draws at T = 1e-6), and the floor of the exact sampler
+    bad({**good, "temperature": 1e-6, "sampler": "exact", "max_draws": 1_000_000_000}, 400, "max_draws")
+    bad({**good, "temperature": 1e-6, "sampler": "exact"}, 400, "temperature")
     bad({**good, "unknown_field": 1}, 400, "unknown_field")
     bad(json.dumps({**good, "prompt": "x" * (1 << 20)}).encode(), 413, "body_too_large")
     assert post(url, json.dumps(good).encode())[0] == 200

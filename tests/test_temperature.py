@@ -59,3 +59,21 @@ def test_bad_arguments_are_refused():
         exact_pick(toy_draw(g), 2, 1.5, "cpu")
     with pytest.raises(ValueError, match="max_draws"):
         exact_pick(toy_draw(g), 2, 0.5, "cpu", max_draws=0)
+
+
+def test_a_temperature_beyond_the_draw_cap_falls_back_at_once_without_a_huge_draw():
+    """T = 1e-6 needs a million agreeing draws per attempt: with max_draws 50 no attempt fits, so no
+    call may ask for more than max_draws (or the fallback's candidates) and every row falls back."""
+    g = torch.Generator().manual_seed(0)
+    base = toy_draw(g)
+    asked = []
+
+    def draw(rows, n):
+        asked.append(n)
+        return base(rows, n)
+
+    out, stats = exact_pick(draw, 4, 1e-6, "cpu", max_draws=50, candidates=30, generator=g)
+    assert out.shape[0] == 4 and stats.fallbacks == 4
+    assert max(asked) <= 50 and stats.draws == 4 * 30
+    _, stats = exact_pick(draw, 4, 1 / 40, "cpu", max_draws=50, batch=16, candidates=30, generator=g)
+    assert max(asked) <= 50  # attempts of 40 draws, one per call

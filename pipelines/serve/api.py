@@ -8,6 +8,7 @@ Plain pydantic; no Ray. Every rejection is an ``ApiError`` that becomes
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Limits:
     max_tokens: int = 1024
     max_n: int = 16
     max_candidates: int = 2000
+    max_draws: int = 2000
 
 
 def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
@@ -130,8 +132,13 @@ def _check_ranges(r: CompletionRequest, m: ModelInfo, limits: Limits) -> None:
         raise ApiError(400, "top_p needs token probabilities, which CALM does not have; use temperature", "top_p")
     if not 1 <= r.candidates <= limits.max_candidates:
         raise ApiError(400, f"candidates must be in 1..{limits.max_candidates}, got {r.candidates}", "candidates")
-    if r.max_draws < 1:
-        raise ApiError(400, f"max_draws must be >= 1, got {r.max_draws}", "max_draws")
+    if not 1 <= r.max_draws <= limits.max_draws:
+        raise ApiError(400, f"max_draws must be in 1..{limits.max_draws}, got {r.max_draws}", "max_draws")
+    if m.kind == "calm" and r.sampler == "exact" and math.floor(1.0 / r.temperature + 1e-9) > r.max_draws:
+        # one attempt of the exact sampler is floor(1/T) agreeing draws: it could never finish within max_draws
+        raise ApiError(400, f"the exact sampler at temperature {r.temperature} needs {math.floor(1.0 / r.temperature + 1e-9):,} "
+                            f"draws per attempt, more than max_draws ({r.max_draws}); use temperature >= "
+                            f"{1.0 / r.max_draws:.2g} or sampler 'batch'", "temperature")
 
 
 def gen_requests(r: CompletionRequest, m: ModelInfo, encode, limits: Limits) -> list[GenRequest]:

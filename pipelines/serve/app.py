@@ -185,7 +185,7 @@ class Api:
         for kind in models:
             self.info[kind], tok_json = model_info(rd, kind)
         self.tok = CalmTokenizer.from_str(tok_json)
-        self.limits = api.Limits(s.max_body_bytes, s.max_prompt_tokens, s.max_tokens, s.max_n)
+        self.limits = api.Limits(s.max_body_bytes, s.max_prompt_tokens, s.max_tokens, s.max_n, max_draws=s.max_draws)
         self.key = os.environ.get(s.api_key_env) or None
 
     def _auth(self, request: Request) -> None:
