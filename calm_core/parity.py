@@ -145,9 +145,9 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, atol: float, rtol:
 
 
 def check_all(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], atol: float, rtol: float,
-              absent: dict[str, str]) -> list[Check]:
+              absent: dict[str, str], skipped: tuple[str, ...] = ()) -> list[Check]:
     """One Check per reference tensor, in the reference's order. ``absent``: prefix -> why its
-    tensors could not be computed (a model the run lacks)."""
+    tensors could not be computed (a model the run lacks); ``skipped``: prefixes left out on purpose."""
     checks = []
     for name, t in ref.items():
         if name in INPUTS:
@@ -155,6 +155,8 @@ def check_all(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], atol:
         elif name in ours:
             logits = ours.get(name.replace("_tokens", "_decoder_logits")) if not t.is_floating_point() else None
             checks.append(compare(name, ours[name], t, atol, rtol, logits))
+        elif name.split(".")[0] in skipped:
+            checks.append(Check(name, "skip", note="skipped (--only)"))
         elif name.split(".")[0] in absent:
             checks.append(Check(name, "not checked", note=absent[name.split(".")[0]]))
         else:

@@ -12,6 +12,7 @@ Folders may be local paths or URIs (``pipelines.storage.fetch_dir``). Weights ke
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ class Source:
     spec: str  # as the user gave it
     path: Path  # local
     conf: dict
+
+    @functools.cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's name and shape (headers / memory maps; read once)."""
+        return O.tensor_shapes(self.path)
 
     @property
     def where(self) -> str:
@@ -153,7 +159,7 @@ def _ae_section(srcs: dict[str, Source]) -> dict:
         return O.ae_settings(srcs["ae"].conf, srcs["ae"].where)
     if "calm" in srcs:
         c = srcs["calm"]
-        return O.ae_settings_from_shapes(O.tensor_shapes(c.path), c.conf, c.where)
+        return O.ae_settings_from_shapes(c.shapes, c.conf, c.where)
     raise ArtifactError("the baseline needs an AE for its chunk size K and for the run's latents: give --ae or --calm")
 
 
@@ -180,8 +186,7 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
     if "calm" in srcs:
         c = srcs["calm"]
         cfgs["calm"] = O.official_config(base, ae_section, O.model_settings(c.conf, c.where, "calm", cfg_ae.ae.K))
-        inner_keys = [k for k in O.tensor_shapes(c.path) if k.startswith(O.AE_PREFIX)]
-        if inner_keys:  # the AE the CALM model was trained with: it overrides --ae in the official loader
+        if any(k.startswith(O.AE_PREFIX) for k in c.shapes):  # the AE the CALM model was trained with: it overrides --ae in the official loader
             inner = _convert(c, "ae", cfg_ae, tok, prefix=O.AE_PREFIX)
             if "ae" in states and any(not torch.equal(inner[k], states["ae"][k].to(inner[k].dtype)) for k in inner):
                 raise ArtifactError(f"the AE in --ae ({srcs['ae'].spec}) is not the one inside the CALM checkpoint "

@@ -65,7 +65,7 @@ class ModelStage:
             self.ae.load_state_dict(load_safetensors(plan.ae_weights))
             self.ae.to(device).eval().requires_grad_(False)
 
-        self.init_weights = plan.init_weights
+        self.init_weights = plan.init_weights  # read by the first build only (later ones: ZeRO-3 validation copies)
 
     def build(self) -> torch.nn.Module:
         model = build_model(self.kind, self.cfg, self.tok.vocab_size)
@@ -74,6 +74,7 @@ class ModelStage:
             from pipelines.storage import fetch_dir
 
             model.load_state_dict(load_weights(fetch_dir(self.init_weights, file_ok=True)))
+            self.init_weights = ""
         return model
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
