@@ -7,7 +7,10 @@
   says it resumed from its last checkpoint and ends at its full step count, and the latents equal a
   clean precompute, every chunk exactly once;
 - a second submission of the same command skips every stage;
-- `ray job stop` during stage 1 leaves every artifact complete or absent.
+- `ray job stop` during stage 1 leaves every artifact complete or absent;
+- on a head with token authentication (as every cluster of cluster/ runs), a job submitted with the
+  token and cluster/runtime_env.yaml joins the cluster from inside, and a submission without the
+  token, with a wrong one, or from a client left in disabled mode (it sends none) is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -71,9 +77,80 @@ def head(tmp_path_factory):
         log.close()
 
 
-def _job_cli(address: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", address], check=False, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def _job_cli(address: str, command: str, *args: str, timeout: float = 120, env: dict | None = None):
+    """`ray job COMMAND --address ADDRESS ARGS...` (the address before any `-- entrypoint`)."""
+    return subprocess.run([str(BIN / "ray"), "job", command, "--address", address, *args], check=False, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def token_head():
+    """A `ray start --head --block` with RAY_AUTH_MODE=token, walled off from this machine's other
+    Ray clusters (which run with auth disabled) and from the user's own token: HOME, the temp dir
+    (short: it holds Unix sockets) and every port are its own, so `ray get-auth-token --generate`
+    writes HOME/.ray/auth_token, Ray's default path, as cluster/local-2cpu.sh does. Stopped by
+    signalling its process group, never `ray stop` (which stops every Ray of the user)."""
+    root = Path(tempfile.mkdtemp(prefix="calm-auth-", dir="/tmp"))
+    home, no_token_home = root / "home", root / "no-token-home"
+    home.mkdir()
+    no_token_home.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
+    env = {**base, "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    gcs, dash = free_port(), free_port()
+    ports = [f"--{flag}={free_port()}" for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                                     "dashboard-agent-grpc-port", "metrics-export-port",
+                                                     "runtime-env-agent-port")]
+    log_path = root / "ray-start.log"
+    log = open(log_path, "w")  # noqa: SIM115 (the head's output for as long as the test runs)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
+         "--object-store-memory=100000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", *ports, f"--temp-dir={root / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while _job_cli(address, "list", env=env).returncode != 0:
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        yield {"address": address, "env": env, "base_env": base, "no_token_home": str(no_token_home),
+               "token": (home / ".ray" / "auth_token").read_text()}
+    finally:
+        # its raylet takes ~30 s to leave after SIGTERM (measured); all it started is in the group,
+        # and its files are in root
+        stop_group(proc, signal.SIGTERM, grace_s=10)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_token_head_runs_a_job_with_its_token_and_refuses_one_without(token_head):
+    from ray.job_submission import JobSubmissionClient
+
+    address = token_head["address"]
+    join = ("import os, ray, pipelines; ray.init(); "
+            "print('joined', os.environ['RAY_AUTH_MODE'], ray.get(ray.remote(lambda: 42).remote()))")
+    ok = _job_cli(address, "submit", "--submission-id", "with-token", "--runtime-env", "cluster/runtime_env.yaml",
+                  "--", "python", "-c", join, env=token_head["env"])
+    # the driver inherits the cluster's mode and token, and its task runs on a worker that authenticated
+    assert ok.returncode == 0 and "joined token 42" in ok.stdout, (ok.stdout + ok.stderr)[-3000:]
+
+    refused = {
+        "no token": {**token_head["base_env"], "RAY_AUTH_MODE": "token", "HOME": token_head["no_token_home"]},
+        "a wrong token": {**token_head["env"], "RAY_AUTH_TOKEN": "0" * 32},
+        "a client in disabled mode": {**token_head["env"], "RAY_AUTH_MODE": "disabled"},  # sends no token
+    }
+    for i, (what, env) in enumerate(refused.items()):
+        r = _job_cli(address, "submit", "--submission-id", f"refused-{i}", "--", "python", "-c", "print(1)", env=env)
+        assert r.returncode != 0 and "AuthenticationError" in r.stderr, (what, (r.stdout + r.stderr)[-2000:])
+    with pytest.raises(urllib.error.HTTPError) as raw:  # the HTTP API itself, no Ray client in between
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
+    assert raw.value.code == 401
+
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token_head['token']}"})
+    assert [j.submission_id for j in client.list_jobs()] == ["with-token"]  # nothing refused ever ran
 
 
 def _submit(head, job_id: str, run: Path, corpus: Path, *extra: str, wait: bool = True):
