@@ -227,12 +227,24 @@ class ServeConfig:
     cpus_per_replica: float = 0.5
     gpus_per_replica: float = 0.0
     threads_per_replica: int = 1  # torch threads in each model replica
-    api_key_env: str = "CALM_API_KEY"  # when this environment variable is set, requests need "Bearer <it>"
-    max_body_bytes: int = 1048576
+    api_key_env: str = "CALM_API_KEY"  # when this environment variable is set where Ray starts, requests need "Bearer <it>"
+    api_key_file: str = ""  # a file holding the key (e.g. a mounted Kubernetes Secret); wins over api_key_env
+    docs: bool = False  # serve /docs and /openapi.json (off: they describe the API to anyone who asks)
+    max_body_bytes: int = 1048576  # counted while the body is read (Content-Length first)
+    max_json_depth: int = 8  # nesting of the request's JSON (a valid request needs 3)
     max_prompt_tokens: int = 4096
+    max_prompts: int = 16  # prompts in one request (a list of strings)
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_n: int = 16
+    max_request_tokens: int = 16384  # max_tokens x n x prompts of one request
+    max_stops: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 128  # characters per stop string
     max_draws: int = 2000  # the largest max_draws (exact sampler: decoded draws per chunk) a request may ask for
+    max_step_draws: int = 8192  # decoded head samples one request may cost per step: n x candidates (T < 1)
+    #                              or n x max_draws (exact sampler)
+    request_timeout_s: float = 600.0  # wall clock from arrival: then finish_reason "length" (504 if not started)
+    step_timeout_s: float = 120.0  # a step loop with work and no step for this long fails check_health
+    health_check_period_s: float = 10.0  # how often Serve calls each model replica's check_health
 
 
 @dataclass
@@ -494,7 +506,9 @@ def validate(cfg: Config) -> None:
     _choice(sv.device, "serve.device", ("cpu", "cuda", "auto"))
     _choice(sv.batching, "serve.batching", ("loop", "serve_batch"))
     for key in ("port", "max_replicas", "target_ongoing_requests", "max_ongoing_requests", "threads_per_replica",
-                "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n", "max_draws"):
+                "max_batch_rows", "max_body_bytes", "max_prompt_tokens", "max_tokens", "max_n", "max_draws",
+                "max_json_depth", "max_prompts", "max_request_tokens", "max_stops", "max_stop_chars",
+                "max_step_draws", "request_timeout_s", "step_timeout_s", "health_check_period_s"):
         _positive(getattr(sv, key), f"serve.{key}")
     for key in ("min_replicas", "max_queued_requests", "cpus_per_replica", "gpus_per_replica", "batch_wait_ms",
                 "stream_interval_ms", "stream_messages_per_s"):

@@ -23,11 +23,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(ray_module, tmp_path_factory, tiny_corpus_text):
-    """(base URL, run directory) of the app serving both models; a second app at /secure needs a key,
+    """(base URL, run directory) of the app serving both models; a second app at /secure needs a key
+    (from a key file) and serves its docs,
     a third at /tight takes one request at a time with a queue of one, a fourth at /window batches
     with Ray Serve's @serve.batch instead of the step loop."""
-    import os
-
     from ray import serve
 
     from pipelines.serve.app import build_app
@@ -38,14 +37,15 @@ def server(ray_module, tmp_path_factory, tiny_corpus_text):
     write_random_model(run, "baseline", tok)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"run": str(run), "config": "debug", "serve.cpus_per_replica": "0.2", "serve.max_tokens": "24"}
+    small = {"run": str(run), "config": "debug", "serve.cpus_per_replica": "0.2", "serve.max_tokens": "24",
+             "serve.max_request_tokens": "512"}
     # the open app caps its streams' messages (fuller messages as streams open): every test of it goes through that
-    serve.run(build_app({**small, "serve.stream_messages_per_s": "20"}), name="open", route_prefix="/")
-    os.environ["CALM_TEST_KEY"] = "sesame"
-    try:
-        serve.run(build_app({**small, "serve.api_key_env": "CALM_TEST_KEY"}), name="secure", route_prefix="/secure")
-    finally:
-        del os.environ["CALM_TEST_KEY"]
+    serve.run(build_app({**small, "serve.stream_messages_per_s": "20", "serve.health_check_period_s": "1"}),
+              name="open", route_prefix="/")
+    key_file = run / "api-key"  # as a mounted Secret would be
+    key_file.write_text("sesame\n")
+    serve.run(build_app({**small, "serve.api_key_file": str(key_file), "serve.docs": "true"}), name="secure",
+              route_prefix="/secure")
     tight = {"serve.max_ongoing_requests": "1", "serve.max_queued_requests": "1", "serve.max_batch_rows": "1"}
     serve.run(build_app({**small, **tight}), name="tight", route_prefix="/tight")
     window = {"serve.batching": "serve_batch", "serve.batch_wait_ms": "300"}
@@ -70,10 +70,25 @@ def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]
         return e.code, json.loads(e.read())
 
 
+def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def test_models_list_and_health(server, client):
+    """/health runs no model step: it reports each model replica's step loop; its details need the key."""
     assert sorted(m.id for m in client.models.list().data) == ["baseline", "calm"]
-    with urllib.request.urlopen(f"{server[0]}/health", timeout=120) as r:
-        assert r.status == 200 and json.loads(r.read()) == {"status": "ok", "models": {"calm": True, "baseline": True}}
+    code, out = get(f"{server[0]}/health")
+    assert code == 200 and out["status"] == "ok" and set(out["models"]) == {"calm", "baseline"}
+    assert all(m["ok"] and m["problem"] is None and m["restarts"] == 0 for m in out["models"].values())
+    code, out = get(f"{server[0]}/secure/health")
+    assert code == 200 and out == {"status": "ok"}  # no key: the state only
+    code, out = get(f"{server[0]}/secure/health", {"Authorization": "Bearer sesame"})
+    assert code == 200 and set(out["models"]) == {"calm", "baseline"}
 
 
 @pytest.mark.parametrize("model,temperature", [("calm", 1.0), ("calm", 0.5), ("baseline", 0.8)])
@@ -141,7 +156,27 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     bad({**good, "temperature": 1e-6, "sampler": "exact"}, 400, "temperature")
     bad({**good, "unknown_field": 1}, 400, "unknown_field")
     bad(json.dumps({**good, "prompt": "x" * (1 << 20)}).encode(), 413, "body_too_large")
+    # one request crafted for each limit of serve.*
+    bad({**good, "prompt": ["a"] * 17}, 400, "prompt")  # max_prompts
+    bad({**good, "prompt": ["a"] * 16, "n": 2, "max_tokens": 24}, 400, "max_tokens")  # max_request_tokens (512 here)
+    bad({**good, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop")  # max_stops
+    bad({**good, "stop": "s" * 129}, 400, "stop")  # max_stop_chars
+    bad({**good, "temperature": 0.5, "n": 16, "candidates": 2000, "sampler": "exact"}, 400, "max_draws")  # max_step_draws
+    bad({**good, "seed": 1 << 64}, 400, "seed")  # a seed the generator cannot take (it failed its batch)
+    bad({**good, "user": [[[[[[[[["deep"]]]]]]]]]}, 400, "invalid_json")  # max_json_depth
+    bad(b"[" * 100_000, 400, "invalid_json")  # deeper than the parser recurses (it was a 500)
+    bad(b'{"model": "calm", "prompt": "a", "temperature": NaN}', 400, "invalid_json")
     assert post(url, json.dumps(good).encode())[0] == 200
+
+
+def test_routing_errors_are_in_openais_shape_and_the_docs_are_off_unless_asked(server):
+    base = server[0]
+    for method, path, status in [("GET", "/v1/completions", 405), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v2/nothing", 404), ("GET", "/docs", 404), ("GET", "/openapi.json", 404)]:
+        code, out = get(base + path, method=method)
+        assert code == status and set(out["error"]) == {"message", "type", "param", "code"}, (path, out)
+    code, spec = get(f"{base}/secure/openapi.json")  # serve.docs=true
+    assert code == 200 and "/v1/completions" in spec["paths"]
 
 
 def test_an_api_key_is_required_when_set(server):
@@ -152,6 +187,10 @@ def test_an_api_key_is_required_when_set(server):
         OpenAI(base_url=base, api_key="wrong", max_retries=0).completions.create(model="calm", prompt="a", max_tokens=4)
     code, out = post(f"{base}/completions", json.dumps({"model": "calm", "prompt": "a", "max_tokens": 4}).encode())
     assert code == 401 and out["error"]["code"] == "invalid_api_key"
+    code, out = post(f"{base}/completions", b"{}", {"Authorization": "Bearer sesame2"})  # a longer key: no crash
+    assert code == 401
+    code, out = post(f"{base}/completions", b"{}", {"Authorization": "Bearer s\u00e9same"})
+    assert code == 401
     ok = OpenAI(base_url=base, api_key="sesame", max_retries=0).completions.create(model="calm", prompt="a", max_tokens=4)
     assert ok.choices[0].finish_reason in ("length", "stop")
 
@@ -189,7 +228,7 @@ def test_overload_beyond_the_queue_is_503_at_once_and_the_rest_are_served(server
     from concurrent.futures import ThreadPoolExecutor
 
     url = f"{server[0]}/tight/v1/completions"
-    slow = json.dumps({"model": "calm", "prompt": "the cat", "max_tokens": 24, "n": 16, "temperature": 0.5,
+    slow = json.dumps({"model": "calm", "prompt": "the cat", "max_tokens": 24, "n": 4, "temperature": 0.5,
                        "candidates": 2000, "seed": 0}).encode()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: post(url, slow), range(8)))
@@ -223,6 +262,29 @@ def test_a_killed_model_replica_is_replaced_and_later_requests_are_served(server
     assert names_now and names_now != names
 
 
+def test_the_fuzzer_gets_no_server_error_and_every_refusal_in_openais_shape(server):
+    """At least 500 hostile requests (pipelines/serve/fuzz.py: malformed bodies, wrong types, huge
+    and nested values, invalid UTF-8, unknown fields, extreme sampling settings on both models, plain
+    and streamed, other methods and paths, lying lengths, chunked bodies over the limit), four at a
+    time: no answer >= 500 but 503, every refusal in OpenAI's shape, and a plain request answered
+    after each phase."""
+    from pipelines.serve import fuzz
+
+    url = server[0]
+    all_cases = fuzz.cases(seed=0, per_phase=130)
+    assert len(all_cases) >= 500
+    plain = json.dumps({"model": "calm", "prompt": "the cat", "max_tokens": 4, "seed": 1}).encode()
+    statuses: dict[int, int] = {}
+    for phase in fuzz.PHASES:
+        answers = concurrently(lambda c: fuzz.send(url, c), [c for c in all_cases if c.phase == phase], workers=4)
+        problems = [(a.case.body[:80], a.status, a.problem) for a in answers if a.problem]
+        assert not problems, (phase, problems[:5])
+        for a in answers:
+            statuses[a.status] = statuses.get(a.status, 0) + 1
+        assert post(f"{url}/v1/completions", plain)[0] == 200, phase
+    assert statuses.get(200, 0) >= 20 and statuses.get(400, 0) >= 250, statuses  # both kinds were really exercised
+
+
 def _step_rows(text: str, app: str) -> tuple[dict[float, float], list[float]]:
     """Buckets and count of the rows-per-step histogram of ``app``'s CALM replica."""
     mine = [line for line in text.splitlines()
@@ -232,10 +294,10 @@ def _step_rows(text: str, app: str) -> tuple[dict[float, float], list[float]]:
     return buckets, [float(line.rsplit(" ", 1)[1]) for line in mine if line.startswith("ray_calm_serve_step_rows_count")]
 
 
-def concurrently(fn, args: list) -> list:
+def concurrently(fn, args: list, workers: int | None = None) -> list:
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(len(args)) as ex:
+    with concurrent.futures.ThreadPoolExecutor(workers or len(args)) as ex:
         return list(ex.map(fn, args))
 
 
@@ -344,3 +406,41 @@ def test_jobs_serve_with_direct_ingress_answers_from_the_ingress_replica(server,
         assert plain.choices[0].text and streamed == plain.choices[0].text
     finally:
         stop_group(proc, signal.SIGINT)
+
+
+def test_a_dead_step_loop_fails_check_health_and_serve_replaces_the_replica(server, client):
+    """(Last in this file: it replaces the CALM replica, whose old metrics would confuse the metrics test.)
+    The step loop of the CALM replica is stopped from inside the replica (as if its thread had
+    died): requests to it end at once with a 503 instead of hanging, its check_health fails, Serve
+    (health checks every second in this app) replaces it, and later requests are served."""
+    import time
+
+    import ray
+
+    def replica():
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "open#model-calm" in a["name"]]
+        assert len(names) == 1, names
+        return names[0], ray.get_actor(names[0], namespace="serve")
+
+    kw = dict(model="calm", prompt="the cat", max_tokens=8, seed=3)
+    before = client.completions.create(**kw).choices[0].text
+    name, actor = replica()
+
+    def stop_loop(replica_actor):  # runs inside the replica actor
+        loop = replica_actor._replica_impl._user_callable_wrapper.user_callable.loop
+        loop.stopped = True
+        loop.thread.join(10)
+        return loop.thread.is_alive()
+
+    assert ray.get(actor.__ray_call__.remote(stop_loop)) is False
+    code, out = post(f"{server[0]}/v1/completions", json.dumps(kw).encode())
+    assert code == 503 and out["error"]["code"] in ("model_unavailable", "overloaded"), out
+    deadline, after = time.monotonic() + 180, None
+    while after is None and time.monotonic() < deadline:
+        code, out = post(f"{server[0]}/v1/completions", json.dumps(kw).encode())
+        after = out if code == 200 else time.sleep(1)
+    assert after is not None and after["choices"][0]["text"] == before  # same seed, same text, new replica
+    assert replica()[0] != name
+    code, out = get(f"{server[0]}/health")
+    assert code == 200 and out["models"]["calm"]["ok"]

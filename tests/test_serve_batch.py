@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from conftest import write_random_ae, write_random_model
-from pipelines.serve.batch import Batch, Member, StepLoop, stream_alone
+from pipelines.serve.batch import Batch, Member, RequestTimeout, StepLoop, stream_alone
 from pipelines.serve.engine import BaselineEngine, CalmEngine, GenRequest
 
 
@@ -100,3 +100,103 @@ def test_the_step_loop_batches_concurrent_requests_and_survives_a_failing_one(en
     assert [d for s, _ in results["a"] for d in s] and texts(s for s, _ in results["a"]) == texts(stream_alone(eng, ok))
     big = texts(s for s, _ in results["big"])
     assert len(big) == 9 and all(t[2] <= 4 for t in big.values())
+
+
+class FaultyPick:
+    """An engine whose sampling raises for the rows of requests with ``top_p`` 0.5 (a fault injected
+    into one request's step), whose backbone feed can be made to raise once (a whole step fails) and
+    whose every pick can be made to hang (a stuck step)."""
+
+    def __init__(self, engine):
+        self.engine, self.hang = engine, threading.Event()
+        self.release, self.feed_fault = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def feed(self, ids):
+        if self.feed_fault.is_set():
+            self.feed_fault.clear()
+            raise RuntimeError("injected fault in the backbone step")
+        return self.engine.feed(ids)
+
+    def pick(self, h, r, gen):
+        if self.hang.is_set():
+            self.release.wait(60)
+        if r.top_p == 0.5:
+            raise RuntimeError("injected fault")
+        return self.engine.pick(h, r, gen)
+
+
+def test_a_row_whose_step_raises_fails_its_request_alone(engines):
+    """Two requests with the same settings share one sampling call; the faulty one's call raises, so
+    each is sampled alone: the faulty one ends with the error, the other gets its text as if alone."""
+    eng = engines["baseline"]
+    faulty = FaultyPick(eng)
+    good = GenRequest(eng.tok.encode("the cat"), max_tokens=9, seed=1, top_p=0.5 + 1e-9)
+    bad = GenRequest(eng.tok.encode("a dog"), max_tokens=9, seed=2, top_p=0.5)
+    batch = Batch(faulty)
+    mg, mb = Member.start(faulty, good), Member.start(faulty, bad)
+    batch.join([mg, mb])
+    got = []
+    out = batch.step()
+    assert [m for m, _ in batch.failed] == [mb] and "injected" in str(batch.failed[0][1])
+    assert [m for m, _, _ in out] == [mg] and batch.members == [mg] and batch.rows == 1
+    got.append(out[0][1])
+    while batch.members:
+        got += [d for _, d, _ in batch.step()]
+    assert texts(got) == texts(stream_alone(eng, good))  # the failure did not disturb the other row
+    with pytest.raises(RuntimeError, match="injected"):
+        list(stream_alone(faulty, bad))
+
+
+def test_a_request_past_its_deadline_ends_with_length_and_a_waiting_one_times_out(engines):
+    eng = engines["baseline"]
+    batch = Batch(eng)
+    m = Member.start(eng, GenRequest(eng.tok.encode("the cat"), max_tokens=30, seed=1), timeout_s=0.0)
+    batch.join([m])
+    (_, deltas, finished), = batch.step()  # one step, then its time is up
+    assert finished and deltas[0].finish == "length" and deltas[0].tokens == 1 and not batch.members
+
+    loop = StepLoop(eng, max_rows=4, timeout_s=0.0)
+    got, done = [], threading.Event()
+    loop.submit(GenRequest(eng.tok.encode("a dog"), max_tokens=30), lambda item: (got.append(item), done.set()))
+    assert done.wait(60) and isinstance(got[0], RequestTimeout)
+    loop.stopped = True
+
+
+def test_the_step_loop_survives_an_error_outside_a_step_and_reports_a_stuck_or_dead_loop(engines):
+    eng = engines["baseline"]
+    faulty = FaultyPick(eng)
+    loop = StepLoop(faulty, max_rows=4)
+    assert loop.health(step_timeout_s=60) is None
+
+    def run(r) -> list:
+        got, done = [], threading.Event()
+        loop.submit(r, lambda item: (got.append(item), done.set() if isinstance(item, BaseException) or item[1] else None))
+        assert done.wait(60)
+        return got
+
+    def broken_sink(item):
+        raise ValueError("a sink that raises")  # its consumer is gone: that request is dropped, no other
+
+    alone = texts(stream_alone(eng, GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1)))
+    loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=3, seed=1), broken_sink)
+    ok = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    assert ok[-1][1] and texts(s for s, _ in ok) == alone and loop.restarts == 0
+    faulty.feed_fault.set()  # the backbone step of the whole batch raises: its requests end, the loop goes on
+    failed = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    assert isinstance(failed[-1], RuntimeError) and loop.restarts == 1
+    ok = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    assert ok[-1][1] and texts(s for s, _ in ok) == alone
+    faulty.hang.set()  # the next step hangs: a stuck loop is unhealthy
+    loop.submit(GenRequest(eng.tok.encode("a"), max_tokens=3), lambda item: None)
+    import time
+    while loop.busy_since is None or loop.health(step_timeout_s=0.01) is None:
+        time.sleep(0.01)
+    assert "in one step" in loop.health(step_timeout_s=0.01)
+    loop.stopped = True
+    faulty.hang.clear()
+    faulty.release.set()
+    loop.thread.join(60)
+    assert loop.health(step_timeout_s=60) == "the step loop thread has ended"

@@ -7,12 +7,13 @@ Plain pydantic; no Ray. Every rejection is an ``ApiError`` that becomes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,29 +68,90 @@ class CompletionRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for (``serve.*``; docs/SERVING.md "Limits and failure behaviour")."""
+
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_n: int = 16
     max_candidates: int = 2000
     max_draws: int = 2000
+    max_json_depth: int = 8
+    max_prompts: int = 16
+    max_request_tokens: int = 16384
+    max_stops: int = 4
+    max_stop_chars: int = 128
+    max_step_draws: int = 8192
+
+    @classmethod
+    def of(cls, s) -> "Limits":
+        """The limits of a ``ServeConfig``."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "max_candidates"]
+        return cls(**{n: getattr(s, n) for n in names})
+
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
+
+
+async def read_body(content_length: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes: from the
+    declared Content-Length before anything is read, else while counting the chunks as they arrive
+    (a chunked body, or one longer than it said)."""
+    if content_length is not None:
+        if not content_length.strip().isdigit():
+            raise ApiError(400, f"Content-Length is not a number: {content_length[:40]!r}", code="invalid_header")
+        if int(content_length) > limit:
+            raise _too_large(int(content_length), limit)
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, limit, at_least=True)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
+    return ApiError(413, f"the request body has {'more than ' if at_least else ''}{size:,} bytes; "
+                         f"this server takes at most {limit:,}", code="body_too_large")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d + 1)
+            todo += [(x, d + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
-    """Bytes of the body -> a schema-valid request (400 for invalid UTF-8, JSON or fields; 413 when
-    the body is over the limit)."""
+    """Bytes of the body -> a schema-valid request (400 for invalid UTF-8, JSON, nesting or fields;
+    413 when the body is over the limit)."""
     if len(body) > limits.max_body_bytes:
-        raise ApiError(413, f"the request body has {len(body):,} bytes; this server takes at most "
-                            f"{limits.max_body_bytes:,}", code="body_too_large")
+        raise _too_large(len(body), limits.max_body_bytes)
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not valid UTF-8", code="invalid_encoding") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {limits.max_json_depth} levels",
+                       code="invalid_json") from None
+    except ValueError as e:  # NaN / Infinity, or an integer of more digits than Python converts
+        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if _depth(data) > limits.max_json_depth:
+        raise ApiError(400, f"the request body nests deeper than {limits.max_json_depth} levels", code="invalid_json")
     for name, (asked, why) in UNSUPPORTED.items():
         if name in data and asked(data.pop(name)):
             raise ApiError(400, why, param=name, code="unsupported_parameter")
@@ -134,6 +196,14 @@ def _check_ranges(r: CompletionRequest, m: ModelInfo, limits: Limits) -> None:
         raise ApiError(400, f"candidates must be in 1..{limits.max_candidates}, got {r.candidates}", "candidates")
     if not 1 <= r.max_draws <= limits.max_draws:
         raise ApiError(400, f"max_draws must be in 1..{limits.max_draws}, got {r.max_draws}", "max_draws")
+    if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}", "seed")
+    if m.kind == "calm" and r.temperature < 1.0:
+        per_row = r.max_draws if r.sampler == "exact" else r.candidates
+        if r.n * per_row > limits.max_step_draws:
+            what = "max_draws" if r.sampler == "exact" else "candidates"
+            raise ApiError(400, f"n x {what} = {r.n} x {per_row:,} decoded samples per step is over this server's "
+                                f"budget of {limits.max_step_draws:,} (serve.max_step_draws); lower n or {what}", what)
     if m.kind == "calm" and r.sampler == "exact" and math.floor(1.0 / r.temperature + 1e-9) > r.max_draws:
         # one attempt of the exact sampler is floor(1/T) agreeing draws: it could never finish within max_draws
         raise ApiError(400, f"the exact sampler at temperature {r.temperature} needs {math.floor(1.0 / r.temperature + 1e-9):,} "
@@ -147,9 +217,17 @@ def gen_requests(r: CompletionRequest, m: ModelInfo, encode, limits: Limits) -> 
     prompts = [r.prompt] if isinstance(r.prompt, str) else r.prompt
     if not prompts or any(not p for p in prompts):
         raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings", "prompt")
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"prompt is a list of {len(prompts)} strings; this server takes at most "
+                            f"{limits.max_prompts} per request", "prompt")
+    if r.max_tokens * r.n * len(prompts) > limits.max_request_tokens:
+        raise ApiError(400, f"max_tokens x n x prompts = {r.max_tokens} x {r.n} x {len(prompts)} completion tokens "
+                            f"is over this server's {limits.max_request_tokens:,} per request; split the request",
+                       "max_tokens")
     stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ApiError(400, "stop must be up to 4 non-empty strings", "stop")
+    if len(stop) > limits.max_stops or any(not 1 <= len(s) <= limits.max_stop_chars for s in stop):
+        raise ApiError(400, f"stop must be up to {limits.max_stops} non-empty strings of at most "
+                            f"{limits.max_stop_chars} characters", "stop")
     out = []
     for p in prompts:
         ids = encode(p)

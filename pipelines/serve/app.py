@@ -9,23 +9,34 @@ baseline) holding what a generation step needs, autoscaled with a bounded queue.
 """
 
 
+import asyncio
 import dataclasses
 import os
+import time
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from calm_core.artifacts import MODEL_KINDS
-from calm_core.config import Config, ServeConfig, config_from_yaml, load_config
+from calm_core.config import Config, ServeConfig, load_config
 from calm_core.errors import ArtifactError
-from calm_core.tokenizer import CalmTokenizer
-from pipelines.serve import api
-from pipelines.serve import streams as S
+from pipelines.serve.ingress import Api, api_key
 from pipelines.storage import RunDir
 
-app = FastAPI(title="CALM on Ray", description="OpenAI-compatible completions from CALM and its baseline")
+class Unavailable(Exception):
+    """This replica cannot serve (its step loop has ended); Serve replaces it."""
+
+
+def error_message(e: BaseException) -> dict:
+    """How a model replica reports a request it could not finish, in place of a message of steps."""
+    from pipelines.serve.batch import RequestTimeout
+
+    if isinstance(e, RequestTimeout):
+        return {"error": {"status": 504, "message": str(e), "code": "timeout", "type": "server_error"}}
+    if isinstance(e, Unavailable):
+        return {"error": {"status": 503, "message": str(e), "code": "model_unavailable", "type": "server_error"}}
+    return {"error": {"status": 500, "message": f"the model failed on this request ({type(e).__name__}: "
+                                                f"{str(e)[:300]})", "code": "model_error", "type": "server_error"}}
 
 
 @serve.deployment
@@ -54,9 +65,11 @@ class ModelServer:
         self.engine = (CalmEngine(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
                        else BaselineEngine(rd.local_artifact("baseline"), device))
         self.metrics = ServeMetrics(kind)
-        self.policy = s.batching
+        self.kind, self.policy, self.timeout_s, self.step_timeout_s = kind, s.batching, s.request_timeout_s, s.step_timeout_s
         self.interval, self.rate, self.open = s.stream_interval_ms / 1000.0, s.stream_messages_per_s, 0
-        self.loop = StepLoop(self.engine, s.max_batch_rows, self.metrics.step) if s.batching == "loop" else None
+        self.loop = (StepLoop(self.engine, s.max_batch_rows, self.metrics.step, s.request_timeout_s)
+                     if s.batching == "loop" else None)
+        self.window_step: float | None = None  # serve_batch: time.monotonic() of the last step
         self._window.set_max_batch_size(s.max_batch_rows)
         self._window.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
 
@@ -64,26 +77,35 @@ class ModelServer:
         """Messages of model steps, each step the deltas of the request's completions (dicts: index,
         text, finish, tokens). A message holds every step done since the last one was taken: one
         per step while the client keeps up, several when the model runs ahead (fewer round trips
-        through Serve under load; the ingress still sends one event per step)."""
+        through Serve under load; the ingress still sends one event per step). A request that fails
+        or times out before it ends gets one last message ``{"error": {...}}`` (``error_message``)."""
         self.metrics.requests.inc()
         if self.policy == "loop":
             async for steps in self._loop_stream(r):
-                yield [[dataclasses.asdict(d) for d in deltas] for deltas in steps]
+                yield steps if isinstance(steps, dict) else [[dataclasses.asdict(d) for d in deltas] for deltas in steps]
         else:
             async for deltas in self._window(r):
-                yield [[dataclasses.asdict(d) for d in deltas]]
+                yield error_message(deltas) if isinstance(deltas, BaseException) else [[dataclasses.asdict(d) for d in deltas]]
+                if isinstance(deltas, BaseException):
+                    return
+
+    async def _next(self, q: asyncio.Queue):
+        """The step loop's next item for a request, or ``Unavailable`` as soon as the loop has died."""
+        while True:
+            try:
+                return await asyncio.wait_for(q.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if not self.loop.thread.is_alive():  # check_health fails too: Serve replaces this replica
+                    return Unavailable(f"model '{self.kind}': the step loop has ended; retry")
 
     async def _loop_stream(self, r):
-        import asyncio
-        import time
-
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         m = self.loop.submit(r, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         self.open += 1
         try:
             finished, last = False, None
             while not finished:
-                items = [await q.get()]
+                items = [await self._next(q)]
                 if last is not None and not isinstance(items[0], BaseException) and not items[0][1]:
                     # after the first message, at most one per stream interval: the steps in between ride along
                     wait = last + message_interval(self.interval, self.open, self.rate) - time.monotonic()
@@ -92,7 +114,10 @@ class ModelServer:
                 while not q.empty() and not isinstance(items[-1], BaseException) and not items[-1][1]:
                     items.append(q.get_nowait())
                 if isinstance(items[-1], BaseException):
-                    raise items[-1]
+                    if len(items) > 1:
+                        yield [deltas for deltas, _ in items[:-1]]
+                    yield error_message(items[-1])
+                    return
                 finished = items[-1][1]
                 last = time.monotonic()
                 yield [deltas for deltas, _ in items]
@@ -103,19 +128,33 @@ class ModelServer:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda rs: sum(r.n for r in rs))
     async def _window(self, rs: list):
         """``serve_batch``: the requests Serve collected, stepped together until the last one ends."""
-        import asyncio
 
         from pipelines.serve.batch import Batch, Member, step_stats
 
         batch = Batch(self.engine)
-        members = [Member.start(self.engine, r) for r in rs]
-        await asyncio.to_thread(batch.join, members)
-        slot = {id(m): i for i, m in enumerate(members)}
-        ended = [False] * len(rs)
+        members, results = [], [StopIteration] * len(rs)
+        for i, r in enumerate(rs):  # a request that cannot start (a bad seed, say) fails alone
+            try:
+                members.append(Member.start(self.engine, r, timeout_s=self.timeout_s))
+            except Exception as e:  # noqa: BLE001
+                members.append(None)
+                results[i] = e
+        slot = {id(m): i for i, m in enumerate(members) if m is not None}
+        ended = [m is None for m in members]
+        try:
+            await asyncio.to_thread(batch.join, [m for m in members if m is not None])
+        except Exception as e:  # noqa: BLE001 - the prefill of these requests failed: each ends with it
+            yield [e if m is not None else results[i] for i, m in enumerate(members)]
+            return
+        if any(ended):  # the failed ones end now; the others get an empty step
+            yield [r if m is None else [] for r, m in zip(results, members)]
         while batch.members:
             out = await asyncio.to_thread(batch.step)
+            self.window_step = time.monotonic()
             self.metrics.step(*step_stats(out))
-            results: list = [StopIteration] * len(rs)
+            results = [StopIteration] * len(rs)
+            for m, e in batch.failed:
+                results[slot[id(m)]], ended[slot[id(m)]] = e, True
             for m, deltas, finished in out:
                 results[slot[id(m)]] = deltas
             for m, _, finished in out:
@@ -124,14 +163,20 @@ class ModelServer:
             if all(ended):
                 return
 
-    async def health(self) -> bool:
-        """A real forward pass through the batching path: one step of a one-token prompt."""
-        from pipelines.serve.engine import GenRequest
+    def status(self) -> dict:
+        """Cheap (no model step): the replica's state for ``GET /health``."""
+        last = self.loop.last_step if self.loop is not None else self.window_step
+        problem = self.loop.health(self.step_timeout_s) if self.loop is not None else None
+        return {"ok": problem is None, "problem": problem, "open_streams": self.open,
+                "last_step_s_ago": None if last is None else round(time.monotonic() - last, 3),
+                "restarts": self.loop.restarts if self.loop is not None else 0}
 
-        r = GenRequest([self.engine.tok.eot_id], max_tokens=self.engine.step_tokens, seed=0)
-        async for _ in self.stream(r):
-            pass
-        return True
+    def check_health(self) -> None:
+        """Ray Serve calls this every ``serve.health_check_period_s``: a dead or stuck step loop
+        raises, and Serve replaces the replica."""
+        problem = self.loop.health(self.step_timeout_s) if self.loop is not None else None
+        if problem:
+            raise RuntimeError(f"model '{self.kind}': {problem}")
 
 
 def message_interval(interval_s: float, open_streams: int, messages_per_s: float) -> float:
@@ -166,69 +211,6 @@ class ServeMetrics:
             self.tokens.inc(finished_tokens)
 
 
-def model_info(run: RunDir, kind: str) -> tuple[api.ModelInfo, str]:
-    """The served model's context (from its config, no weights) and its tokenizer.json text."""
-    folder = run.local_artifact(kind)
-    cfg = config_from_yaml((folder / "config.yaml").read_text(), str(folder / "config.yaml"))
-    L, K = cfg.model.block_chunks, cfg.ae.K
-    return api.ModelInfo(kind, kind, L * K, K if kind == "calm" else 1), (folder / "tokenizer.json").read_text()
-
-
-@serve.deployment
-@serve.ingress(app)
-class Api:
-    def __init__(self, models: dict[str, Any], run: str, settings: dict[str, Any]):
-        s = ServeConfig(**settings)
-        rd = RunDir(run)
-        self.models = models
-        self.info: dict[str, api.ModelInfo] = {}
-        for kind in models:
-            self.info[kind], tok_json = model_info(rd, kind)
-        self.tok = CalmTokenizer.from_str(tok_json)
-        self.limits = api.Limits(s.max_body_bytes, s.max_prompt_tokens, s.max_tokens, s.max_n, max_draws=s.max_draws)
-        self.key = os.environ.get(s.api_key_env) or None
-
-    def _auth(self, request: Request) -> None:
-        if self.key and request.headers.get("authorization", "") != f"Bearer {self.key}":
-            raise api.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                               code="invalid_api_key", kind="authentication_error")
-
-    @app.get("/v1/models")
-    async def models_list(self, request: Request):
-        try:
-            self._auth(request)
-        except api.ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        return {"object": "list", "data": [{"id": m.name, "object": "model", "owned_by": "calm-on-ray",
-                                            "context_tokens": m.context_tokens} for m in self.info.values()]}
-
-    @app.get("/health")
-    async def health(self):
-        ok = {kind: await handle.health.remote() for kind, handle in self.models.items()}
-        return JSONResponse({"status": "ok" if all(ok.values()) else "degraded", "models": ok},
-                            status_code=200 if all(ok.values()) else 503)
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        try:
-            self._auth(request)
-            body = await request.body()
-            req = api.parse_request(body, self.limits)
-            if req.model not in self.info:
-                raise api.ApiError(404, f"model '{req.model}' is not served here (served: "
-                                        f"{', '.join(self.info)})", "model", "model_not_found")
-            gens = api.gen_requests(req, self.info[req.model], self.tok.encode, self.limits)
-            streams = [await S.first(self.models[req.model], g) for g in gens]
-        except api.ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        rid, prompt_tokens = api.new_id(), sum(len(g.prompt_ids) for g in gens)
-        if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(S.events(rid, req.model, streams, req.n, prompt_tokens, usage),
-                                     media_type="text/event-stream")
-        return await S.collect(rid, req.model, streams, req.n, prompt_tokens)
-
-
 def direct_ingress(port: int, ports: int = 1) -> None:
     """Ray Serve's direct ingress for a Ray this process starts: the ingress replicas answer HTTP
     themselves on ``port`` .. ``port + ports - 1`` (one port per ingress replica of the node), so a
@@ -259,10 +241,11 @@ def build_app(args: dict[str, Any]):
         name=f"model-{kind}", max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
+        health_check_period_s=s.health_check_period_s,
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
     ).bind(kind, run, dataclasses.asdict(s)) for kind in served_kinds(rd)}
-    key = os.environ.get(s.api_key_env)  # set where the app is built: handed to the ingress replicas
-    opts = {"num_cpus": 0, **({"runtime_env": {"env_vars": {s.api_key_env: key}}} if key else {})}
+    api_key(s)  # a missing or empty key file: one clear error here, before any replica starts
+    opts = {"num_cpus": 0}  # the key is read by the replicas (file or environment), never put in a runtime_env
     # the ingress admits every request the model deployments may hold or queue (Serve's default of 5
     # capped the batches at 5 requests: measured, bench/bench_serve.py), so that overload is shed by
     # the model deployments, answered 503 in OpenAI's shape; beyond that requests wait at the ingress

@@ -8,6 +8,12 @@
               between steps, so a request never waits for another one to finish (the
               ``serve.batching: loop`` policy).
 
+Failures stay with their request: a sampling call that raises is retried request by request and
+only the request that still fails is ended (``Batch.failed``); a request past its deadline ends
+with finish_reason "length" (or, still waiting, with ``RequestTimeout``); anything else that
+escapes a step ends the requests of that batch and the loop goes on. ``StepLoop.health`` says
+whether the thread is alive and stepping (the replica's ``check_health``).
+
 Plain PyTorch and threads: no Ray here (the Serve deployment in ``pipelines.serve.app`` wraps it).
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -37,17 +44,24 @@ class Member:
     steps_left: int
     sink: Callable | None = None  # StepLoop: receives (deltas, finished) or an exception
     cancelled: bool = False  # set by the consumer when its client has gone
+    deadline: float = float("inf")  # time.monotonic() after which the request ends ("length")
 
     @classmethod
-    def start(cls, engine: Engine, r: GenRequest, sink: Callable | None = None) -> "Member":
+    def start(cls, engine: Engine, r: GenRequest, sink: Callable | None = None,
+              timeout_s: float = float("inf")) -> "Member":
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         return cls(r, rng.generator_for(engine.device, seed),
                    [StopCutter(engine.tok, r.stop, r.max_tokens) for _ in range(r.n)],
-                   -(-r.max_tokens // engine.step_tokens), sink)
+                   -(-r.max_tokens // engine.step_tokens), sink, deadline=time.monotonic() + timeout_s)
+
 
     @property
     def rows(self) -> int:
         return self.r.n
+
+
+class RequestTimeout(Exception):
+    """A request whose deadline passed before it could start."""
 
 
 class Batch:
@@ -58,6 +72,7 @@ class Batch:
         self.members: list[Member] = []
         self.h: torch.Tensor | None = None  # [B, d] hidden state of every row
         self.cache: RaggedCache | None = None
+        self.failed: list[tuple[Member, Exception]] = []  # ended by the last step's error (each its own)
 
     @property
     def rows(self) -> int:
@@ -73,19 +88,25 @@ class Batch:
     def step(self) -> list[tuple[Member, list[Delta], bool]]:
         """One model step for every row -> per request (its deltas, whether it has finished)."""
         self._drop([m for m in self.members if m.cancelled])
+        self.failed = []
         if not self.members:
             return []
-        ids = self._pick().tolist()  # [B][step_tokens]
-        out = []
+        picked, failed = self._pick()
+        ids = picked.tolist()  # [B][step_tokens]
+        now, out = time.monotonic(), []
         for m, row in zip(self.members, self._starts()):
+            if m in failed:
+                self.failed.append((m, failed[m]))
+                continue
             m.steps_left -= 1
+            last = m.steps_left == 0 or now > m.deadline  # out of steps or of time: "length"
             deltas = []
             for i, c in enumerate(m.cutters):
                 if not c.done:
-                    text = c.push(ids[row + i]) + (c.close() if m.steps_left == 0 else "")
+                    text = c.push(ids[row + i]) + (c.close() if last else "")
                     deltas.append(Delta(i, text, c.finish, c.tokens))
             out.append((m, deltas, all(c.done for c in m.cutters)))
-        self._drop([m for m, _, finished in out if finished], torch.tensor(ids, device=self.engine.device))
+        self._drop([m for m, _, finished in out if finished] + list(failed), picked)
         return out
 
     def _starts(self) -> list[int]:
@@ -96,18 +117,35 @@ class Batch:
             row += m.rows
         return starts
 
-    def _pick(self) -> torch.Tensor:
-        """Next ids of every row [B, step_tokens]: one sampling call per group of equal settings."""
+    def _pick(self) -> tuple[torch.Tensor, dict[Member, Exception]]:
+        """Next ids of every row [B, step_tokens]: one sampling call per group of equal settings; a
+        group whose call raises is sampled request by request, and the requests that still raise
+        are returned with their error (their rows of ids are left as they are)."""
         starts = self._starts()
         groups: dict[tuple, list[int]] = {}
         for k, m in enumerate(self.members):
             groups.setdefault(m.r.sampling(), []).append(k)
-        ids = torch.empty(self.rows, self.engine.step_tokens, dtype=torch.long, device=self.engine.device)
-        for ks in groups.values():
+        ids = torch.zeros(self.rows, self.engine.step_tokens, dtype=torch.long, device=self.engine.device)
+        failed: dict[Member, Exception] = {}
+
+        def pick(ks: list[int]) -> None:
             rows = torch.tensor([starts[k] + i for k in ks for i in range(self.members[k].rows)], device=ids.device)
             gens = rng.Rows([self.members[k].gen for k in ks for _ in range(self.members[k].rows)])
             ids[rows] = self.engine.pick(self.h[rows], self.members[ks[0]].r, gens)
-        return ids
+
+        for ks in groups.values():
+            try:
+                pick(ks)
+            except Exception as e:  # noqa: BLE001 - one request's settings or rows: find which, fail it alone
+                if len(ks) == 1:
+                    failed[self.members[ks[0]]] = e
+                    continue
+                for k in ks:
+                    try:
+                        pick([k])
+                    except Exception as e1:  # noqa: BLE001
+                        failed[self.members[k]] = e1
+        return ids, failed
 
     def _drop(self, gone: list[Member], ids: torch.Tensor | None = None) -> None:
         """Remove finished or cancelled requests; with ``ids`` (this step's picks) feed the rest."""
@@ -137,7 +175,10 @@ def stream_alone(engine: Engine, r: GenRequest) -> Iterator[list[Delta]]:
     batch = Batch(engine)
     batch.join([Member.start(engine, r)])
     while batch.members:
-        for _, deltas, _ in batch.step():
+        out = batch.step()
+        if batch.failed:
+            raise batch.failed[0][1]
+        for _, deltas, _ in out:
             yield deltas
 
 
@@ -145,27 +186,53 @@ class StepLoop:
     """A daemon thread stepping one Batch; ``submit`` hands it a request and a sink that receives
     ``(deltas, finished)`` after every step (or the exception that ended the request)."""
 
-    def __init__(self, engine: Engine, max_rows: int, on_step: Callable[[int, int], None] = lambda rows, tokens: None):
-        self.batch, self.max_rows, self.on_step = Batch(engine), max_rows, on_step
+    def __init__(self, engine: Engine, max_rows: int, on_step: Callable[[int, int], None] = lambda rows, tokens: None,
+                 timeout_s: float = float("inf")):
+        self.batch, self.max_rows, self.on_step, self.timeout_s = Batch(engine), max_rows, on_step, timeout_s
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[Member] = []
-        threading.Thread(target=self._run, name="calm-step-loop", daemon=True).start()
+        self.busy_since: float | None = None  # when the work in progress began (None: idle, waiting for requests)
+        self.last_step: float | None = None  # time.monotonic() of the last step done
+        self.restarts = 0  # errors that escaped a step and ended its batch
+        self.stopped = False  # set to end the thread (a replica shutting down; tests)
+        self.thread = threading.Thread(target=self._run, name="calm-step-loop", daemon=True)
+        self.thread.start()
 
     def submit(self, r: GenRequest, sink: Callable) -> Member:
         """Queue a request; set the returned member's ``cancelled`` to drop it."""
-        m = Member.start(self.batch.engine, r, sink)
+        m = Member.start(self.batch.engine, r, sink, self.timeout_s)
         self.inbox.put(m)
         return m
 
+    def health(self, step_timeout_s: float) -> str | None:
+        """None when the loop is alive and not stuck; else why not (for ``check_health``)."""
+        if not self.thread.is_alive():
+            return "the step loop thread has ended"
+        busy = self.busy_since
+        if busy is not None and time.monotonic() - busy > step_timeout_s:
+            return f"the step loop has been in one step for {time.monotonic() - busy:.0f} s (> {step_timeout_s:g} s)"
+        return None
+
     def _admit(self) -> None:
         """Take the queued requests (waiting for one when idle) and join those that fit."""
-        block = not self.batch.members and not self.waiting
+        if not self.batch.members and not self.waiting:
+            self.busy_since = None
+            while not self.stopped:
+                try:
+                    self.waiting.append(self.inbox.get(timeout=1.0))  # wakes now and then to see ``stopped``
+                    break
+                except queue.Empty:
+                    continue
+        self.busy_since = time.monotonic()
         while True:
             try:
-                self.waiting.append(self.inbox.get(block=block))
+                self.waiting.append(self.inbox.get(block=False))
             except queue.Empty:
                 break
-            block = False
+        now = time.monotonic()
+        for m in [m for m in self.waiting if now > m.deadline]:
+            self.waiting.remove(m)
+            self._send(m, RequestTimeout(f"the request waited past its deadline ({self.timeout_s:g} s) without starting"))
         joining, rows = [], self.batch.rows
         while self.waiting and (not rows or rows + self.waiting[0].rows <= self.max_rows):
             m = self.waiting.pop(0)
@@ -181,19 +248,30 @@ class StepLoop:
                 try:
                     self.batch.join([m])
                 except Exception as e:
-                    m.sink(e)
+                    self._send(m, e)
 
     def _run(self) -> None:
-        while True:
-            self._admit()
+        while not self.stopped:
             try:
+                self._admit()
                 out = self.batch.step()
-            except Exception as e:  # a failed step ends every request in it; the loop goes on
+                self.last_step = time.monotonic()
+                for m, e in self.batch.failed:
+                    self._send(m, e)
+                if out:
+                    self.on_step(*step_stats(out))
+                for m, deltas, finished in out:
+                    self._send(m, (deltas, finished))
+            except Exception as e:  # noqa: BLE001 - it ends every request of the batch; the loop goes on
+                self.restarts += 1
                 for m in self.batch.members:
-                    m.sink(e)
+                    self._send(m, e)
                 self.batch = Batch(self.batch.engine)
-                continue
-            if out:
-                self.on_step(*step_stats(out))
-            for m, deltas, finished in out:
-                m.sink((deltas, finished))
+
+    @staticmethod
+    def _send(m: Member, item) -> None:
+        """Hand a request its step; a sink that raises (its consumer is gone) drops that request only."""
+        try:
+            m.sink(item)
+        except Exception:  # noqa: BLE001
+            m.cancelled = True

@@ -1,5 +1,7 @@
 """The ingress side of a completion: start the model streams, turn them into server-sent events or
-one JSON response (OpenAI's shapes, ``pipelines.serve.api``)."""
+one JSON response (OpenAI's shapes, ``pipelines.serve.api``). A model stream that ends with an
+error message (``{"error": {status, message, code, type}}``, ``pipelines.serve.app.error_message``)
+becomes that HTTP status when nothing has been sent yet, else a last event ``{"error": ...}``."""
 
 from typing import Any, AsyncIterator
 
@@ -10,6 +12,7 @@ async def first(handle, g) -> tuple[list, Any]:
     """Start a model stream and wait for its first message, so that overload and model errors become
     an HTTP status before any byte is sent: (first message, the rest of the stream). A message is a
     list of model steps (several when the model ran ahead of the transport), a step a list of deltas."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
     from ray.serve.exceptions import BackPressureError
 
     gen = handle.options(stream=True).stream.remote(g)
@@ -18,9 +21,19 @@ async def first(handle, g) -> tuple[list, Any]:
     except BackPressureError:
         raise api.ApiError(503, "the server is at capacity; retry shortly", code="overloaded",
                            kind="server_error") from None
+    except (ActorDiedError, ActorUnavailableError):
+        raise api.ApiError(503, "the model replica went away; retry shortly", code="model_unavailable",
+                           kind="server_error") from None
     except StopAsyncIteration:
         first = []
+    if isinstance(first, dict):
+        raise failure(first)
     return first, gen
+
+
+def failure(msg: dict) -> api.ApiError:
+    e = msg["error"]
+    return api.ApiError(e["status"], e["message"], code=e["code"], kind=e["type"])
 
 
 async def messages(stream) -> AsyncIterator[list[list[dict]]]:
@@ -32,6 +45,8 @@ async def messages(stream) -> AsyncIterator[list[list[dict]]]:
 
 async def steps(stream) -> AsyncIterator[list[dict]]:
     async for msg in messages(stream):
+        if isinstance(msg, dict):
+            raise failure(msg)
         for step in msg:
             yield step
 
@@ -42,6 +57,9 @@ async def events(rid: str, model: str, streams: list, n: int, prompt_tokens: int
     tokens = 0
     for p, stream in enumerate(streams):
         async for msg in messages(stream):
+            if isinstance(msg, dict):  # the model could not finish: say so in OpenAI's error shape, and end
+                yield api.sse(failure(msg).body())
+                return
             out = []
             for step in msg:
                 for d in step:

@@ -17,8 +17,10 @@ class StopCutter:
 
     def __init__(self, tok: CalmTokenizer, stop: list[str], max_tokens: int):
         self.tok, self.stop, self.max_tokens = tok, [s for s in stop if s], max_tokens
+        self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self.sent = ""  # text already returned
+        self.clear = 0  # no stop string starts before this character of the text (matched incrementally)
         self.finish: str | None = None  # "stop" | "length" once the completion has ended
 
     @property
@@ -50,9 +52,14 @@ class StopCutter:
 
     def _advance(self) -> str:
         text = self.tok.decode(self.ids)
-        cut = min((j for j in (text.find(s) for s in self.stop) if j >= 0), default=-1)
+        # only the new tail is searched: a match starts at or after ``clear`` (the stable text of the
+        # last step less the longest stop string), so the scan per step is short however long the text
+        cut = min((j for j in (text.find(s, self.clear) for s in self.stop) if j >= 0), default=-1)
         if cut >= 0:
             text, self.finish = text[:cut], "stop"
+        elif self.stop:
+            stable = len(text.rstrip("\ufffd"))  # an undecoded byte at the end may still change
+            self.clear = max(self.clear, stable - self.longest + 1)
         if not self.done:
             text = text[: len(text) - self._held_back(text)]
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""  # sent text is never taken back
