@@ -1,8 +1,9 @@
 """The training loop every stage shares (stage 1, CALM, the baseline), run by each Ray Train worker.
 
     plan (TrainPlan, from the driver) -> stage = Stage(plan, device) -> DeepSpeed engine over stage.build()
-    -> resume from Ray Train's latest checkpoint (same identity only) -> until max_steps:
-         next batch of this worker's shard -> stage.step -> backward, optimizer step
+    -> resume from Ray Train's latest checkpoint (same identity only): weights, optimizer, each rank's
+       data position and RNG states -> until max_steps:
+         next batch of this worker's shard (``stream.BatchStream``) -> stage.step -> backward, optimizer step
          every log_every steps and at the last: stage.validate on this rank's held-out slice (summed
          over ranks) -> a metrics record -> progress line -> wall-clock budget -> checkpoint
     -> the final report, carrying rank 0's consolidated model.safetensors
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 
 from calm_core.config import Config
-from calm_core.errors import DataError
 from calm_core.optim import lr_at
 from pipelines.progress import progress
-from pipelines.train.checkpoints import eval_model, resume, save_and_report
+from pipelines.train.checkpoints import WorkerState, eval_model, full_state_dict, resume, save_and_report
 from pipelines.train.metrics import Clock, MetricsLog
+from pipelines.train.stream import BatchStream, StreamPosition
+from pipelines.train.trace import Trace
 from pipelines.train.worker import budget_reached, count_nodes, eager, make_engine, setup_worker
 
 
@@ -68,19 +70,18 @@ def rank_slice(val: dict[str, np.ndarray], rank: int, world: int) -> dict[str, t
     return {k: torch.from_numpy(np.ascontiguousarray(v[:n][rank::world])) for k, v in val.items()}
 
 
-def epoch_batches(shard, batch_size: int, shuffle_buffer: int, seed: int, too_small: str):
-    """Endless batches of a Ray Train dataset shard, reshuffled locally each epoch."""
-    epoch = 0
-    while True:
-        n = 0
-        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                          local_shuffle_buffer_size=shuffle_buffer or None,
-                                          local_shuffle_seed=seed + epoch):
-            n += 1
-            yield b
-        if n == 0:
-            raise DataError(too_small)
-        epoch += 1
+def start_stream(plan: TrainPlan, stage, state: WorkerState | None, rank: int, device: torch.device) -> BatchStream:
+    """This rank's batches from where its checkpoint left them, and its RNG as it was then; on a
+    fresh run, epoch 0 and a distinct random stream per rank (masking, noise, targets)."""
+    import ray.train
+
+    t = getattr(plan.config, plan.section)
+    if state is None:
+        torch.manual_seed(t.seed + 1000 * rank + 1)
+    else:
+        state.restore_rng(device)
+    return BatchStream(ray.train.get_dataset_shard("train"), t.batch_size, t.shuffle_buffer, t.seed, stage.too_small,
+                       state.position if state else StreamPosition(), plan.kind)
 
 
 def validate_start(plan: TrainPlan, stage, engine, val, log, clock_rec: dict, device: torch.device) -> None:
@@ -111,14 +112,16 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     num_nodes = count_nodes()
     if rank == 0:
         progress(f"[{plan.kind}] {world} workers on {num_nodes} node(s)")
-    step, records = resume(engine, plan.identity, rank, plan.kind)
+    state, records = resume(engine, plan.identity, rank, plan.kind)
+    step = state.step if state else 0
     log = MetricsLog(records, plan.live_log, plan.tb_dir) if rank == 0 else None
-    # a distinct random stream per rank (masking, noise, targets), fresh after a resume
-    torch.manual_seed(t.seed + 1000 * rank + 1_000_003 * step + 1)
-    data = epoch_batches(ray.train.get_dataset_shard("train"), t.batch_size, t.shuffle_buffer, t.seed, stage.too_small)
+    trace = Trace(rank, lambda: full_state_dict(engine, d.zero_stage))
+    trace.resumed(state)
+    data = start_stream(plan, stage, state, rank, device)
     clock = Clock(records[-1].get("tokens_seen", 0) if records else 0)
     report = lambda metrics, final: save_and_report(  # noqa: E731
-        engine, step, plan.identity, log, d.zero_stage, rank, metrics, final)
+        engine, WorkerState.capture(step, data.position(), device), plan.identity, log, d.zero_stage, rank,
+        metrics, final)
     stopped_early = False
     if step == 0 and plan.init_weights:  # fine-tuning: where the loaded model stands before its first step
         validate_start(plan, stage, engine, val, log, clock.record(fpt), device)
@@ -132,6 +135,7 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
         engine.step()
         step += 1
         clock.add(stage.tokens_per_batch * world)
+        trace.stepped(step, data)
         if step % t.log_every == 0 or step == t.max_steps:
             with eager(d):
                 val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)

@@ -119,8 +119,10 @@ def _chunks(cfg: Config, train_docs, val_docs, tok: CalmTokenizer):
     # materialised with only the column training reads: while the Train workers hold their CPUs,
     # streaming it to them then needs no Ray Data task (a task the leftover CPU share of a
     # 2-core machine could not schedule would stall training forever)
-    train = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).select_columns(
-        ["tokens"], num_cpus=cfg.data.read_cpus).materialize()
+    # in corpus order (pipelines.train.stream: a resumed run finds its data position in it)
+    train = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).select_columns(["tokens"], num_cpus=cfg.data.read_cpus)
+    train.context.execution_options.preserve_order = True
+    train = train.materialize()
     val = chunk_dataset(val_docs, tok, K, cfg.data.read_cpus).materialize() if val_docs is not None else None
     n_train, need = train.count(), cfg.stage1.batch_size * d.num_workers
     if n_train < need:

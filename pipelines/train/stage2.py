@@ -174,6 +174,9 @@ def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dic
 def _train_blocks(cfg: Config, run: RunDir, kind: str, ae_ident: dict):
     t, d, L = getattr(cfg, SECTIONS[kind]), cfg.distributed, cfg.model.block_chunks
     train_ds, lman = LT.read_latents(run, "train", expected=ae_ident)
+    # blocks in file order, not in read-task completion order: a rerun that resumes then cuts the
+    # same shards (pipelines.train.stream)
+    train_ds.context.execution_options.preserve_order = True
     train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus).materialize()
     n_train = train.count()
     if n_train < t.batch_size * d.num_workers:

@@ -41,6 +41,7 @@ def fit(stage_cls: type, plan: TrainPlan, run: RunDir, datasets: dict):
             worker_runtime_env={"env_vars": worker_env(d)},
         ),
         datasets=datasets,
+        dataset_config=ordered_split(),
     )
     progress(f"[{name}] Ray Train: {d.num_workers} workers x {d.cpus_per_worker} CPU, "
              f"{'GPU' if d.use_gpu else 'CPU'}, DeepSpeed ZeRO-{d.zero_stage}, {resolve_precision(d)}")
@@ -51,6 +52,20 @@ def fit(stage_cls: type, plan: TrainPlan, run: RunDir, datasets: dict):
     if result.checkpoint is None:
         raise ArtifactError(f"{name} finished without a checkpoint; see the worker logs above")
     return result
+
+
+def ordered_split():
+    """Ray Train's DataConfig with ``preserve_order``: each rank's shard of a materialised dataset is
+    then the same blocks in the same order on every run (blocks go to the rank with the fewest rows,
+    in block order; by default they follow locality and timing), which a resumed run's data position
+    relies on (``stream.BatchStream``). Costs the split's locality on multi-node clusters."""
+    import copy
+
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(DataConfig.default_ingest_options())
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def unwrap_training_error(e: Exception) -> Exception:

@@ -17,6 +17,7 @@ import torch
 from calm_core.config import DistributedConfig, TrainConfig
 from calm_core.optim import param_groups
 from pipelines.progress import progress
+from pipelines.train.trace import KILL_ENV, TRACE_ENV
 
 
 def resolve_precision(d: DistributedConfig) -> str:
@@ -42,6 +43,7 @@ def worker_env(d: DistributedConfig) -> dict[str, str]:
     }
     if not d.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    env.update({k: os.environ[k] for k in (TRACE_ENV, KILL_ENV) if os.environ.get(k)})  # tests' debug trace
     return env
 
 
@@ -83,14 +85,17 @@ def setup_worker(d: DistributedConfig) -> torch.device:
 
 
 def make_engine(model: torch.nn.Module, t: TrainConfig, d: DistributedConfig):
-    """AdamW (decoupled weight decay on matrices only) under a DeepSpeed ZeRO engine; compiled with
-    ``distributed.compile``."""
+    """AdamW (decoupled weight decay on matrices only) under a DeepSpeed ZeRO engine that reads its
+    checkpoints with weights_only=True (``safe_load``); compiled with ``distributed.compile``."""
     import deepspeed
+
+    from pipelines.train import safe_load
 
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt,
         config=deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, resolve_precision(d)))
+    safe_load.install(engine)
     compile_step(engine, d)
     return engine
 

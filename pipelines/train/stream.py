@@ -1,0 +1,103 @@
+"""One worker's training batches, endless and resumable to the batch.
+
+Each rank reads its shard of the training dataset (Ray Train's ``streaming_split`` of one
+materialised dataset) epoch after epoch, shuffled locally with seed ``seed + epoch``. Where a
+rank stands is a ``StreamPosition``: the epoch, the batches of it already consumed, and a digest
+of the last one. A checkpoint records every rank's position; a resumed rank starts that epoch with
+the same seed and reads past the consumed batches, so its next batch is the one the interrupted
+run would have read next. The digest of the last batch passed over must equal the recorded one; if
+it does not (the dataset was cut into other blocks, e.g. on a cluster of another size), the rank
+says so and goes on from the same position of the new order.
+
+Why the order is reproducible (Ray 2.60, measured: tests/test_resume.py, tests/test_stage2.py):
+the training dataset is materialised with ``preserve_order`` (its blocks in corpus order, not in
+task completion order: without it two materialisations of the same data differed), Ray Train
+splits it with ``preserve_order`` (``trainer.fit``: blocks go to the rank with the fewest rows, in
+block order, instead of by locality), and ``iter_torch_batches`` with a fixed
+``local_shuffle_seed`` over the same block sequence gives the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from calm_core.errors import DataError
+from pipelines.progress import progress
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a rank's data stream stands: after ``batches`` batches of epoch ``epoch``."""
+
+    epoch: int = 0
+    batches: int = 0  # batches of ``epoch`` consumed
+    last: str = ""  # batch_digest of the last consumed batch ("" before the first)
+
+
+def batch_digest(batch: dict[str, torch.Tensor]) -> str:
+    """A short digest of a batch: its column names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        t = batch[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class BatchStream:
+    """Endless batches of ``shard`` (a Ray Train dataset shard, or anything with Ray Data's
+    ``iter_torch_batches``) from ``start`` on; ``position()`` says where it stands."""
+
+    def __init__(self, shard, batch_size: int, shuffle_buffer: int, seed: int, too_small: str,
+                 start: StreamPosition = StreamPosition(), label: str = "train"):
+        self.shard, self.batch_size, self.shuffle_buffer, self.seed = shard, batch_size, shuffle_buffer, seed
+        self.too_small, self.label = too_small, label
+        self._epoch, self._batches, self._last, self._last_digest = start.epoch, start.batches, None, start.last
+        self._it = self._run(start)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._it)
+
+    def position(self) -> StreamPosition:
+        """The position after the last batch handed out (its digest computed here, not per step)."""
+        if self._last is not None:
+            self._last_digest, self._last = batch_digest(self._last), None
+        return StreamPosition(self._epoch, self._batches, self._last_digest)
+
+    def _epoch_batches(self, epoch: int):
+        return self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
+                                             local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                             local_shuffle_seed=self.seed + epoch)
+
+    def _run(self, start: StreamPosition):
+        epoch, skip = start.epoch, start.batches
+        while True:
+            n = 0
+            for b in self._epoch_batches(epoch):
+                n += 1
+                if n < skip:
+                    continue  # consumed before the checkpoint
+                if n == skip:
+                    self._check_landing(b, start)
+                    continue
+                self._epoch, self._batches, self._last = epoch, n, b
+                yield b
+            if n == 0:
+                raise DataError(self.too_small)
+            if n < skip:
+                progress(f"[{self.label}] warning: epoch {epoch} of this rank's shard has {n} batches, but the "
+                         f"checkpoint had consumed {skip}: the shard differs from the interrupted run's")
+            epoch, skip = epoch + 1, 0
+
+    def _check_landing(self, batch: dict[str, torch.Tensor], start: StreamPosition) -> None:
+        if start.last and batch_digest(batch) != start.last:
+            progress(f"[{self.label}] warning: batch {start.batches} of epoch {start.epoch} of this rank's shard is "
+                     "not the one the interrupted run consumed there (its dataset was cut into other blocks?); "
+                     "training goes on from the same position of this order")
