@@ -1,0 +1,174 @@
+"""What a resume restores, without Ray: the data stream's position (to the batch), the RNG states,
+a restore that refuses an incomplete checkpoint, and DeepSpeed files read with weights_only=True.
+The end-to-end proof (a run killed after a checkpoint, then rerun) is in tests/test_stage2.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calm_core.errors import ArtifactError, DataError
+from pipelines.train.checkpoints import DS_TAG, META, WorkerState, restore_checkpoint, worker_file
+from pipelines.train.stream import BatchStream, StreamPosition, batch_digest
+
+
+class Shard:
+    """Ray Data's ``iter_torch_batches`` over rows 0..n-1 (an "id" column, offset by ``base``): the
+    local shuffle a permutation drawn from the seed, as Ray's is for a fixed block sequence."""
+
+    def __init__(self, n: int, base: int = 0):
+        self.n, self.base, self.calls = n, base, []
+
+    def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size, local_shuffle_seed):
+        assert drop_last
+        self.calls.append(local_shuffle_seed)
+        order = np.random.default_rng(local_shuffle_seed).permutation(self.n) + self.base
+        for i in range(0, self.n - batch_size + 1, batch_size):
+            yield {"id": torch.from_numpy(order[i : i + batch_size].copy())}
+
+
+def _ids(stream, steps: int) -> list[list[int]]:
+    return [next(stream)["id"].tolist() for _ in range(steps)]
+
+
+def test_a_stream_resumed_from_any_position_continues_the_uninterrupted_one(capsys):
+    # 10 rows in batches of 3: 3 batches per epoch (the last row dropped), 12 steps span 4 epochs
+    full = _ids(BatchStream(Shard(10), 3, 4, seed=7, too_small="x"), 12)
+    assert full[0] != full[3]  # each epoch is reshuffled (seed + epoch)
+    for cut in range(12):
+        first = BatchStream(Shard(10), 3, 4, seed=7, too_small="x")
+        head = _ids(first, cut)
+        pos = first.position()
+        assert pos == StreamPosition(cut and (cut - 1) // 3, cut and (cut - 1) % 3 + 1,
+                                     batch_digest({"id": torch.tensor(head[-1])}) if cut else "")
+        shard = Shard(10)
+        tail = _ids(BatchStream(shard, 3, 4, seed=7, too_small="x", start=pos), 12 - cut)
+        assert head + tail == full, cut
+        assert shard.calls[0] == 7 + pos.epoch  # the checkpoint's epoch, with its seed
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_stream_says_so_when_the_shard_is_not_the_one_it_left(capsys):
+    first = BatchStream(Shard(10), 3, 4, seed=7, too_small="x")
+    _ids(first, 2)
+    other = BatchStream(Shard(10, base=100), 3, 4, seed=7, too_small="x", start=first.position())
+    next(other)
+    out = capsys.readouterr().out
+    assert "warning" in out and "batch 2 of epoch 0" in out
+
+
+def test_a_shard_without_one_batch_is_a_data_error():
+    with pytest.raises(DataError, match="too small"):
+        next(BatchStream(Shard(2), 3, 4, seed=0, too_small="too small"))
+
+
+def test_worker_state_restores_the_random_stream():
+    torch.manual_seed(3)
+    torch.rand(5)
+    state = WorkerState.capture(4, StreamPosition(1, 2, "ab"), torch.device("cpu"))
+    want = torch.rand(7)
+    torch.manual_seed(99)
+    back = WorkerState.from_json(state.to_json())
+    assert back == state
+    back.restore_rng(torch.device("cpu"))
+    assert torch.equal(torch.rand(7), want)
+
+
+# ------------------------------------------------------------------ restore_checkpoint, no DeepSpeed
+
+
+class FakeCheckpoint:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+class FakeEngine:
+    def __init__(self, result):
+        self.result, self.loaded = result, False
+
+    def load_checkpoint(self, d, tag, load_optimizer_states, load_lr_scheduler_states):
+        assert tag == DS_TAG and load_optimizer_states
+        self.loaded = True
+        return self.result
+
+
+def _checkpoint(tmp_path: Path, step: int = 3, ranks=(0, 1)) -> FakeCheckpoint:
+    (tmp_path / META).write_text(json.dumps({"step": step, "identity": {"a": 1}, "records": []}))
+    for r in ranks:
+        state = WorkerState(step, StreamPosition(0, step, "d"), {"cpu": ""})
+        (tmp_path / worker_file(r)).write_text(state.to_json())
+    return FakeCheckpoint(tmp_path)
+
+
+def test_restore_returns_the_ranks_own_position(tmp_path):
+    ck = _checkpoint(tmp_path)
+    meta, state = restore_checkpoint(FakeEngine(("p", {"step": 3})), ck, {"a": 1}, rank=1)
+    assert state.step == 3 and state.position == StreamPosition(0, 3, "d") and meta["step"] == 3
+
+
+@pytest.mark.parametrize("case, result, match", [
+    ("no DeepSpeed state", (None, None), "holds no DeepSpeed state"),
+    ("no client step", ("p", {"other": 1}), "client state has no step"),
+    ("another step", ("p", {"step": 6}), "disagrees with itself"),
+])
+def test_restore_refuses_a_checkpoint_missing_what_it_resumes(tmp_path, case, result, match):
+    ck = _checkpoint(tmp_path)
+    with pytest.raises(ArtifactError, match=match) as e:
+        restore_checkpoint(FakeEngine(result), ck, {"a": 1}, rank=0)
+    assert str(tmp_path) in str(e.value), case  # names the checkpoint
+
+
+def test_restore_refuses_a_checkpoint_without_the_ranks_position(tmp_path):
+    engine = FakeEngine(("p", {"step": 3}))
+    with pytest.raises(ArtifactError, match=f"{worker_file(1)}.*rank 1") as e:
+        restore_checkpoint(engine, _checkpoint(tmp_path, ranks=(0,)), {"a": 1}, rank=1)
+    assert str(tmp_path) in str(e.value) and not engine.loaded
+    with pytest.raises(ArtifactError, match="different run"):
+        restore_checkpoint(engine, _checkpoint(tmp_path), {"a": 2}, rank=0)
+
+
+# ------------------------------------------------------------------ DeepSpeed files, weights_only
+
+
+class Planted:
+    """Unpickling this writes a file: what arbitrary code in a checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pipelines.train.safe_load import SafeCheckpointEngine
+
+    engine = SafeCheckpointEngine(None)
+    # what a ZeRO optimizer partition holds (records found in real checkpoints of ZeRO 0-3)
+    good = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                     "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                                     "single_partition_of_fp32_groups": [torch.ones(4)]}, "ds_version": "0.19.8"}
+    torch.save(good, tmp_path / "good.pt")
+    back = engine.load(str(tmp_path / "good.pt"), map_location="cpu")
+    sd = back["optimizer_state_dict"]
+    assert sd["zero_stage"] is ZeroStageEnum.gradients and sd["loss_scaler"].cur_scale == 1.0
+    assert sd["param_slice_mappings"][0]["w"] == fragment_address(numel=4, start=0)
+
+    marker = tmp_path / "pwned"
+    torch.save({**good, "extra": Planted(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(ArtifactError, match="bad.pt.*weights_only=True"):
+        engine.load(str(tmp_path / "bad.pt"), map_location="cpu")
+    assert not marker.exists()
