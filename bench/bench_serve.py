@@ -11,7 +11,7 @@ Needs RUN/calm and/or RUN/baseline (and RUN/ae). Each request streams a completi
 taken from --corpus (the first --prompt-tokens tokens of a document) at temperature 1. For every
 model and concurrency c: c client threads send --requests requests in all; reported are completion
 tokens/s, requests/s, p50/p99 latency, p50 time to first chunk (first streamed text) and the error
-rate. "in-process" is the model's own generation (pipelines.serve.batch, no Ray, no HTTP) of c
+rate. "in-process" is the model's own generation (calm_core.batching, no Ray, no HTTP) of c
 requests with their own prompts at once (one batched prefill, then steps), measured before Ray
 starts and again after it stops (the reference is the mean: this machine's speed drifts by up to
 1.4x between minutes), with all cores and with a model replica's torch threads
@@ -116,15 +116,15 @@ def load_level(url: str, model: str, prompts: list[str], c: int, n_requests: int
 def in_process(engine, prompts: list[str], rows: int, max_tokens: int, repeats: int = 2) -> float:
     """Completion tokens/s of the model generating ``rows`` requests at once, each its own prompt
     and seed (the first ``rows`` of ``prompts``, as the served level sends them): one batched
-    prefill, then steps until the last ends (pipelines.serve.batch.Batch, no Ray, no HTTP)."""
-    from pipelines.serve.batch import Batch, Member
-    from pipelines.serve.engine import GenRequest
+    prefill, then steps until the last ends (calm_core.batching.Batch, no Ray, no HTTP)."""
+    from calm_core.batching import Batch, Member
+    from calm_core.engine import GenRequest
 
     best = 0.0
     for rep in range(repeats + 1):  # the first is a warm-up
         batch = Batch(engine)
         t0 = time.perf_counter()
-        batch.join([Member.start(engine, GenRequest(engine.tok.encode(prompts[i % len(prompts)]), max_tokens=max_tokens,
+        batch.join([Member.start(engine, GenRequest.of(engine.tok.encode(prompts[i % len(prompts)]), max_tokens=max_tokens,
                                                     seed=rep * rows + i)) for i in range(rows)])
         tokens = 0
         while batch.members:
@@ -250,7 +250,7 @@ def main() -> None:
     from calm_core.config import load_config
     from pipelines.ray_env import free_port, init_ray
     from pipelines.serve.app import build_app, direct_ingress
-    from pipelines.serve.engine import BaselineEngine, CalmEngine
+    from calm_core.engine import BaselineEngine, CalmEngine
     from pipelines.storage import RunDir
 
     top = max(args.concurrency)

@@ -25,6 +25,7 @@ from torch import nn
 from calm_core import rng
 from calm_core.config import ModelConfig
 from calm_core.layers import init_weights
+from calm_core.sampling import token_probs
 from calm_core.transformer import backbone_flops_per_position, backbone_of
 
 
@@ -34,26 +35,6 @@ class Branches(NamedTuple):
     logp_true: torch.Tensor  # [B, S, n] log P(y_i | context, y_<i) of the true continuation
     collision1: torch.Tensor  # [B, S] sum_x P(x)^2 of the first token
     logp_next: torch.Tensor  # [B, T, V] log P(next token | tokens up to t): the teacher-forced pass
-
-
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p filtering of probs [B, V]: keep the most likely tokens until their mass reaches top_p
-    (at least one), renormalised; top_p >= 1 returns probs unchanged."""
-    if top_p >= 1.0:
-        return probs
-    p, idx = probs.sort(-1, descending=True)
-    keep = (p.cumsum(-1) - p) < top_p  # the mass before a token is still short of top_p
-    p = p * keep
-    return torch.zeros_like(probs).scatter(-1, idx, p / p.sum(-1, keepdim=True))
-
-
-def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax temperature on probabilities [.., V]: P^(1/T) renormalised; T = 0 keeps the argmax."""
-    if temperature == 1.0:
-        return probs
-    if temperature == 0.0:
-        return nucleus(probs, 1e-9)
-    return (probs.clamp_min(1e-30).log() / temperature).softmax(-1)
 
 
 class TokenLM(nn.Module):
@@ -78,7 +59,8 @@ class TokenLM(nn.Module):
     def branches(self, tokens: torch.Tensor, starts: torch.Tensor, n: int, R: int,
                  generator: rng.Gen = None, temperature: float = 1.0) -> Branches:
         """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]),
-        at softmax ``temperature`` (``tempered``; the log-probabilities returned stay the model's).
+        at softmax ``temperature`` (``calm_core.sampling.token_probs``; the log-probabilities returned
+        stay the model's).
 
         tokens [B, T]; starts [S] with 1 <= e and e + n <= T. -> Branches with samples [B, S, R, n],
         their log-probabilities [B, S, R, n], the true continuation's [B, S, n], the exact
@@ -100,7 +82,7 @@ class TokenLM(nn.Module):
         step_logp = first.repeat_interleave(R, 1)  # [B, S*R, V]
         samples, logps = [], []
         for i in range(n):
-            x = rng.categorical(tempered(step_logp.exp(), temperature), generator)  # [B, S*R]
+            x = rng.categorical(token_probs(step_logp, temperature), generator)  # [B, S*R]
             samples.append(x)
             logps.append(step_logp.gather(-1, x[..., None]).squeeze(-1))
             if i == n - 1:
@@ -118,12 +100,12 @@ class TokenLM(nn.Module):
     def iter_tokens(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 1.0,
                     generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Sample up to n tokens after prompt [B, T] with a KV cache, yielding each [B] as it is drawn.
-        Temperature scales the logits (softmax(logits / T)); ``top_p`` < 1 samples from the smallest
-        set of tokens whose probability reaches top_p (nucleus sampling). This model has likelihoods."""
+        At temperature T the token is drawn from softmax(logits / T) (T = 0: greedy) within the nucleus
+        ``top_p`` (``calm_core.sampling.token_probs``). This model has likelihoods."""
         h, past = self.backbone.prefix(self.embed(prompt.long()))
         logits, T = F.linear(h[:, -1], self.out_weight), prompt.shape[1]
         for i in range(n):
-            probs = nucleus((logits.float() / temperature).softmax(-1), top_p)  # [B, V]
+            probs = token_probs(logits, temperature, top_p)  # [B, V]
             x = rng.categorical(probs, generator)  # [B], on the generator's device
             yield x
             if i == n - 1:

@@ -25,6 +25,7 @@ import torch
 from calm_core import rng
 from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.calm_model import CALM
+from calm_core.sampling import SAMPLERS
 from calm_core.temperature import ExactStats, exact_pick, pick_by_counts
 
 
@@ -41,7 +42,6 @@ def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int,
     return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept
 
 
-SAMPLERS = ("batch", "exact")
 
 
 @torch.no_grad()

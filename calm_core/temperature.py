@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from calm_core import rng
+from calm_core.sampling import exact_attempt_draws
 
 Draw = Callable[[torch.Tensor, int], torch.Tensor]  # (rows [b], n) -> decoded chunks [b, n, K]
 
@@ -87,7 +88,7 @@ def exact_pick(draw: Draw, B: int, temperature: float, device: torch.device | st
     if max_draws < 1:
         raise ValueError(f"max_draws must be >= 1, got {max_draws}")
     s = 1.0 / temperature
-    n = max(1, math.floor(s + 1e-9))
+    n = exact_attempt_draws(temperature)
     a = s - n if s - n > 1e-9 else 0.0
     per_call = 1 if (n, a) == (1, 0.0) else max(n, batch - batch % n)  # whole stage-1 attempts per call
     # one attempt needs n = floor(1/T) draws: never more than max_draws of them at once (T = 1e-6 would

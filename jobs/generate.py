@@ -30,11 +30,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-stop", action="store_true", help="keep generating past end-of-text (a new line per document)")
     args, _, run = parse(p, argv)
-    if not 0.0 < args.temperature <= 1.0:
-        raise ConfigError(f"--temperature must be in (0, 1], got {args.temperature}")
-    for name in ("chunks", "candidates", "samples", "max_draws"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from calm_core.sampling import SamplingError, SamplingParams
+    from pipelines.serve.generation import OFFLINE, Generator
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    try:  # the checks every sampler caller shares (calm_core.sampling); chunks are counted as tokens there
+        SamplingParams(args.chunks, args.temperature, seed=args.seed, candidates=args.candidates, sampler=args.sampler,
+                       max_draws=args.max_draws).check("calm", OFFLINE)
+    except SamplingError as e:
+        flag = "--chunks" if e.param == "max_tokens" else f"--{e.param.replace('_', '-')}"
+        raise ConfigError(f"{flag}: {e}".replace("max_tokens", "chunks")) from None
     import torch
 
     if args.device != "auto":
@@ -44,8 +50,6 @@ def main(argv=None):
             raise ConfigError(f"--device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu or auto")
-    from pipelines.serve.generation import Generator
-
     gen = Generator.from_run(run, args.ae, args.device)
     for i in range(args.samples):
         out = gen.complete(args.prompt, args.chunks, args.temperature, args.candidates, args.seed + i,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from calm_core import agreement as A
 from calm_core import rng
 from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
-from calm_core.baseline import TokenLM, tempered
+from calm_core.baseline import TokenLM
 from calm_core.calm_model import CALM
 from calm_core.config import AEConfig, HeadConfig, ModelConfig
 from calm_core.evaluate import block_generators
@@ -90,10 +90,6 @@ def test_the_sweep_at_temperature_one_is_plain_sampling(models):
     y1, y2 = A.baseline_picks(lm, tokens, starts, K, 1.0, block_generators(3, torch.arange(2)))
     br = lm.branches(tokens, starts, K, 2, generator=block_generators(3, torch.arange(2)))
     assert torch.equal(y1, br.samples.flatten(0, 1)[:, 0]) and torch.equal(y2, br.samples.flatten(0, 1)[:, 1])
-    p = torch.tensor([0.5, 0.3, 0.2])
-    assert tempered(p, 1.0) is p
-    assert tempered(p, 0.5).tolist() == pytest.approx((p ** 2 / (p ** 2).sum()).tolist())
-    assert tempered(p, 0.0).tolist() == [1.0, 0.0, 0.0]
 
 
 def test_lower_temperature_picks_agree_more_often(models):

@@ -10,8 +10,9 @@ import threading
 import pytest
 
 from conftest import write_random_ae, write_random_model
-from pipelines.serve.batch import Batch, Member, RequestTimeout, StepLoop, stream_alone
-from pipelines.serve.engine import BaselineEngine, CalmEngine, GenRequest
+from calm_core.batching import Batch, Member, RequestTimeout, stream_alone
+from calm_core.engine import BaselineEngine, CalmEngine, GenRequest
+from pipelines.serve.batch import StepLoop
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ PROMPTS = ["the cat", "a dog ran to the old tree and sat down", "hello", "she sa
 @pytest.mark.parametrize("kind", ["calm", "baseline"])
 def test_requests_joining_a_running_batch_get_the_text_they_get_alone(engines, kind):
     eng = engines[kind]
-    reqs = [GenRequest(eng.tok.encode(p), **kw) for p, kw in zip(PROMPTS, REQUESTS[kind])]
+    reqs = [GenRequest.of(eng.tok.encode(p), **kw) for p, kw in zip(PROMPTS, REQUESTS[kind])]
     alone = [texts(stream_alone(eng, r)) for r in reqs]
     joins = {0: [0, 1], 1: [2], 3: [3, 4]}  # step -> requests that join before it
     batch, got, rows_seen = Batch(eng), {}, []
@@ -84,12 +85,12 @@ def test_the_step_loop_batches_concurrent_requests_and_survives_a_failing_one(en
                 done[key].set()
         return put
 
-    ok = GenRequest(eng.tok.encode("the cat"), max_tokens=40, seed=1)
+    ok = GenRequest.of(eng.tok.encode("the cat"), max_tokens=40, seed=1)
     loop.submit(ok, sink("a"))
-    loop.submit(GenRequest(eng.tok.encode("a dog"), max_tokens=40, n=2, seed=2), sink("b"))
-    loop.submit(GenRequest([10 ** 6], max_tokens=5), sink("bad"))  # a token id beyond the vocabulary
-    gone = loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=40, seed=3), sink("cancel"))
-    loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=4, n=9), sink("big"))  # more rows than a step takes
+    loop.submit(GenRequest.of(eng.tok.encode("a dog"), max_tokens=40, n=2, seed=2), sink("b"))
+    loop.submit(GenRequest.of([10 ** 6], max_tokens=5), sink("bad"))  # a token id beyond the vocabulary
+    gone = loop.submit(GenRequest.of(eng.tok.encode("hi"), max_tokens=40, seed=3), sink("cancel"))
+    loop.submit(GenRequest.of(eng.tok.encode("hi"), max_tokens=4, n=9), sink("big"))  # more rows than a step takes
     assert done["bad"].wait(60) and isinstance(results["bad"][0], IndexError)
     gone.cancelled = True
     for k in ("a", "b", "big"):
@@ -103,13 +104,14 @@ def test_the_step_loop_batches_concurrent_requests_and_survives_a_failing_one(en
 
 
 class FaultyPick:
-    """An engine whose sampling raises for the rows of requests with ``top_p`` 0.5 (a fault injected
-    into one request's step), whose backbone feed can be made to raise once (a whole step fails) and
+    """An engine whose sampling raises for the rows of chosen requests (a fault injected into one
+    request's step), whose backbone feed can be made to raise once (a whole step fails) and
     whose every pick can be made to hang (a stuck step)."""
 
     def __init__(self, engine):
         self.engine, self.hang = engine, threading.Event()
         self.release, self.feed_fault = threading.Event(), threading.Event()
+        self.poisoned: set[int] = set()  # ids of the generators (requests) whose sampling raises
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -123,9 +125,14 @@ class FaultyPick:
     def pick(self, h, r, gen):
         if self.hang.is_set():
             self.release.wait(60)
-        if r.top_p == 0.5:
+        if any(id(g) in self.poisoned for g in getattr(gen, "gens", [gen])):
             raise RuntimeError("injected fault")
         return self.engine.pick(h, r, gen)
+
+
+class FaultyAll(FaultyPick):
+    def pick(self, h, r, gen):
+        raise RuntimeError("injected fault")
 
 
 def test_a_row_whose_step_raises_fails_its_request_alone(engines):
@@ -133,10 +140,11 @@ def test_a_row_whose_step_raises_fails_its_request_alone(engines):
     each is sampled alone: the faulty one ends with the error, the other gets its text as if alone."""
     eng = engines["baseline"]
     faulty = FaultyPick(eng)
-    good = GenRequest(eng.tok.encode("the cat"), max_tokens=9, seed=1, top_p=0.5 + 1e-9)
-    bad = GenRequest(eng.tok.encode("a dog"), max_tokens=9, seed=2, top_p=0.5)
+    good = GenRequest.of(eng.tok.encode("the cat"), max_tokens=9, seed=1, top_p=0.9)
+    bad = GenRequest.of(eng.tok.encode("a dog"), max_tokens=9, seed=2, top_p=0.9)
     batch = Batch(faulty)
     mg, mb = Member.start(faulty, good), Member.start(faulty, bad)
+    faulty.poisoned.add(id(mb.gen))
     batch.join([mg, mb])
     got = []
     out = batch.step()
@@ -147,20 +155,20 @@ def test_a_row_whose_step_raises_fails_its_request_alone(engines):
         got += [d for _, d, _ in batch.step()]
     assert texts(got) == texts(stream_alone(eng, good))  # the failure did not disturb the other row
     with pytest.raises(RuntimeError, match="injected"):
-        list(stream_alone(faulty, bad))
+        list(stream_alone(FaultyAll(eng), bad))
 
 
 def test_a_request_past_its_deadline_ends_with_length_and_a_waiting_one_times_out(engines):
     eng = engines["baseline"]
     batch = Batch(eng)
-    m = Member.start(eng, GenRequest(eng.tok.encode("the cat"), max_tokens=30, seed=1), timeout_s=0.0)
+    m = Member.start(eng, GenRequest.of(eng.tok.encode("the cat"), max_tokens=30, seed=1), timeout_s=0.0)
     batch.join([m])
     (_, deltas, finished), = batch.step()  # one step, then its time is up
     assert finished and deltas[0].finish == "length" and deltas[0].tokens == 1 and not batch.members
 
     loop = StepLoop(eng, max_rows=4, timeout_s=0.0)
     got, done = [], threading.Event()
-    loop.submit(GenRequest(eng.tok.encode("a dog"), max_tokens=30), lambda item: (got.append(item), done.set()))
+    loop.submit(GenRequest.of(eng.tok.encode("a dog"), max_tokens=30), lambda item: (got.append(item), done.set()))
     assert done.wait(60) and isinstance(got[0], RequestTimeout)
     loop.stopped = True
 
@@ -180,17 +188,17 @@ def test_the_step_loop_survives_an_error_outside_a_step_and_reports_a_stuck_or_d
     def broken_sink(item):
         raise ValueError("a sink that raises")  # its consumer is gone: that request is dropped, no other
 
-    alone = texts(stream_alone(eng, GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1)))
-    loop.submit(GenRequest(eng.tok.encode("hi"), max_tokens=3, seed=1), broken_sink)
-    ok = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    alone = texts(stream_alone(eng, GenRequest.of(eng.tok.encode("the cat"), max_tokens=5, seed=1)))
+    loop.submit(GenRequest.of(eng.tok.encode("hi"), max_tokens=3, seed=1), broken_sink)
+    ok = run(GenRequest.of(eng.tok.encode("the cat"), max_tokens=5, seed=1))
     assert ok[-1][1] and texts(s for s, _ in ok) == alone and loop.restarts == 0
     faulty.feed_fault.set()  # the backbone step of the whole batch raises: its requests end, the loop goes on
-    failed = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    failed = run(GenRequest.of(eng.tok.encode("the cat"), max_tokens=5, seed=1))
     assert isinstance(failed[-1], RuntimeError) and loop.restarts == 1
-    ok = run(GenRequest(eng.tok.encode("the cat"), max_tokens=5, seed=1))
+    ok = run(GenRequest.of(eng.tok.encode("the cat"), max_tokens=5, seed=1))
     assert ok[-1][1] and texts(s for s, _ in ok) == alone
     faulty.hang.set()  # the next step hangs: a stuck loop is unhealthy
-    loop.submit(GenRequest(eng.tok.encode("a"), max_tokens=3), lambda item: None)
+    loop.submit(GenRequest.of(eng.tok.encode("a"), max_tokens=3), lambda item: None)
     import time
     while loop.busy_since is None or loop.health(step_timeout_s=0.01) is None:
         time.sleep(0.01)

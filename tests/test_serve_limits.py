@@ -9,12 +9,13 @@ import json
 
 import pytest
 
+from calm_core.sampling import SamplingLimits
 from pipelines.serve import api
 
 CALM = api.ModelInfo("calm", "calm", context_tokens=256, step_tokens=4)
 BASE = api.ModelInfo("baseline", "baseline", context_tokens=256, step_tokens=1)
-LIMITS = api.Limits(max_body_bytes=1 << 20, max_tokens=64, max_n=4, max_prompts=3, max_request_tokens=200,
-                    max_stops=2, max_stop_chars=5, max_step_draws=400, max_json_depth=4)
+LIMITS = api.Limits(max_prompts=3, max_json_depth=4, sampling=SamplingLimits(
+    max_tokens=64, max_n=4, max_request_tokens=200, max_stops=2, max_stop_chars=5, max_step_draws=400))
 
 
 def encode(text: str) -> list[int]:
@@ -43,10 +44,10 @@ def test_each_limit_is_refused_with_the_field_it_concerns():
     assert refused({**GOOD, "prompt": ["a", "b", "c"], "n": 4, "max_tokens": 17}).param == "max_tokens"  # 204 > 200
     assert refused({**GOOD, "stop": ["a", "b", "c"]}).param == "stop"  # max_stops
     assert refused({**GOOD, "stop": "abcdef"}).param == "stop"  # max_stop_chars
-    assert accepted({**GOOD, "stop": ["abcde", "x"]})[0].stop == ["abcde", "x"]
+    assert accepted({**GOOD, "stop": ["abcde", "x"]})[0].params.stop == ("abcde", "x")
     assert refused({**GOOD, "seed": 1 << 64}).param == "seed"  # beyond what a generator takes
     assert refused({**GOOD, "seed": -(1 << 63) - 1}).param == "seed"
-    assert accepted({**GOOD, "seed": (1 << 64) - 1})[0].seed == (1 << 64) - 1
+    assert accepted({**GOOD, "seed": (1 << 64) - 1})[0].params.seed == (1 << 64) - 1
     # the per-step work budget: n x candidates (batch sampler) or n x max_draws (exact) decoded samples
     assert refused({**GOOD, "temperature": 0.5, "n": 4, "candidates": 101}).param == "candidates"
     assert accepted({**GOOD, "temperature": 0.5, "n": 4, "candidates": 100})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.serve.engine import GenRequest
+from calm_core.engine import GenRequest
+from calm_core.sampling import SamplingError, SamplingLimits, SamplingParams
 
 # OpenAI fields this server does not implement: (is it asked for?, why not); a clear 400, never ignored
 UNSUPPORTED = {
@@ -68,29 +68,21 @@ class CompletionRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (``serve.*``; docs/SERVING.md "Limits and failure behaviour")."""
+    """What one request may ask for (``serve.*``; docs/SERVING.md "Limits and failure behaviour"):
+    the body and prompts here, the sampling settings in ``sampling``."""
 
     max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = 4096
-    max_tokens: int = 1024
-    max_n: int = 16
-    max_candidates: int = 2000
-    max_draws: int = 2000
     max_json_depth: int = 8
     max_prompts: int = 16
-    max_request_tokens: int = 16384
-    max_stops: int = 4
-    max_stop_chars: int = 128
-    max_step_draws: int = 8192
+    max_prompt_tokens: int = 4096
+    sampling: SamplingLimits = SamplingLimits()
 
     @classmethod
     def of(cls, s) -> "Limits":
         """The limits of a ``ServeConfig``."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "max_candidates"]
-        return cls(**{n: getattr(s, n) for n in names})
-
-
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
+        names = [f.name for f in dataclasses.fields(SamplingLimits) if f.name != "max_candidates"]
+        return cls(s.max_body_bytes, s.max_json_depth, s.max_prompts, s.max_prompt_tokens,
+                   SamplingLimits(**{n: getattr(s, n) for n in names}))
 
 
 async def read_body(content_length: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
@@ -177,57 +169,22 @@ class ModelInfo:
         return self.context_tokens - self.step_tokens - prompt_tokens
 
 
-def _check_ranges(r: CompletionRequest, m: ModelInfo, limits: Limits) -> None:
-    if not 1 <= r.max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"max_tokens must be in 1..{limits.max_tokens}, got {r.max_tokens}", "max_tokens")
-    if not 1 <= r.n <= limits.max_n:
-        raise ApiError(400, f"n must be in 1..{limits.max_n}, got {r.n}", "n")
-    hi = 1.0 if m.kind == "calm" else 2.0
-    lo_ok = r.temperature > 0.0 if m.kind == "calm" else r.temperature >= 0.0
-    if not (lo_ok and r.temperature <= hi):
-        why = " (CALM samples without likelihoods: T = 1 is one head sample, T < 1 sharpens)" if m.kind == "calm" else ""
-        span = "(0, 1]" if m.kind == "calm" else "[0, 2]"
-        raise ApiError(400, f"temperature must be in {span} for {m.name}, got {r.temperature}{why}", "temperature")
-    if not 0.0 < r.top_p <= 1.0:
-        raise ApiError(400, f"top_p must be in (0, 1], got {r.top_p}", "top_p")
-    if m.kind == "calm" and r.top_p != 1.0:
-        raise ApiError(400, "top_p needs token probabilities, which CALM does not have; use temperature", "top_p")
-    if not 1 <= r.candidates <= limits.max_candidates:
-        raise ApiError(400, f"candidates must be in 1..{limits.max_candidates}, got {r.candidates}", "candidates")
-    if not 1 <= r.max_draws <= limits.max_draws:
-        raise ApiError(400, f"max_draws must be in 1..{limits.max_draws}, got {r.max_draws}", "max_draws")
-    if r.seed is not None and not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]:
-        raise ApiError(400, f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}", "seed")
-    if m.kind == "calm" and r.temperature < 1.0:
-        per_row = r.max_draws if r.sampler == "exact" else r.candidates
-        if r.n * per_row > limits.max_step_draws:
-            what = "max_draws" if r.sampler == "exact" else "candidates"
-            raise ApiError(400, f"n x {what} = {r.n} x {per_row:,} decoded samples per step is over this server's "
-                                f"budget of {limits.max_step_draws:,} (serve.max_step_draws); lower n or {what}", what)
-    if m.kind == "calm" and r.sampler == "exact" and math.floor(1.0 / r.temperature + 1e-9) > r.max_draws:
-        # one attempt of the exact sampler is floor(1/T) agreeing draws: it could never finish within max_draws
-        raise ApiError(400, f"the exact sampler at temperature {r.temperature} needs {math.floor(1.0 / r.temperature + 1e-9):,} "
-                            f"draws per attempt, more than max_draws ({r.max_draws}); use temperature >= "
-                            f"{1.0 / r.max_draws:.2g} or sampler 'batch'", "temperature")
-
-
 def gen_requests(r: CompletionRequest, m: ModelInfo, encode, limits: Limits) -> list[GenRequest]:
-    """One GenRequest per prompt, checked against the model: ranges, prompt length, context."""
-    _check_ranges(r, m, limits)
+    """One GenRequest per prompt, checked against the model and the limits before any work:
+    the sampling settings (``SamplingParams.check``), the prompts, the context."""
     prompts = [r.prompt] if isinstance(r.prompt, str) else r.prompt
     if not prompts or any(not p for p in prompts):
         raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings", "prompt")
     if len(prompts) > limits.max_prompts:
         raise ApiError(400, f"prompt is a list of {len(prompts)} strings; this server takes at most "
                             f"{limits.max_prompts} per request", "prompt")
-    if r.max_tokens * r.n * len(prompts) > limits.max_request_tokens:
-        raise ApiError(400, f"max_tokens x n x prompts = {r.max_tokens} x {r.n} x {len(prompts)} completion tokens "
-                            f"is over this server's {limits.max_request_tokens:,} per request; split the request",
-                       "max_tokens")
-    stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
-    if len(stop) > limits.max_stops or any(not 1 <= len(s) <= limits.max_stop_chars for s in stop):
-        raise ApiError(400, f"stop must be up to {limits.max_stops} non-empty strings of at most "
-                            f"{limits.max_stop_chars} characters", "stop")
+    stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
+    params = SamplingParams(r.max_tokens, r.temperature, r.top_p, r.n, r.seed, stop, r.candidates, r.sampler,
+                            r.max_draws)
+    try:
+        params.check(m.kind, limits.sampling, prompts=len(prompts))
+    except SamplingError as e:
+        raise ApiError(400, str(e), e.param) from None
     out = []
     for p in prompts:
         ids = encode(p)
@@ -239,8 +196,7 @@ def gen_requests(r: CompletionRequest, m: ModelInfo, encode, limits: Limits) -> 
                                 f"and max_tokens ({r.max_tokens}) need {len(ids) + r.max_tokens + m.step_tokens} "
                                 "with the document boundary; shorten the prompt or lower max_tokens",
                            "max_tokens", "context_length_exceeded")
-        out.append(GenRequest(ids, r.max_tokens, r.temperature, r.top_p, r.n, r.seed, stop, r.candidates,
-                               r.sampler, r.max_draws))
+        out.append(GenRequest(ids, params))
     return out
 
 

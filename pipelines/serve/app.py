@@ -54,7 +54,7 @@ class ModelServer:
         import torch
 
         from pipelines.serve.batch import StepLoop
-        from pipelines.serve.engine import BaselineEngine, CalmEngine
+        from calm_core.engine import BaselineEngine, CalmEngine
 
         s = ServeConfig(**settings)
         torch.set_num_threads(max(1, s.threads_per_replica))
@@ -125,11 +125,11 @@ class ModelServer:
             self.open -= 1
             m.cancelled = True  # the client went away: the loop drops the rows at its next step
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda rs: sum(r.n for r in rs))
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=lambda rs: sum(r.params.n for r in rs))
     async def _window(self, rs: list):
         """``serve_batch``: the requests Serve collected, stepped together until the last one ends."""
 
-        from pipelines.serve.batch import Batch, Member, step_stats
+        from calm_core.batching import Batch, Member, step_stats
 
         batch = Batch(self.engine)
         members, results = [], [StopIteration] * len(rs)

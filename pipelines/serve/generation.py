@@ -18,9 +18,15 @@ from calm_core.artifacts import load_ae, load_model
 from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.calm_model import CALM
 from calm_core.generate import generate, prompt_chunks
+from calm_core.sampling import SamplingLimits, SamplingParams
 from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.storage import RunDir
+
+
+# offline, the user pays for what they ask: no budget but the exact sampler's floor (one attempt must fit)
+OFFLINE = SamplingLimits(max_tokens=1 << 40, max_n=1 << 20, max_candidates=1 << 40, max_draws=1 << 40,
+                         max_step_draws=1 << 62, max_request_tokens=1 << 62)
 
 
 @dataclass
@@ -44,10 +50,11 @@ class Generator:
         """Continue ``prompt`` by ``chunks`` chunks (K tokens each). The text stops at the first
         end-of-text, or (``stop_at_end=False``) shows every document break as a new line. Sampling
         stays on the model's device (a generator seeded with ``seed`` there); ``sampler`` "exact"
-        reports its draws and attempt-cap fallbacks under "exact"."""
-        if chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        reports its draws and attempt-cap fallbacks under "exact". Settings out of range raise
+        ``calm_core.sampling.SamplingError`` naming them."""
         tok, K, L = self.tok, self.model.K, self.model.mcfg.block_chunks
+        SamplingParams(max(chunks, 0) * K, temperature, seed=seed, candidates=candidates, sampler=sampler,
+                       max_draws=max_draws).check("calm", OFFLINE)  # SamplingError (a ValueError) naming the setting
         ids = tok.encode(prompt)
         room = max(0, L - chunks - 1) * K  # prompt tokens that fit in the trained context with the output
         context, kept = prompt_chunks(ids[len(ids) - room:] if len(ids) > room else ids, K, tok.eot_id, tok.pad_id,

@@ -3,7 +3,7 @@
 import pytest
 
 from calm_core.tokenizer import CalmTokenizer
-from pipelines.serve.text import StopCutter
+from calm_core.stops import StopCutter
 
 
 @pytest.fixture(scope="module")

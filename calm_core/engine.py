@@ -1,21 +1,21 @@
-"""What a served model computes, in plain PyTorch: CALM and the baseline as engines that continue
-many requests at once, one model step at a time (CALM: a chunk of K tokens per step; the baseline:
-one token).
+"""What a model computes to continue many requests at once, one model step at a time (CALM: a
+chunk of K tokens per step; the baseline: one token), in plain PyTorch.
 
-An engine gives three things to ``pipelines.serve.batch.Batch``, which batches requests:
-``prefill`` (the prompts of the requests that join -> their KV cache and last hidden states, in one
-pass), ``pick`` (hidden states of rows that
-share sampling settings -> their next token ids) and ``feed`` (the ids just picked -> next inputs).
-A request's ``n`` completions are n rows of the same prompt. Sampling stays on the model's device
-with a generator seeded by the request's ``seed``; in a batch each request's rows draw from its own
-generator (``calm_core.rng.Rows``), so a seeded request gives the same text streamed or not, alone or
-batched with others (up to floating-point rounding of batched matmuls).
+An engine gives three things to ``calm_core.batching.Batch``, which batches requests: ``prefill``
+(the prompts of the requests that join -> their KV cache and last hidden states, in one pass),
+``pick`` (hidden states of rows that share sampling settings -> their next token ids) and ``feed``
+(the ids just picked -> next inputs). A request's ``n`` completions are n rows of the same prompt.
+Sampling stays on the model's device with a generator seeded by the request's ``seed``; in a batch
+each request's rows draw from its own generator (``calm_core.rng.Rows``), so a seeded request gives
+the same text streamed or not, alone or batched with others (up to floating-point rounding of
+batched matmuls). The settings are one ``calm_core.sampling.SamplingParams``, checked against
+their limits where the request is accepted.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,31 +23,26 @@ import torch.nn.functional as F
 
 from calm_core import rng
 from calm_core.artifacts import load_ae, load_model
-from calm_core.baseline import nucleus
 from calm_core.generate import chunk_inputs, next_chunks, prompt_chunks
 from calm_core.ragged import RaggedCache
+from calm_core.sampling import SamplingParams, token_probs
 from calm_core.tokenizer import CalmTokenizer
 from calm_core.transformer import Backbone
 
 
 @dataclass(frozen=True)
 class GenRequest:
-    """A validated completion request for one model (``pipelines.serve.api`` builds it)."""
+    """A prompt (token ids) and how to continue it."""
 
     prompt_ids: list[int]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0  # the baseline's nucleus sampling
-    n: int = 1
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    candidates: int = 200  # CALM, temperature < 1: head samples per step (batch approximation)
-    sampler: str = "batch"  # CALM, temperature < 1: "batch" or "exact"
-    max_draws: int = 2000  # CALM's exact sampler: draws per step before its fallback
+    params: SamplingParams = SamplingParams()
 
-    def sampling(self) -> tuple:
-        """The settings that must be equal for rows to be sampled in one call."""
-        return self.temperature, self.top_p, self.candidates, self.sampler, self.max_draws
+    @classmethod
+    def of(cls, prompt_ids: list[int], **settings) -> "GenRequest":
+        """``GenRequest.of(ids, max_tokens=8, temperature=0.5, ...)``: the settings of SamplingParams."""
+        if "stop" in settings:
+            settings["stop"] = tuple(settings["stop"] or ())
+        return cls(list(prompt_ids), SamplingParams(**settings))
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ class Engine(ABC):
     def prefill(self, rs: list[GenRequest]) -> tuple[torch.Tensor, RaggedCache]:
         """Prompts of several requests in one pass (``RaggedCache.prefill``) -> (hidden state after
         each prompt for each of its request's n rows [sum n, d], their cache)."""
-        return RaggedCache.prefill(self.backbone, [self.inputs(r) for r in rs], [r.n for r in rs])
+        return RaggedCache.prefill(self.backbone, [self.inputs(r) for r in rs], [r.params.n for r in rs])
 
     @abstractmethod
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
@@ -108,7 +103,8 @@ class CalmEngine(Engine):
 
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
-        return next_chunks(self.model, self.ae, h, r.temperature, r.candidates, gen, r.sampler, r.max_draws)
+        p = r.params
+        return next_chunks(self.model, self.ae, h, p.temperature, p.candidates, gen, p.sampler, p.max_draws)
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -132,10 +128,8 @@ class BaselineEngine(Engine):
 
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
-        # temperature 0 is greedy: nucleus sampling with a vanishing top_p keeps only the most likely token
-        t, top_p = (1.0, 1e-9) if r.temperature == 0.0 else (r.temperature, r.top_p)
         logits = F.linear(h, self.model.out_weight)  # [b, V]
-        return rng.categorical(nucleus((logits.float() / t).softmax(-1), top_p), gen)[:, None]  # [b, 1]
+        return rng.categorical(token_probs(logits, r.params.temperature, r.params.top_p), gen)[:, None]  # [b, 1]
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
