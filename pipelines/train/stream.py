@@ -9,10 +9,10 @@ run would have read next. The digest of the last batch passed over must equal th
 it does not (the dataset was cut into other blocks, e.g. on a cluster of another size), the rank
 says so and goes on from the same position of the new order.
 
-Why the order is reproducible (Ray 2.60, measured: tests/test_resume.py, tests/test_stage2.py):
+Why the order is reproducible (Ray 2.60; docs/TRAINING.md, proved by tests/test_stage2.py):
 the training dataset is materialised with ``preserve_order`` (its blocks in corpus order, not in
 task completion order: without it two materialisations of the same data differed), Ray Train
-splits it with ``preserve_order`` (``trainer.fit``: blocks go to the rank with the fewest rows, in
+splits it with ``preserve_order`` (``trainer.ordered_split``: blocks go to the rank with the fewest rows, in
 block order, instead of by locality), and ``iter_torch_batches`` with a fixed
 ``local_shuffle_seed`` over the same block sequence gives the same batches.
 """

@@ -6,8 +6,7 @@ tests prove that a resumed run continues the interrupted one exactly (tests/test
                                after the step; at a resume rank 0 writes the weights it loaded to
                                DIR/resumed_step<s>.safetensors
     CALM_TRAIN_KILL_AFTER=N    every rank SIGKILLs itself after step N (a lost node), once Ray Train's
-                               controller has had time to register the last checkpoint (it polls the
-                               workers every 2 s)
+                               controller has taken the rank's last report (``settle``)
 
 Both are read on the workers (``worker.worker_env`` passes them on from the driver's environment);
 unset, nothing is computed or written.
@@ -29,7 +28,7 @@ from calm_core.checkpoint import save_weights
 from pipelines.train.stream import BatchStream
 
 TRACE_ENV, KILL_ENV = "CALM_TRAIN_TRACE", "CALM_TRAIN_KILL_AFTER"
-KILL_PAUSE_S = 6.0  # > 2 controller polls of 2 s: the last report is registered before the kill
+SETTLE_S = 2.0  # after the controller took the last report: time to register its checkpoint
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -66,5 +65,19 @@ class Trace:
             with open(self.dir / f"rank{self.rank}.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if self.kill_after and step == self.kill_after:
-            time.sleep(KILL_PAUSE_S)
+            settle()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def settle() -> None:
+    """Wait until Ray Train's controller has taken this rank's last report, then ``SETTLE_S``: a kill
+    before it (the controller polls every 2 s) would lose a checkpoint ``ray.train.report`` already
+    returned from. Ray 2.60 keeps the reports in a queue of one that the poll empties (an internal
+    API: without it, a fixed pause)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        get_train_context().get_result_queue().join()
+    except (ImportError, AttributeError):
+        time.sleep(3 * SETTLE_S)
+    time.sleep(SETTLE_S)
