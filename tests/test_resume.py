@@ -172,3 +172,69 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
     with pytest.raises(ArtifactError, match="bad.pt.*weights_only=True"):
         engine.load(str(tmp_path / "bad.pt"), map_location="cpu")
     assert not marker.exists()
+
+
+ENGINE_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+from calm_core.config import load_config
+from calm_core.errors import ArtifactError
+from pipelines.train.checkpoints import DS_TAG
+from pipelines.train.worker import make_engine
+
+folder, marker, planted = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+cfg = load_config("debug", ["distributed.zero_stage=2"])
+
+def engine():
+    torch.manual_seed(0)
+    return make_engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), cfg.stage1, cfg.distributed)
+
+e = engine()
+e.backward(e(torch.randn(16, 4)).sum())
+e.step()
+e.save_checkpoint(str(folder), tag=DS_TAG, client_state={"step": 1})
+out = {"engine": type(e.checkpoint_engine).__name__, "files": sorted(p.name for p in (folder / DS_TAG).iterdir())}
+path, client = engine().load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True)
+out["clean"] = client["step"]
+target = folder / DS_TAG / planted
+sd = e.checkpoint_engine.load(str(target), map_location="cpu")
+sd["extra"] = PLANTED
+torch.save(sd, target)
+try:
+    engine().load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True)
+    out["planted"] = "loaded"
+except ArtifactError as err:
+    out["planted"] = str(err)
+out["marker"] = os.path.exists(marker)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_the_training_engine_refuses_a_checkpoint_holding_a_pickled_object(tmp_path, planted):
+    """The engine training builds (``worker.make_engine``, ZeRO-2) loads its own checkpoint through
+    the weights_only engine, and refuses one whose model states or optimizer partition hold a
+    pickled object, without running it (DeepSpeed in a one-rank subprocess: no Ray, ~10 s)."""
+    import subprocess
+    import sys
+
+    from pipelines.ray_env import free_port
+
+    marker = tmp_path / "pwned"
+    code = ("class Planted:\n    def __reduce__(self):\n        return (open, (sys.argv[2], 'w'))\n"
+            "PLANTED = Planted()\n")
+    script = ENGINE_SCRIPT.replace("e = engine()", code + "e = engine()", 1)
+    env = {**__import__("os").environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ck"), str(marker), planted],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["engine"] == "SafeCheckpointEngine" and planted in out["files"] and out["clean"] == 1
+    assert planted in out["planted"] and "weights_only=True" in out["planted"], out["planted"]
+    assert out["marker"] is False and not marker.exists()

@@ -16,25 +16,46 @@ from pipelines.storage import RunDir
 pytestmark = pytest.mark.slow
 
 
+def _trace(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _steps(run_path):
     return [json.loads(line)["step"] for line in (run_path / "ae" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_checkpoint_then_rerun_resumes(ray_session, tiny_corpus, tmp_path):
+def test_two_workers_checkpoint_then_rerun_resumes(ray_session, tiny_corpus, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pipelines.train.trace import TRACE_ENV
+
     run_path = tmp_path / "run"
     run = RunDir(str(run_path))
     # a wall-clock budget of ~0 stops the first invocation at its first log boundary (step 3),
     # like a job that was cut short; its checkpoint is the resume point
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace" / "cut"))
     cut = load_config("debug", ["stage1.max_minutes=0.0001", "distributed.zero_stage=2"])
     m1 = run_stage1(cut, str(tiny_corpus), run)
     assert m1["metrics"]["step"] == 3 and m1["metrics"]["stopped_early"] is True
     assert (run_path / "_train" / "stage1").is_dir()
+    cut_weights = load_file(run_path / "ae" / "model.safetensors")  # published from the step-3 checkpoint
 
-    # the same command without the budget resumes: the step count continues from 3 to 6
+    # the same command without the budget resumes: the step count continues from 3 to 6, from the
+    # weights of the checkpoint, each rank's data where it stopped
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace" / "resumed"))
     full = load_config("debug", ["distributed.zero_stage=2"])
     m2 = run_stage1(full, str(tiny_corpus), run)
     assert m2["metrics"]["step"] == 6 and m2["metrics"]["stopped_early"] is False
     assert _steps(run_path) == [3, 6]  # step 3 logged by the first invocation, 6 by the resumed one
+    resumed_weights = load_file(tmp_path / "trace" / "resumed" / "resumed_step3.safetensors")
+    assert resumed_weights.keys() == cut_weights.keys()
+    assert all(torch.equal(resumed_weights[k], v) for k, v in cut_weights.items())
+    for r in (0, 1):
+        before, after = (_trace(tmp_path / "trace" / part / f"rank{r}.jsonl") for part in ("cut", "resumed"))
+        assert [t["step"] for t in before] == [1, 2, 3] and [t["step"] for t in after] == [4, 5, 6]
+        pos = [(t["epoch"], t["batches"]) for t in before + after]
+        assert pos[0] == (0, 1) and all(b in ((e, n + 1), (e + 1, 1)) for (e, n), b in zip(pos, pos[1:])), pos
+        assert len({t["batch"] for t in before + after}) == 6
     for key in ("val_acc_mu", "val_acc_sample", "val_acc_noise", "active_dims", "rec_loss", "kl", "tokens_per_s"):
         assert key in m2["metrics"], key
 

@@ -1,6 +1,7 @@
 """Stage 2 and the baseline through a real 2-CPU Ray cluster: Ray Train + DeepSpeed ZeRO on the
-latents Parquet, checkpoint and resume by rerun, artifacts that load with plain PyTorch, and
-latents of another AE refused."""
+latents Parquet, a run killed after a checkpoint that resumes on rerun exactly where it stopped
+(weights, optimizer, data position, RNG), artifacts that load with plain PyTorch, and latents of
+another AE refused."""
 
 import json
 import subprocess
@@ -17,6 +18,7 @@ from calm_core.errors import ArtifactError
 from pipelines.serve.generation import Generator
 from pipelines.data.precompute import precompute_latents
 from pipelines.train.stage2 import run_stage2
+from pipelines.train.trace import KILL_ENV, TRACE_ENV, weights_digest
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -30,25 +32,67 @@ def _steps(path):
 @pytest.fixture(scope="module")
 def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
     """The one run the tests below inspect (trained once: they only read it): a random AE, its
-    latents, CALM on 2 workers cut at step 3 by its wall-clock budget then resumed by the same
-    command without the budget to step 6, and the baseline trained 12 steps on the same blocks."""
+    latents, CALM on 2 workers killed (SIGKILL, every rank) after step 5, its last checkpoint at
+    step 3, then resumed by the same command to step 6, every step traced (``pipelines.train.trace``);
+    and the baseline trained 12 steps on the same blocks."""
     tmp = tmp_path_factory.mktemp("stage2")
     corpus = tmp / "corpus.txt"
     corpus.write_text(tiny_corpus_text)
     run = RunDir(str(tmp / "run"))
     make_ae(tmp / "run" / "ae", tiny_corpus_text)
     precompute_latents(load_config("debug"), str(corpus), run)
-    cut = run_stage2(load_config("debug", ["stage2.max_minutes=0.0001", "distributed.zero_stage=2"]), run, "calm")
     full = load_config("debug", ["distributed.zero_stage=2"])
-    calm = run_stage2(full, run, "calm")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TRACE_ENV, str(tmp / "trace" / "killed"))
+        env.setenv(KILL_ENV, "5")
+        with pytest.raises(Exception) as killed:
+            run_stage2(full, run, "calm")
+        env.delenv(KILL_ENV)
+        env.setenv(TRACE_ENV, str(tmp / "trace" / "resumed"))
+        calm = run_stage2(full, run, "calm")
     baseline = run_stage2(load_config("debug", ["baseline.max_steps=12", "baseline.log_every=6"]), run, "baseline")
-    return SimpleNamespace(root=tmp / "run", run=run, corpus=corpus, full=full, cut=cut, calm=calm, baseline=baseline)
+    return SimpleNamespace(root=tmp / "run", run=run, corpus=corpus, full=full, killed=killed.value, calm=calm,
+                           baseline=baseline, trace=tmp / "trace")
 
 
-def test_calm_cut_short_resumes_from_its_checkpoint_on_rerun(trained):
-    assert trained.cut["metrics"]["step"] == 3 and trained.cut["metrics"]["stopped_early"] is True
-    assert trained.calm["metrics"]["step"] == 6
-    assert _steps(trained.root / "calm" / "metrics.jsonl") == [3, 6]  # 3 from the cut run, 6 from the resumed one
+def _trace(folder: Path) -> dict[int, dict[int, dict]]:
+    """{rank: {step: record}} of a traced run."""
+    return {r: {rec["step"]: rec for rec in map(json.loads, (folder / f"rank{r}.jsonl").read_text().splitlines())}
+            for r in (0, 1)}
+
+
+def _checkpoints(root: Path) -> dict[int, Path]:
+    """{step: folder} of the CALM run's kept Ray Train checkpoints."""
+    folders = [c for c in (root / "_train" / "stage2").glob("checkpoint_*") if c.is_dir()]
+    return {json.loads((c / "meta.json").read_text())["step"]: c for c in folders}
+
+
+def test_calm_killed_after_a_checkpoint_resumes_its_weights_optimizer_and_data(trained):
+    from safetensors.torch import load_file
+
+    assert "CalmError" not in type(trained.killed).__name__  # the kill, not a refusal
+    killed, resumed = _trace(trained.trace / "killed"), _trace(trained.trace / "resumed")
+    for r in (0, 1):
+        assert sorted(killed[r]) == [1, 2, 3, 4, 5] and sorted(resumed[r]) == [4, 5, 6]
+        # after the restart every rank reads the batches the killed run read after its checkpoint,
+        # at the same data position, and its weights after each step are bit for bit the killed
+        # run's (so the optimizer state and the random draws were restored too)
+        for step in (4, 5):
+            assert resumed[r][step] == killed[r][step], (r, step)
+    assert [killed[0][s]["batch"] for s in (1, 2, 3, 4, 5)] != [killed[1][s]["batch"] for s in (1, 2, 3, 4, 5)]
+
+    # the weights loaded at the resume are the checkpoint's: DeepSpeed's saved module (read here
+    # with plain torch.load) and the killed run's after step 3
+    loaded = load_file(trained.trace / "resumed" / "resumed_step3.safetensors")
+    ck = _checkpoints(trained.root)[3]
+    module = torch.load(ck / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    assert loaded.keys() == module.keys()
+    for k, v in module.items():
+        assert torch.equal(loaded[k], v.float()), k
+    assert weights_digest(loaded) == killed[0][3]["weights"]
+
+    assert trained.calm["metrics"]["step"] == 6 and trained.calm["metrics"]["stopped_early"] is False
+    assert _steps(trained.root / "calm" / "metrics.jsonl") == [3, 6]  # 3 from the killed run, 6 from the resumed one
 
 
 def test_calm_manifest_counts_tokens_and_training_flops(trained):
@@ -126,3 +170,4 @@ def test_latents_of_another_ae_are_refused(ray_session, tiny_corpus, tmp_path, m
     make_ae(other, tiny_corpus.read_text(), seed=5)
     with pytest.raises(ArtifactError, match="ae_sha256"):
         run_stage2(load_config("debug"), run, "calm", ae_path=str(other))
+
