@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token} RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1  # its own Ray, with its own token
 exec .venv/bin/python jobs/run_all.py "$@"
