@@ -90,8 +90,8 @@ def main() -> None:
     from pipelines.serve.app import build_app
 
     text = Path(args.corpus).read_text(errors="replace")[:200_000]
-    prompts = [" ".join(d.split()[:12]) for d in text.split("\n") if len(d.split()) > 12][:8]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    prompts = [" ".join(d.split()[:6]) for d in text.split("\n") if len(d.split()) > 6][:8]
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"run": args.run, "config": "demo", **dict(o.split("=", 1) for o in args.overrides)}),
@@ -104,13 +104,14 @@ def main() -> None:
     def hostile():
         for name, body in CRAFTED.items():
             code, out, s = post(url, body)
-            crafted[name] = (code, json.loads(out)["error"]["code"] if code >= 400 else None, s)
+            err = json.loads(out)["error"] if code >= 400 else {}
+            crafted[name] = (code, err.get("code") or err.get("param"), s)
 
     th = threading.Thread(target=hostile)
     th.start()
     busy = streams(url, prompts, args.max_tokens)
     th.join()
-    print(f"\n{'crafted request':36} {'status':>6} {'code':>26} {'seconds':>8}")
+    print(f"\n{'crafted request':36} {'status':>6} {'code or param':>26} {'seconds':>8}")
     for name, (code, err, s) in crafted.items():
         print(f"{name:36} {code:>6} {str(err):>26} {s:8.3f}")
     m_alone, m_busy = statistics.median(alone), statistics.median(busy)
