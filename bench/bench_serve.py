@@ -270,8 +270,8 @@ def main() -> None:
     run = RunDir(args.run)
     device = "cuda" if cfg.serve.device == "auto" and torch.cuda.is_available() else cfg.serve.device
     device = "cpu" if device == "auto" else device  # in-process generation on the replicas' device
-    engines = {"calm": lambda: CalmEngine(run.local_artifact("ae"), run.local_artifact("calm"), device),
-               "baseline": lambda: BaselineEngine(run.local_artifact("baseline"), device)}
+    engines = {"calm": lambda: CalmEngine.load(run.local_artifact("ae"), run.local_artifact("calm"), device),
+               "baseline": lambda: BaselineEngine.load(run.local_artifact("baseline"), device)}
     cores = os.cpu_count() or 1
     prompts: dict[str, list[str]] = {}
 

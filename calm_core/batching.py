@@ -38,15 +38,17 @@ class Member:
     sink: Callable | None = None  # StepLoop: receives (deltas, finished) or an exception
     cancelled: bool = False  # set by the consumer when its client has gone
     deadline: float = float("inf")  # time.monotonic() after which the request ends ("length")
+    ids: list[list[int]] | None = None  # keep_ids: every id picked for each completion, as picked
 
     @classmethod
     def start(cls, engine: Engine, r: GenRequest, sink: Callable | None = None,
-              timeout_s: float = float("inf")) -> "Member":
+              timeout_s: float = float("inf"), keep_ids: bool = False) -> "Member":
         p = r.params
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         return cls(r, rng.generator_for(engine.device, seed),
-                   [StopCutter(engine.tok, list(p.stop), p.max_tokens) for _ in range(p.n)],
-                   -(-p.max_tokens // engine.step_tokens), sink, deadline=time.monotonic() + timeout_s)
+                   [StopCutter(engine.tok, list(p.stop), p.max_tokens, p.ignore_eos) for _ in range(p.n)],
+                   -(-p.max_tokens // engine.step_tokens), sink, deadline=time.monotonic() + timeout_s,
+                   ids=[[] for _ in range(p.n)] if keep_ids else None)
 
 
     @property
@@ -97,6 +99,8 @@ class Batch:
             deltas = []
             for i, c in enumerate(m.cutters):
                 if not c.done:
+                    if m.ids is not None:
+                        m.ids[i] += ids[row + i]
                     text = c.push(ids[row + i]) + (c.close() if last else "")
                     deltas.append(Delta(i, text, c.finish, c.tokens))
             out.append((m, deltas, all(c.done for c in m.cutters)))

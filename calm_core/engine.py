@@ -23,9 +23,13 @@ import torch.nn.functional as F
 
 from calm_core import rng
 from calm_core.artifacts import load_ae, load_model
+from calm_core.autoencoder import ChunkAutoencoder
+from calm_core.baseline import TokenLM
+from calm_core.calm_model import CALM
 from calm_core.generate import chunk_inputs, next_chunks, prompt_chunks
 from calm_core.ragged import RaggedCache
 from calm_core.sampling import SamplingParams, token_probs
+from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
 from calm_core.transformer import Backbone
 
@@ -87,14 +91,19 @@ class Engine(ABC):
 class CalmEngine(Engine):
     """CALM: backbone, energy head and the AE decoder; K tokens per step."""
 
-    def __init__(self, ae_dir: str | Path, calm_dir: str | Path, device: str = "cpu"):
+    def __init__(self, model: CALM, ae: ChunkAutoencoder, tok: CalmTokenizer):
+        self.model, self.ae = model.eval(), ae.eval()
+        self.backbone = self.model.backbone
+        self.stats: ExactStats | None = None  # set to count the exact sampler's draws and fallbacks
+        K = self.model.K
+        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * K, K)
+
+    @classmethod
+    def load(cls, ae_dir: str | Path, calm_dir: str | Path, device: str = "cpu") -> "CalmEngine":
+        """RUN/calm and the AE it was trained on (checked by hash), onto ``device``."""
         ae = load_ae(ae_dir)
         calm = load_model(calm_dir, "calm", expected_ae_sha256=ae.sha256)
-        dev = torch.device(device)
-        self.model, self.ae = calm.model.to(dev).eval(), ae.model.to(dev).eval()
-        self.backbone = self.model.backbone
-        K = self.model.K
-        super().__init__(calm.tok, dev, self.model.mcfg.block_chunks * K, K)
+        return cls(calm.model.to(device), ae.model.to(device), calm.tok)
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:
@@ -104,7 +113,7 @@ class CalmEngine(Engine):
     @torch.no_grad()
     def pick(self, h: torch.Tensor, r: GenRequest, gen: rng.Gen) -> torch.Tensor:
         p = r.params
-        return next_chunks(self.model, self.ae, h, p.temperature, p.candidates, gen, p.sampler, p.max_draws)
+        return next_chunks(self.model, self.ae, h, p.temperature, p.candidates, gen, p.sampler, p.max_draws, self.stats)
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -114,12 +123,15 @@ class CalmEngine(Engine):
 class BaselineEngine(Engine):
     """The same-backbone Transformer over tokens; one token per step."""
 
-    def __init__(self, baseline_dir: str | Path, device: str = "cpu"):
-        art = load_model(baseline_dir, "baseline")
-        dev = torch.device(device)
-        self.model = art.model.to(dev).eval()
+    def __init__(self, model: TokenLM, tok: CalmTokenizer):
+        self.model = model.eval()
         self.backbone = self.model.backbone
-        super().__init__(art.tok, dev, self.model.mcfg.block_chunks * self.model.K, 1)
+        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * self.model.K, 1)
+
+    @classmethod
+    def load(cls, baseline_dir: str | Path, device: str = "cpu") -> "BaselineEngine":
+        art = load_model(baseline_dir, "baseline")
+        return cls(art.model.to(device), art.tok)
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:

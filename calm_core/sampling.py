@@ -63,6 +63,7 @@ class SamplingParams:
     candidates: int = 200
     sampler: str = "batch"
     max_draws: int = 2000
+    ignore_eos: bool = False  # go on past end-of-text (offline generation's --no-stop; ids are kept)
 
     def group(self) -> tuple:
         """The settings that must be equal for rows to be sampled in one call."""

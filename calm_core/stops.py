@@ -15,8 +15,9 @@ from calm_core.tokenizer import CalmTokenizer
 class StopCutter:
     """One completion's text: ``push`` the ids of a step, get the new text that is safe to send."""
 
-    def __init__(self, tok: CalmTokenizer, stop: list[str], max_tokens: int):
+    def __init__(self, tok: CalmTokenizer, stop: list[str], max_tokens: int, ignore_eos: bool = False):
         self.tok, self.stop, self.max_tokens = tok, [s for s in stop if s], max_tokens
+        self.ignore_eos = ignore_eos  # end-of-text is kept as a token and does not end the completion
         self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self.sent = ""  # text already returned
@@ -32,7 +33,7 @@ class StopCutter:
         for i in ids:
             if self.done:
                 break
-            if i == self.tok.eot_id:
+            if i == self.tok.eot_id and not self.ignore_eos:
                 self.finish = "stop"
             else:
                 self.ids.append(i)

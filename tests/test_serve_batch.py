@@ -21,7 +21,7 @@ def engines(tmp_path_factory, tiny_corpus_text):
     _, tok = write_random_ae(run / "ae", tiny_corpus_text, for_text=True)
     write_random_model(run, "calm", tok)
     write_random_model(run, "baseline", tok)
-    return {"calm": CalmEngine(run / "ae", run / "calm"), "baseline": BaselineEngine(run / "baseline")}
+    return {"calm": CalmEngine.load(run / "ae", run / "calm"), "baseline": BaselineEngine.load(run / "baseline")}
 
 
 def texts(deltas_per_step) -> dict[int, tuple[str, str | None, int]]:
@@ -208,3 +208,25 @@ def test_the_step_loop_survives_an_error_outside_a_step_and_reports_a_stuck_or_d
     faulty.release.set()
     loop.thread.join(60)
     assert loop.health(step_timeout_s=60) == "the step loop thread has ended"
+
+
+@pytest.mark.parametrize("temperature,sampler", [(1.0, "batch"), (0.5, "batch"), (0.5, "exact")])
+def test_offline_generation_runs_the_step_engine_and_equals_the_reference_loop(engines, temperature, sampler):
+    """jobs/generate.py's Generator goes through the server's engine (one request in a Batch); its ids
+    are those of calm_core.generate.generate, the plain prefix/extend loop, for the same seed."""
+    from calm_core import rng
+    from calm_core.generate import generate, prompt_chunks
+    from pipelines.serve.generation import Generator
+
+    eng = engines["calm"]
+    tok, K = eng.tok, eng.step_tokens
+    ctx, _ = prompt_chunks(tok.encode("the cat sat on"), K, tok.eot_id, tok.pad_id, tok.bos_id)
+    ref = generate(eng.model, eng.ae, ctx, 5, temperature, 16, rng.generator_for("cpu", 3), sampler, 40)[0].flatten()
+    docs = [[]]
+    for i in ref.tolist():
+        docs.append([]) if i == tok.eot_id else docs[-1].append(i)
+    out = Generator(eng.model, eng.ae, tok).complete("the cat sat on", chunks=5, temperature=temperature, candidates=16,
+                                                   seed=3, stop_at_end=False, sampler=sampler, max_draws=40)
+    assert out["steps"] == 5 and out["tokens"] == 5 * K
+    assert out["completion"] == "\n".join(tok.decode(d) for d in (docs[:-1] if not docs[-1] else docs))
+    assert (out["exact"] is not None) == (sampler == "exact")

@@ -62,8 +62,8 @@ class ModelServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         rd = RunDir(run)
-        self.engine = (CalmEngine(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
-                       else BaselineEngine(rd.local_artifact("baseline"), device))
+        self.engine = (CalmEngine.load(rd.local_artifact("ae"), rd.local_artifact("calm"), device) if kind == "calm"
+                       else BaselineEngine.load(rd.local_artifact("baseline"), device))
         self.metrics = ServeMetrics(kind)
         self.kind, self.policy, self.timeout_s, self.step_timeout_s = kind, s.batching, s.request_timeout_s, s.step_timeout_s
         self.interval, self.rate, self.open = s.stream_interval_ms / 1000.0, s.stream_messages_per_s, 0

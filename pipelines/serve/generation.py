@@ -1,7 +1,8 @@
 """Text generation from a trained run: RUN/calm + the AE it was trained on -> text.
 
-Plain PyTorch (``calm_core.generate``, ``calm_core.artifacts``); Ray Serve will wrap the same
-``Generator``. Imports no training code (tests/test_layering.py).
+Plain PyTorch: one request through the step engine the server runs (``calm_core.engine``,
+``calm_core.batching``), its settings checked by the same ``SamplingParams``; offline, only the
+exact sampler's floor limits what a user asks for. Imports no training code (tests/test_layering.py).
 The CALM artifact names its AE by hash; another AE is refused.
 """
 
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from calm_core import rng
 from calm_core.artifacts import load_ae, load_model
 from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.calm_model import CALM
-from calm_core.generate import generate, prompt_chunks
+from calm_core.batching import Batch, Member
+from calm_core.engine import CalmEngine, GenRequest
+from calm_core.generate import prompt_chunks
 from calm_core.sampling import SamplingLimits, SamplingParams
 from calm_core.temperature import ExactStats
 from calm_core.tokenizer import CalmTokenizer
@@ -53,24 +55,32 @@ class Generator:
         reports its draws and attempt-cap fallbacks under "exact". Settings out of range raise
         ``calm_core.sampling.SamplingError`` naming them."""
         tok, K, L = self.tok, self.model.K, self.model.mcfg.block_chunks
-        SamplingParams(max(chunks, 0) * K, temperature, seed=seed, candidates=candidates, sampler=sampler,
-                       max_draws=max_draws).check("calm", OFFLINE)  # SamplingError (a ValueError) naming the setting
+        params = SamplingParams(max(chunks, 0) * K, temperature, seed=seed, candidates=candidates, sampler=sampler,
+                                max_draws=max_draws, ignore_eos=not stop_at_end).check("calm", OFFLINE)
         ids = tok.encode(prompt)
         room = max(0, L - chunks - 1) * K  # prompt tokens that fit in the trained context with the output
-        context, kept = prompt_chunks(ids[len(ids) - room:] if len(ids) > room else ids, K, tok.eot_id, tok.pad_id,
-                                      tok.bos_id)
+        cut = ids[len(ids) - room:] if len(ids) > room else ids
+        _, kept = prompt_chunks(cut, K, tok.eot_id, tok.pad_id, tok.bos_id)
         warning = None
         if chunks > L - 1:
             warning = (f"{chunks} chunks exceed the {L}-chunk context the model was trained on "
                        f"(model.block_chunks); positions beyond it are extrapolated")
         elif len(ids) > room:
             warning = f"the prompt was cut to its last {room} tokens to fit the {L}-chunk trained context"
-        device = next(self.model.parameters()).device
-        stats = ExactStats()
+        engine = CalmEngine(self.model, self.ae, tok)  # the step engine the server runs, one request here
+        engine.stats = stats = ExactStats()
+        batch = Batch(engine)
+        member = Member.start(engine, GenRequest(cut, params), keep_ids=True)
         t0 = time.perf_counter()
-        out = generate(self.model, self.ae, context.to(device), chunks, temperature, candidates,
-                       rng.generator_for(device, seed), sampler, max_draws, stats)[0].flatten().tolist()  # [chunks * K]
+        batch.join([member])
+        steps = 0
+        while batch.members:
+            batch.step()
+            steps += 1
+            if batch.failed:
+                raise batch.failed[0][1]
         seconds = time.perf_counter() - t0
+        out = member.ids[0]  # [steps * K]: every picked id (at end-of-text the rest of that chunk too)
         ended = tok.eot_id in out
         docs = [[]]  # the generated ids split at end-of-text
         for i in out:
@@ -85,5 +95,5 @@ class Generator:
         text = "\n".join(tok.decode(d) for d in docs)
         generated = len(docs[0]) if stop_at_end else len(out)
         return {"prompt_used": tok.decode(kept), "completion": text, "tokens": generated,
-                "chunks": chunks, "steps": chunks, "ended": ended, "seconds": seconds, "warning": warning,
+                "chunks": chunks, "steps": steps, "ended": ended, "seconds": seconds, "warning": warning,
                 "exact": vars(stats) if sampler == "exact" and temperature < 1.0 else None}
