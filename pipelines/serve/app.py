@@ -85,9 +85,10 @@ class ModelServer:
                 yield steps if isinstance(steps, dict) else [[dataclasses.asdict(d) for d in deltas] for deltas in steps]
         else:
             async for deltas in self._window(r):
-                yield error_message(deltas) if isinstance(deltas, BaseException) else [[dataclasses.asdict(d) for d in deltas]]
                 if isinstance(deltas, BaseException):
+                    yield error_message(deltas)
                     return
+                yield [[dataclasses.asdict(d) for d in deltas]]
 
     async def _next(self, q: asyncio.Queue):
         """The step loop's next item for a request, or ``Unavailable`` as soon as the loop has died."""
@@ -163,10 +164,14 @@ class ModelServer:
             if all(ended):
                 return
 
+    def _problem(self) -> str | None:
+        """Why this replica cannot serve (a dead or stuck step loop), or None."""
+        return self.loop.health(self.step_timeout_s) if self.loop is not None else None
+
     def status(self) -> dict:
         """Cheap (no model step): the replica's state for ``GET /health``."""
         last = self.loop.last_step if self.loop is not None else self.window_step
-        problem = self.loop.health(self.step_timeout_s) if self.loop is not None else None
+        problem = self._problem()
         return {"ok": problem is None, "problem": problem, "open_streams": self.open,
                 "last_step_s_ago": None if last is None else round(time.monotonic() - last, 3),
                 "restarts": self.loop.restarts if self.loop is not None else 0}
@@ -174,7 +179,7 @@ class ModelServer:
     def check_health(self) -> None:
         """Ray Serve calls this every ``serve.health_check_period_s``: a dead or stuck step loop
         raises, and Serve replaces the replica."""
-        problem = self.loop.health(self.step_timeout_s) if self.loop is not None else None
+        problem = self._problem()
         if problem:
             raise RuntimeError(f"model '{self.kind}': {problem}")
 
