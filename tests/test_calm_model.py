@@ -268,28 +268,54 @@ def _backbone_train_flops(ops: dict[str, int]) -> float:
     return 3.0 * (sum(ops.values()) + attention / 2)
 
 
-@pytest.mark.parametrize("kind,arch,n,mode", [("energy", "paper", 8, "tokens"), ("energy", "adanorm", 16, "both"),
-                                              ("quadratic", "paper", 8, "latents")])
-def test_calm_flops_per_token_match_a_flop_counter(kind, arch, n, mode):
-    """calm_train_flops_per_token, part by part, = 3 x the forward FLOPs the counter measures in that
-    part of a training forward (B blocks of L chunks: L - 1 positions of K tokens each). The head
-    draws N samples per position, its per-position weights counted once."""
-    B, L = 3, 6
-    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=L, input_mode=mode)
-    torch.manual_seed(0)
-    model = CALM(m, HeadConfig(kind=kind, arch=arch, n_samples=n, n_targets=16), AEConfig(K=K, latent_dim=LAT), V)
-    counts = _forward_flops(lambda: model(torch.randint(0, V, (B, L, K)), torch.randn(B, L, LAT),
-                                          torch.zeros(B, L, LAT)))
-    tokens = B * (L - 1) * K
+def counted_calm_flops(model: CALM, vocab: int, B: int, monkeypatch) -> dict[str, float]:
+    """Training FLOPs per token of ``model`` by part, counted by torch's FlopCounterMode on a training
+    forward of B blocks of L = model.block_chunks chunks (L - 1 positions of K tokens each): 3 x the
+    forward FLOPs of the backbone (its attention halved: causal), the input layers and the head; for
+    the loss, the forward and backward FLOPs of the energy loss called again on the arguments the
+    model's forward gave it (its own distance matmuls; the gradients into the head are the head's)."""
+    import calm_core.calm_model as calm_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    L, K, lat = model.mcfg.block_chunks, model.K, model.latent_dim
+    calls = []
+
+    def spy(samples, *args, **kwargs):
+        calls.append((samples.detach().requires_grad_(), *args))  # mu, log_sigma, targets, alpha, ...
+        return posterior_energy_loss(samples, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(calm_model, "posterior_energy_loss", spy)
+        counts = _forward_flops(lambda: model(torch.randint(0, vocab, (B, L, K)), torch.randn(B, L, lat),
+                                              torch.zeros(B, L, lat)))
+    loss = 0
+    for args in calls:
+        with FlopCounterMode(display=False) as fc:
+            posterior_energy_loss(*args).loss.backward()
+        loss = fc.get_total_flops()
 
     def train_flops(module: str) -> float:
         return 3.0 * sum(counts.get(f"CALM.{module}", {}).values())
 
+    tokens = B * (L - 1) * K
+    return {"backbone": _backbone_train_flops(counts["CALM.backbone"]) / tokens, "head": train_flops("head") / tokens,
+            "input": (train_flops("token_in") + train_flops("latent_in")) / tokens, "loss": loss / tokens}
+
+
+@pytest.mark.parametrize("kind,arch,n,mode", [("energy", "paper", 8, "tokens"), ("energy", "adanorm", 16, "both"),
+                                              ("quadratic", "paper", 8, "latents")])
+def test_calm_flops_per_token_match_a_flop_counter(kind, arch, n, mode, monkeypatch):
+    """calm_train_flops_per_token, part by part and in total, = the counter's (``counted_calm_flops``).
+    The head draws N samples per position, its per-position weights counted once."""
+    m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6, input_mode=mode)
+    torch.manual_seed(0)
+    model = CALM(m, HeadConfig(kind=kind, arch=arch, n_samples=n, n_targets=16), AEConfig(K=K, latent_dim=LAT), V)
+    counted = counted_calm_flops(model, V, 3, monkeypatch)
     parts = calm_train_flops_per_token(model)
-    assert parts["backbone"] == pytest.approx(_backbone_train_flops(counts["CALM.backbone"]) / tokens, rel=1e-9)
-    assert parts["input"] == pytest.approx((train_flops("token_in") + train_flops("latent_in")) / tokens, rel=1e-9)
-    assert parts["head"] == pytest.approx(train_flops("head") / tokens, rel=1e-9)
-    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"] + parts["loss"])
+    for part, flops in counted.items():
+        assert parts[part] == pytest.approx(flops, rel=1e-9), part
+    assert parts["total"] == pytest.approx(sum(counted.values()), rel=1e-9)
+    assert (counted["loss"] > 0) == (kind == "energy")  # the quadratic head's loss has no matmul
 
 
 def test_baseline_flops_per_token_match_a_flop_counter():

@@ -43,14 +43,16 @@ def test_attempt_cap_falls_back_and_is_counted():
     per row nearly every row falls back to the batch approximation, and says so."""
     g = torch.Generator().manual_seed(0)
     n_chunks = 1000
+    drawn = []  # chunks handed out, counted where they are drawn
 
     def draw(rows, n):
+        drawn.append(len(rows) * n)
         return torch.randint(0, n_chunks, (len(rows), n, 1), generator=g)
 
     out, stats = exact_pick(draw, 50, 1 / 3, "cpu", max_draws=9, batch=9, candidates=30, generator=g)
     assert out.shape == (50, 1)
     assert stats.fallbacks >= 45
-    assert stats.draws == 50 * 9 + stats.fallbacks * 30
+    assert stats.draws == sum(drawn) == 50 * 9 + stats.fallbacks * 30
 
 
 def test_bad_arguments_are_refused():
@@ -66,14 +68,15 @@ def test_a_temperature_beyond_the_draw_cap_falls_back_at_once_without_a_huge_dra
     call may ask for more than max_draws (or the fallback's candidates) and every row falls back."""
     g = torch.Generator().manual_seed(0)
     base = toy_draw(g)
-    asked = []
+    asked, drawn = [], []
 
     def draw(rows, n):
         asked.append(n)
+        drawn.append(len(rows) * n)
         return base(rows, n)
 
     out, stats = exact_pick(draw, 4, 1e-6, "cpu", max_draws=50, candidates=30, generator=g)
     assert out.shape[0] == 4 and stats.fallbacks == 4
-    assert max(asked) <= 50 and stats.draws == 4 * 30
+    assert max(asked) <= 50 and stats.draws == sum(drawn) == 4 * 30
     _, stats = exact_pick(draw, 4, 1 / 40, "cpu", max_draws=50, batch=16, candidates=30, generator=g)
     assert max(asked) <= 50  # attempts of 40 draws, one per call
