@@ -2,7 +2,7 @@
 
 A config file is a nested mapping whose sections match the dataclasses below. Every job takes
 ``--config FILE_OR_NAME`` (a path, or one of the built-in names ``debug``, ``small``, ``paper``
-that live in ``jobs/configs/``) and ``a.b=value`` overrides; the values of overrides are parsed as
+that live in ``calm_core/configs/``) and ``a.b=value`` overrides; the values of overrides are parsed as
 YAML scalars (``ae.K=8``, ``stage1.lr=1e-3``, ``distributed.use_gpu=true``).
 
 The resolved config (file + overrides) is saved next to every artifact as ``config.yaml``.
@@ -24,7 +24,7 @@ import yaml
 
 from calm_core.errors import ConfigError
 
-BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with calm_core
 
 
 @dataclass
@@ -157,6 +157,7 @@ class LatentsConfig:
     cpus_per_actor: float = 0.5  # CPUs each encoder actor reserves (torch threads = max(1, int(this)))
     use_gpu: bool = False  # one GPU per encoder actor
     shard_documents: int = 20000  # documents per shard: the unit that is committed once and skipped on rerun
+    actor_memory_mb: int = 0  # memory each encoder actor declares to Ray (0 = estimated from the AE and batch size)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class EvalConfig:
     cpus_per_actor: float = 1.0  # CPUs each scoring actor reserves; with the actors, at most the cluster's less 1
     threads_per_actor: int = 0  # torch threads per scoring actor; 0: max(1, round(cpus_per_actor))
     use_gpu: bool = False  # one GPU per scoring actor
+    actor_memory_mb: int = 0  # memory each scoring actor reserves; 0: estimated from the models and batch_blocks
     bootstrap: int = 1000  # resamples of blocks for BrierLM's confidence interval
     protocol: str = "project"  # project | paper: the official evaluation (2 samples, blocks of 2,048 chunks unless
     #                            block_chunks is set, BrierLM also with the official clamp of the product)
@@ -525,6 +527,8 @@ def validate(cfg: Config) -> None:
         _positive(getattr(ev, key), f"eval.{key}")
     if ev.threads_per_actor < 0:
         raise ConfigError(f"eval.threads_per_actor must be >= 0 (0: from eval.cpus_per_actor), got {ev.threads_per_actor}")
+    if ev.actor_memory_mb < 0:
+        raise ConfigError(f"eval.actor_memory_mb must be >= 0 (0: estimated), got {ev.actor_memory_mb}")
     for key in ("block_chunks", "max_blocks", "noise_std", "bootstrap"):
         _positive(getattr(ev, key), f"eval.{key}", allow_zero=True)
     if ev.samples < 2:

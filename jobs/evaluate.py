@@ -8,7 +8,8 @@ Writes RUN/eval/NAME/ (report.json, report.md, PNG plots); the same inputs again
     python jobs/evaluate.py --run runs/demo --corpus data/valid.jsonl eval.actors=2 eval.max_blocks=500
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from pathlib import Path
 
@@ -30,5 +31,10 @@ def main(argv=None):
     print(markdown(report))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

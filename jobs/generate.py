@@ -7,7 +7,8 @@ the batch approximation over --candidates head samples per step (default, fast),
     python jobs/generate.py --run runs/demo --prompt "ROMEO:" --chunks 24 --temperature 0.5
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from calm_core.errors import ConfigError
 from pipelines.cli import job_main, make_parser, parse
@@ -65,5 +66,10 @@ def main(argv=None):
         print(out["prompt_used"] + out["completion"], flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

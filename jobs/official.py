@@ -14,7 +14,8 @@ docs/OFFICIAL.md maps every official name and setting to this project's.
 import argparse
 import sys
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from calm_core.config import load_config
 from calm_core.errors import ConfigError
@@ -79,5 +80,10 @@ def main(argv=None):
         official.export_official(run, args.out, args.overwrite)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     sys.exit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,7 +11,8 @@ another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite.
     python jobs/precompute_latents.py --run runs/small latents.dtype=float16 latents.num_actors=2
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
@@ -30,5 +31,10 @@ def main(argv=None):
     precompute_latents(cfg, args.corpus, run, ae_path=ae_dir, overwrite=args.overwrite)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -10,7 +10,8 @@ jobs/generate.py.
     python jobs/run_all.py --config small --corpus data/train.txt --run runs/small
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
@@ -55,5 +56,10 @@ def main(argv=None):
           f"{gen.model.K} tokens, {out['seconds']:.1f}s):\n{out['prompt_used']}{out['completion']}", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,7 +9,8 @@ serve.api_key_env (default CALM_API_KEY) to require "Authorization: Bearer <key>
     python jobs/serve.py --run runs/demo serve.direct_ingress=true   # no proxy hop (docs/SERVING.md)
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 import argparse
 import os
@@ -64,5 +65,10 @@ def main(argv=None):
         serve.shutdown()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

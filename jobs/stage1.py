@@ -9,7 +9,8 @@ command resumes from the last checkpoint; a finished run is left alone.
     ray job submit --working-dir . -- python jobs/stage1.py --config small --run s3://bucket/run
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
@@ -23,5 +24,10 @@ def main(argv=None):
     run_stage1(cfg, args.corpus, run, overwrite=args.overwrite)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,10 +9,16 @@ checkpoint; a finished run is left alone (raise stage2.max_steps to extend it).
     python jobs/stage2.py --config small --run runs/small
 """
 
-import _bootstrap  # noqa: F401
+if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
+    import _bootstrap  # noqa: F401
 
 from pipelines.cli import job_main
 from pipelines.train.stage2 import job
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (pyproject [project.scripts])."""
     raise SystemExit(job_main(job("calm", __doc__.split("\n\n")[0])))
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,7 +21,7 @@ EPILOG = """\
 overrides:
   Any config key can be set as section.key=value after the options, e.g.
     stage1.max_steps=500 ae.latent_dim=64 distributed.num_workers=1 distributed.zero_stage=2
-  Built-in configs (jobs/configs/): debug (seconds, tests), demo (minutes, the default),
+  Built-in configs (calm_core/configs/): debug (seconds, tests), demo (minutes, the default),
   small (the CPU benchmark scale), paper (the published sizes, GPU clusters).
 """
 

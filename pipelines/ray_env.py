@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -35,5 +36,9 @@ def init_ray(cfg: RayConfig) -> None:
             log_to_driver=True,
         )
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the jobs print their own progress lines
     ctx.print_on_execution_start = False
+    # ... and Ray Data says once per process, at WARNING, that the bars are off and how to turn them
+    # on: not a problem to warn about here (the same line from Ray Train's SplitCoordinator actor
+    # remains; docs/INSTALL.md "Messages from Ray")
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ RESERVED = ("_corpora", "ae_reconstruction")
 class Scorer:
     """Ray Data actor: loads the AE and the models once, scores batches of blocks."""
 
-    def __init__(self, run: str, kinds: list[str], band: np.ndarray, ev: dict, device: str, threads: int):
+    def __init__(self, run: str, kinds: list[str], band: bytes, ev: dict, device: str, threads: int):
         import torch
 
         from calm_core.config import EvalConfig
@@ -42,7 +43,7 @@ class Scorer:
 
         torch.set_num_threads(max(1, threads))
         rd = RunDir(run)
-        self.models = Models.load({k: rd.local_artifact(k) for k in ("ae", *kinds)}, band, device)
+        self.models = Models.load({k: rd.local_artifact(k) for k in ("ae", *kinds)}, unpack_bands(band), device)
         self.ev = EvalConfig(**ev)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,6 +102,34 @@ def bands_of(counts: np.ndarray | None, vocab: int, edges: list[int]) -> tuple[n
     return frequency_bands(torch.as_tensor(counts), tuple(edges)).numpy(), source
 
 
+def pack_bands(band: np.ndarray) -> bytes:
+    """The band of every token id [V] as a few compressed bytes: the scoring actors' constructor
+    argument stays small enough to travel inline with the actor's creation (a large one would sit
+    in the object store, and an actor restarted after it is gone could not be rebuilt)."""
+    return zlib.compress(np.asarray(band, dtype=np.int8).tobytes())  # bands: len(band_edges) + 1 < 128
+
+
+def unpack_bands(blob: bytes) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(blob), dtype=np.int8).astype(np.int64)  # a writable copy
+
+
+# What one scoring actor holds, measured on the demo run (CALM 9.3M parameters, V = 4,096, K = 4,
+# L = 64, 8 samples; peak RSS of the scoring process): 512 / 795 / 1,063 MB at 2 / 8 / 16 blocks per
+# call. Per block and sample, the decoder's logits over the vocabulary for L chunks of K tokens
+# dominate (V x K x L x 4 bytes, ~1.2x with the working copies); the rest is the process, torch and
+# the weights (docs/EVALUATION.md "Memory").
+SCORER_BASE_MB = 512
+
+
+def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int) -> int:
+    """The memory a scoring actor reserves (eval.actor_memory_mb, or this estimate when it is 0): the
+    base process, the models' weights twice (loaded and in use) and the batch's sampled logits."""
+    if ev.actor_memory_mb:
+        return int(ev.actor_memory_mb)
+    logits = ev.batch_blocks * L * ev.samples * K * vocab * 4 * 1.25
+    return int(SCORER_BASE_MB + (2 * weights_bytes + logits) / 2**20)
+
+
 def tokens_per_char(lman: dict, split: str) -> float:
     chars = lman["inputs"]["corpus"]["characters"].get(split, 0)
     return lman["metrics"]["rows_per_split"].get(split, 0) * lman["identity"]["K"] / max(chars, 1)
@@ -132,7 +161,8 @@ def scored_documents(cfg: Config, run: RunDir) -> Config:
 
 def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, L: int) -> dict[str, Any]:
     ev = dataclasses.asdict(cfg.eval)
-    for k in ("actors", "cpus_per_actor", "threads_per_actor", "use_gpu", "batch_blocks"):  # where, not what
+    for k in ("actors", "cpus_per_actor", "threads_per_actor", "use_gpu", "batch_blocks",
+              "actor_memory_mb"):  # where, not what
         ev.pop(k)
     return {"models": {k: run.read_json(k, "manifest.json").get("files") for k in ("ae", *kinds)},
             "corpus_latents": lman["identity"], "context_chunks": L, "eval": ev}
@@ -194,6 +224,8 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
           ) -> tuple[list[dict], float, str]:
     """Per-block rows of every block (up to eval.max_blocks) scored in eval.actors actors, the seconds
     it took, and where the frequency bands came from."""
+    import ray
+
     ev = cfg.eval
     tok_json = run.read_text("ae", "tokenizer.json")
     from calm_core.tokenizer import CalmTokenizer
@@ -208,13 +240,19 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
         blocks = blocks.repartition(4 * ev.actors)
     check_fits(ev)
     device = "cuda" if ev.use_gpu else "cpu"
+    weights = sum(size for k in ("ae", *kinds) for name, size in run.list_files(k) if name.endswith(".safetensors"))
+    mem_mb = scorer_memory_mb(ev, weights, L, lman["identity"]["K"], vocab)
     progress(f"[eval] scoring blocks of {L} chunks in {ev.actors} actor(s) x "
-             f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}; frequency bands from {source}")
+             f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}, {mem_mb:,} MB each "
+             f"({'eval.actor_memory_mb' if ev.actor_memory_mb else 'estimated; eval.actor_memory_mb sets it'}); "
+             f"frequency bands from {source}")
     t0 = time.perf_counter()
     scored = blocks.map_batches(
-        Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": band, "ev": dataclasses.asdict(ev),
-                                       "device": device, "threads": ev.threads_per_actor or max(1, round(ev.cpus_per_actor))},
-        batch_size=ev.batch_blocks, concurrency=ev.actors, num_cpus=ev.cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
+        Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": pack_bands(band),
+                                       "ev": dataclasses.asdict(ev), "device": device,
+                                       "threads": ev.threads_per_actor or max(1, round(ev.cpus_per_actor))},
+        batch_size=ev.batch_blocks, compute=ray.data.ActorPoolStrategy(size=ev.actors), num_cpus=ev.cpus_per_actor,
+        num_gpus=1 if ev.use_gpu else 0, memory=mem_mb * 2**20)
     rows: list[dict] = []
     last = t0
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):

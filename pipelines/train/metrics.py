@@ -23,10 +23,11 @@ class MetricsLog:
         if tb_dir:
             try:
                 from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(tb_dir)
             except ImportError:
-                self.tb = None
+                print("[metrics] no TensorBoard events: tensorboardX is not installed "
+                      "(pip install 'calm-on-ray[tensorboard]'); the JSONL log is written", flush=True)
+            else:
+                self.tb = SummaryWriter(tb_dir)
 
     def log(self, record: dict) -> None:
         self.records.append(record)

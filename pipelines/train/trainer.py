@@ -61,10 +61,14 @@ def ordered_split():
     relies on (``stream.BatchStream``). Costs the split's locality on multi-node clusters."""
     import copy
 
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
-    options = copy.deepcopy(DataConfig.default_ingest_options())
-    options.preserve_order = True
+    # Ray Train's default_ingest_options() with preserve_order, built without touching the deprecated
+    # exclude_resources (reading it back into a new ExecutionOptions is what warns)
+    ctx = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=copy.deepcopy(ctx.resource_limits), preserve_order=True,
+                               verbose_progress=ctx.verbose_progress)
     return DataConfig(execution_options=options)
 
 

@@ -87,6 +87,11 @@ def setup_worker(d: DistributedConfig) -> torch.device:
 def make_engine(model: torch.nn.Module, t: TrainConfig, d: DistributedConfig):
     """AdamW (decoupled weight decay on matrices only) under a DeepSpeed ZeRO engine that reads its
     checkpoints with weights_only=True (``safe_load``); compiled with ``distributed.compile``."""
+    # setuptools before DeepSpeed: on CPU its shared-memory comm op is compiled on first use by a
+    # builder that imports distutils before torch's cpp_extension imports setuptools, which then
+    # warns twice per worker that it replaced an already imported distutils
+    import setuptools  # noqa: F401
+
     import deepspeed
 
     from pipelines.train import safe_load
