@@ -51,8 +51,11 @@ def evaluated(ray_module, tmp_path_factory):
     return cfg, run, held, evaluate(cfg, run, str(held), "held")
 
 
-def test_the_report_holds_every_field_and_the_files(evaluated):
+def test_the_report_holds_every_field_and_the_files(evaluated, held_blocks):
     cfg, run, _, rep = evaluated
+    # the temperature sweep's positions, counted: L - 1 per block whose key is a multiple of sweep_every
+    per_block = rep["context_chunks"] - 1
+    swept = int((held_blocks["key"] % cfg.eval.sweep_every == 0).sum()) * per_block
     folder = Path(run.path("eval", "held"))
     assert {"report.json", "report.md", "brierlm_vs_flops.png", "temperature.png", "ae_bands.png",
             "manifest.json"} <= {p.name for p in folder.iterdir()}
@@ -63,7 +66,8 @@ def test_the_report_holds_every_field_and_the_files(evaluated):
         assert all(len(m[f"brier{n}"]["ci95"]) == 2 for n in (1, 2, 3, 4)) and len(m["brierlm_ci95"]) == 2
         assert set(m["agreement"]) == {"token_accuracy", "exact_chunk", "bleu", "rouge_l"}
         assert [t["temperature"] for t in m["temperature"]] == [1.0, 0.5]
-        assert all(0 <= t["accuracy"] <= 1 and 0 <= t["collision"] <= 1 and t["positions"] > 0 for t in m["temperature"])
+        assert all(0 <= t["accuracy"] <= 1 and 0 <= t["collision"] <= 1 for t in m["temperature"])
+        assert [t["positions"] for t in m["temperature"]] == [swept, swept] and 0 < swept < rep["blocks"] * per_block
     assert {"loss", "fidelity", "diversity", "energy_score", "latent"} <= set(rep["calm"])
     assert set(rep["calm"]["latent"]) == {"mse_one", "mse_mean", "cos_one", "cos_mean"}
     assert {"sampled_brierlm", "sampled_brier1", "brier1_every_token", "perplexity"} <= set(rep["baseline"])

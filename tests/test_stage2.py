@@ -34,7 +34,9 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
     """The one run the tests below inspect (trained once: they only read it): a random AE, its
     latents, CALM on 2 workers killed (SIGKILL, every rank) after step 5, its last checkpoint at
     step 3, then resumed by the same command to step 6, every step traced (``pipelines.train.trace``);
-    and the baseline trained 12 steps on the same blocks."""
+    and the baseline trained 12 steps on the same blocks; ``val``: the validation blocks each kind got."""
+    import pipelines.train.stage2 as S2
+
     tmp = tmp_path_factory.mktemp("stage2")
     corpus = tmp / "corpus.txt"
     corpus.write_text(tiny_corpus_text)
@@ -42,7 +44,15 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
     make_ae(tmp / "run" / "ae", tiny_corpus_text)
     precompute_latents(load_config("debug"), str(corpus), run)
     full = load_config("debug", ["distributed.zero_stage=2"])
+    val, held_out_blocks = {}, S2.held_out_blocks
+
+    def keep(*args):  # (run, lman, ae identity, L, max_chunks, cpus, kind)
+        got = held_out_blocks(*args)
+        val[args[-1]] = got[0]
+        return got
+
     with pytest.MonkeyPatch.context() as env:
+        env.setattr(S2, "held_out_blocks", keep)
         env.setenv(TRACE_ENV, str(tmp / "trace" / "killed"))
         env.setenv(KILL_ENV, "5")
         with pytest.raises(Exception) as killed:
@@ -50,9 +60,10 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
         env.delenv(KILL_ENV)
         env.setenv(TRACE_ENV, str(tmp / "trace" / "resumed"))
         calm = run_stage2(full, run, "calm")
-    baseline = run_stage2(load_config("debug", ["baseline.max_steps=12", "baseline.log_every=6"]), run, "baseline")
+        env.delenv(TRACE_ENV)  # the baseline is not traced
+        baseline = run_stage2(load_config("debug", ["baseline.max_steps=12", "baseline.log_every=6"]), run, "baseline")
     return SimpleNamespace(root=tmp / "run", run=run, corpus=corpus, full=full, killed=killed.value, calm=calm,
-                           baseline=baseline, trace=tmp / "trace")
+                           baseline=baseline, trace=tmp / "trace", val=val)
 
 
 def _trace(folder: Path) -> dict[int, dict[int, dict]]:
@@ -95,16 +106,31 @@ def test_calm_killed_after_a_checkpoint_resumes_its_weights_optimizer_and_data(t
     assert _steps(trained.root / "calm" / "metrics.jsonl") == [3, 6]  # 3 from the killed run, 6 from the resumed one
 
 
-def test_calm_manifest_counts_tokens_and_training_flops(trained):
+def test_calm_manifest_counts_tokens_and_training_flops(trained, monkeypatch):
+    """Tokens by the batch arithmetic; the FLOPs per token of each part counted by torch's flop
+    counter on the trained model (``counted_calm_flops``) and on its AE's encoder."""
+    from test_calm_model import counted_calm_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calm_core.artifacts import load_ae
+
     m = trained.calm["metrics"]
     for key in ("val_loss", "val_fidelity", "val_diversity", "val_brierlm", "val_brier1", "train_flops",
                 "tokens_per_s", "tokens_seen"):
         assert key in m, key
-    assert m["tokens_seen"] == 6 * 2 * 4 * 8 * 4  # steps x workers x batch x L x K
-    assert m["train_flops"] == pytest.approx(trained.calm["flops_per_token"] * m["tokens_seen"])
+    tokens = 6 * 2 * 4 * 8 * 4  # steps x workers x batch x L x K
+    assert m["tokens_seen"] == tokens
+    art = load_model(trained.root / "calm", "calm")
+    counted = counted_calm_flops(art.model, art.tok.vocab_size, 2, monkeypatch)
     parts = trained.calm["flops_per_token_by_part"]
-    assert parts["total"] == pytest.approx(trained.calm["flops_per_token"]) and parts["encoder_forward_once"] > 0
-    assert parts["total"] == pytest.approx(parts["backbone"] + parts["input"] + parts["head"] + parts["loss"])
+    for part, flops in counted.items():
+        assert parts[part] == pytest.approx(flops, rel=1e-9), part
+    assert trained.calm["flops_per_token"] == pytest.approx(sum(counted.values()), rel=1e-9)
+    assert m["train_flops"] == pytest.approx(sum(counted.values()) * tokens, rel=1e-9)
+    ae = load_ae(trained.root / "ae").model
+    with FlopCounterMode(display=False) as fc:
+        ae.encode(torch.randint(0, art.tok.vocab_size, (10, 4)))
+    assert parts["encoder_forward_once"] == pytest.approx(fc.get_total_flops() / 40, rel=1e-6)
 
 
 def test_calm_artifact_loads_with_plain_pytorch_only_with_its_ae(trained):
@@ -117,13 +143,28 @@ def test_calm_artifact_loads_with_plain_pytorch_only_with_its_ae(trained):
         load_model(trained.root / "calm", "calm", expected_ae_sha256="0" * 64)
 
 
-def test_baseline_loss_falls_and_its_brierlm_is_recorded(trained):
+def test_baseline_loss_falls_and_its_brier_scores_match_its_probabilities(trained):
+    """The recorded validation of the final baseline against a direct computation from the published
+    weights on the same held-out blocks: softmax of the plain forward's logits, cross-entropy over
+    the non-pad targets, Brier-1 = 2 P(y) - sum_x P(x)^2 at every token and at the chunk starts."""
     mb = trained.baseline["metrics"]
     losses = [json.loads(line)["val_loss"] for line in (trained.root / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert mb["step"] == 12 and losses[-1] < losses[0]
-    assert 0.0 <= mb["val_brierlm"] <= 100.0 and "val_brier1_exact" in mb
-    assert 0.0 <= mb["val_sampled_brierlm"] <= 100.0
     assert mb["val_positions"] == trained.calm["metrics"]["val_positions"]  # the same chunk starts
+    L, K = trained.full.model.block_chunks, trained.full.ae.K
+    art = load_model(trained.root / "baseline", "baseline")
+    tokens = torch.as_tensor(trained.val["baseline"]["tokens"]).flatten(1)  # [blocks, L*K]: what it validated on
+    with torch.no_grad():
+        probs = art.model.eval().logits(tokens[:, :-1]).double().softmax(-1)  # [blocks, L*K-1, V]
+    target = tokens[:, 1:]
+    p_true = probs.gather(-1, target[..., None]).squeeze(-1)
+    brier1 = 2 * p_true - probs.pow(2).sum(-1)  # [blocks, L*K-1]
+    keep = target != art.tok.pad_id
+    assert mb["val_loss"] == pytest.approx(float(-p_true.log()[keep].mean()), rel=1e-4)
+    assert mb["val_brier1_exact"] == pytest.approx(float(brier1.mean()), rel=1e-4, abs=1e-7)
+    starts = torch.arange(K, L * K - 4 + 1, K)  # chunk starts with 4 true tokens after them
+    assert mb["val_positions"] == len(tokens) * len(starts)
+    assert mb["val_brier1"] == pytest.approx(float(brier1[:, starts - 1].mean()), rel=1e-4, abs=1e-7)
 
 
 def test_generate_job_prints_the_samples(trained):
