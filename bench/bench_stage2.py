@@ -229,7 +229,7 @@ def main() -> None:
             t = getattr(vcfg, section)
             with torch.device("meta"):  # shapes only
                 fpt = flops_breakdown(kind, build_model(kind, vcfg, tok.vocab_size))["total"]
-            tokens_per_step = t.batch_size * vcfg.distributed.num_workers * L * K
+            tokens_per_step = t.batch_size * t.grad_accum * vcfg.distributed.num_workers * L * K
             steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
             ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",
                   f"{section}.checkpoint_every={steps}", f"{section}.warmup_steps={max(1, steps // 20)}"]
@@ -264,7 +264,7 @@ def main() -> None:
         for kind in last:
             res.setdefault("plain_step_s", {})[kind] = plain_step_time(kind, base, tok.vocab_size, val, args.plain_seconds)
         res["ray_step_s"] = {k: (getattr(base, "stage2" if k == "calm" else "baseline").batch_size
-                                 * base.distributed.num_workers * L * K) / last[k]["tokens_per_s"] for k in last}
+                                 * base.distributed.num_workers * L * K) / last[k]["tokens_per_s"] for k in last}  # per micro-batch
         res["step_time_ratio"] = {k: res["ray_step_s"][k] / res["plain_step_s"][k] for k in last}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -80,8 +80,10 @@ class TrainConfig:
     max_steps: int = 2000
     max_minutes: float = 0.0  # wall-clock budget for this invocation (0 = none); stops early
     lr: float = 1e-3
+    schedule: str = "cosine"  # after the warm-up: cosine (decay to lr * min_lr_ratio) | constant (the official code)
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
     warmup_steps: int = 100
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (tokens per step x grad_accum)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 50  # progress line + validation metrics every N steps
@@ -459,8 +461,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key 'ae.{key}' must be in [0, 1), got {getattr(a, key)}")
     for sec in ("stage1", "stage2", "baseline"):
         t = getattr(cfg, sec)
-        for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks"):
+        for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks", "grad_accum"):
             _positive(getattr(t, key), f"{sec}.{key}")
+        _choice(t.schedule, f"{sec}.schedule", ("cosine", "constant"))
         _positive(t.lr, f"{sec}.lr")
         _positive(t.max_minutes, f"{sec}.max_minutes", allow_zero=True)
         if t.brier_samples < 2:

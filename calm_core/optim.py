@@ -1,7 +1,9 @@
 """Optimiser helpers shared by every training stage: AdamW parameter groups and the LR schedule.
 
-    lr(step) = lr_max * step / warmup                                   for step < warmup
-    lr(step) = lr_min + (lr_max - lr_min) * (1 + cos(pi * p)) / 2       after, p = progress in [0, 1]
+    lr(step) = lr_max * (step + 1) / warmup                             for step < warmup
+    lr(step) = lr_min + (lr_max - lr_min) * (1 + cos(pi * p)) / 2       after ("cosine"), p = progress in [0, 1]
+    lr(step) = lr_max                                                   after ("constant", the official code's
+                                                                        schedule)
 
 with lr_min = lr_max * min_lr_ratio, reaching lr_min at max_steps.
 """
@@ -13,9 +15,12 @@ import math
 import torch
 
 
-def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float,
+          schedule: str = "cosine") -> float:
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
     span = max(1, max_steps - warmup_steps)
     p = min(1.0, max(0.0, (step - warmup_steps) / span))
     lo = lr * min_lr_ratio

@@ -95,6 +95,19 @@ def validate_start(plan: TrainPlan, stage, engine, val, log, clock_rec: dict, de
         progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
 
 
+def optimizer_step(engine, stage, data, grad_accum: int) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches (DeepSpeed accumulates their gradients,
+    each loss scaled by 1 / grad_accum, and steps on the last); the metrics averaged over them."""
+    sums: dict = {}
+    for _ in range(grad_accum):
+        loss, last = stage.step(engine, next(data))
+        engine.backward(loss)
+        engine.step()
+        for k, v in last.items():
+            sums[k] = sums.get(k, 0.0) + v / grad_accum
+    return sums
+
+
 def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     """The loop of the module docstring, on one Ray Train worker."""
     import ray.train
@@ -127,14 +140,12 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
         validate_start(plan, stage, engine, val, log, clock.record(fpt), device)
     engine.train()
     while step < t.max_steps:
-        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        loss, last = stage.step(engine, next(data))
-        engine.backward(loss)
-        engine.step()
+        last = optimizer_step(engine, stage, data, t.grad_accum)
         step += 1
-        clock.add(stage.tokens_per_batch * world)
+        clock.add(stage.tokens_per_batch * world * t.grad_accum)
         trace.stepped(step, data)
         if step % t.log_every == 0 or step == t.max_steps:
             with eager(d):

@@ -91,6 +91,7 @@ def stage1_identity(cfg: Config, tok: CalmTokenizer, n_train_docs: int) -> dict[
         "tokenizer.sha256": tok.sha256,
         "corpus.train_documents": n_train_docs,
         "stage1.batch_size": cfg.stage1.batch_size,
+        **({"stage1.grad_accum": cfg.stage1.grad_accum} if cfg.stage1.grad_accum != 1 else {}),
         "distributed.num_workers": cfg.distributed.num_workers,
         "distributed.zero_stage": cfg.distributed.zero_stage,
     })
@@ -164,9 +165,9 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
 
 
 def ae_train_flops(model: ChunkAutoencoder, cfg: Config, metrics: dict[str, Any]) -> float:
-    """Stage-1 training FLOPs of a run: FLOPs per token x steps x batch x K x workers."""
-    return (autoencoder_train_flops_per_token(model) * metrics.get("step", 0) * cfg.stage1.batch_size * cfg.ae.K
-            * metrics.get("num_workers", cfg.distributed.num_workers))
+    """Stage-1 training FLOPs of a run: FLOPs per token x steps x batch x grad_accum x K x workers."""
+    return (autoencoder_train_flops_per_token(model) * metrics.get("step", 0) * cfg.stage1.batch_size
+            * cfg.stage1.grad_accum * cfg.ae.K * metrics.get("num_workers", cfg.distributed.num_workers))
 
 
 def _publish_ae(plan: TrainPlan, run: RunDir, tok: CalmTokenizer, result, corpus_info: dict) -> dict:

@@ -132,6 +132,9 @@ def stage2_identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: di
              "ae_sha256": ae_ident["ae_sha256"], "tokenizer_sha256": ae_ident["tokenizer_sha256"],
              "latents_dtype": latents_identity.get("dtype"), "corpus_documents": latents_identity.get("corpus_documents"),
              f"{section}.batch_size": getattr(cfg, section).batch_size,
+             # (only when set: the identities of runs made before the key existed stay the same)
+             **({f"{section}.grad_accum": getattr(cfg, section).grad_accum}
+                if getattr(cfg, section).grad_accum != 1 else {}),
              "distributed.num_workers": cfg.distributed.num_workers, "distributed.zero_stage": cfg.distributed.zero_stage}
     if kind == "calm":
         ident.update({f"head.{k}": v for k, v in cfg.to_dict()["head"].items()})

@@ -47,10 +47,13 @@ def worker_env(d: DistributedConfig) -> dict[str, str]:
     return env
 
 
-def deepspeed_config(batch_size: int, grad_clip: float, zero_stage: int, precision: str) -> dict[str, Any]:
+def deepspeed_config(batch_size: int, grad_clip: float, zero_stage: int, precision: str,
+                     grad_accum: int = 1) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": 1,
+        # engine.backward scales each micro-batch's loss by 1 / grad_accum and engine.step updates the
+        # weights on the last one: one step's gradient is the mean over grad_accum x batch_size
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
@@ -99,7 +102,7 @@ def make_engine(model: torch.nn.Module, t: TrainConfig, d: DistributedConfig):
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt,
-        config=deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, resolve_precision(d)))
+        config=deepspeed_config(t.batch_size, t.grad_clip, d.zero_stage, resolve_precision(d), t.grad_accum))
     safe_load.install(engine)
     compile_step(engine, d)
     return engine

@@ -1,0 +1,97 @@
+"""The recipe levers of a training stage: the learning-rate schedule (cosine, or constant after the
+warm-up as the official code) and gradient accumulation (``grad_accum`` micro-batches per optimizer
+step: the tokens per step of a large batch on a small machine)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calm_core.config import load_config
+from calm_core.errors import ConfigError
+from calm_core.optim import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_constant_schedule_holds_lr_after_the_warmup_and_cosine_decays_to_its_floor():
+    lr, warm, steps = 3e-4, 10, 110
+    assert [lr_at(s, lr, warm, steps, 0.1, "constant") for s in (0, 4, 9)] == pytest.approx([3e-5, 1.5e-4, 3e-4])
+    assert all(lr_at(s, lr, warm, steps, 0.1, "constant") == lr for s in (10, 60, 109, 500))
+    # cosine: lr at the end of the warm-up, halfway between lr and its floor at mid-span, the floor at max_steps
+    assert lr_at(10, lr, warm, steps, 0.1) == pytest.approx(lr)
+    assert lr_at(60, lr, warm, steps, 0.1) == pytest.approx(0.5 * (lr + 3e-5))
+    assert lr_at(110, lr, warm, steps, 0.1) == pytest.approx(3e-5)
+    assert lr_at(35, lr, warm, steps, 0.1) == pytest.approx(3e-5 + (lr - 3e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("override,key", [("stage2.schedule=linear", "stage2.schedule"),
+                                          ("baseline.grad_accum=0", "baseline.grad_accum")])
+def test_bad_recipe_settings_are_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("debug", [override])
+
+
+ACCUM_SCRIPT = r"""
+import json, sys
+import torch
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+from calm_core.config import load_config
+from pipelines.train.loop import optimizer_step
+from pipelines.train.worker import make_engine
+
+torch.manual_seed(1)
+x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+
+class Stage:  # a training stage's step: the mean squared error of one micro-batch
+    def step(self, engine, b):
+        loss = ((engine(b[0]) - b[1]) ** 2).mean()
+        return loss, {"loss": loss.item()}
+
+
+def one_step(batch, accum):
+    cfg = load_config("debug", [f"stage1.batch_size={batch}", f"stage1.grad_accum={accum}", "stage1.weight_decay=0"])
+    torch.manual_seed(0)
+    engine = make_engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+                         cfg.stage1, cfg.distributed)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = 0.1
+    data = iter([(x[i:i + batch], y[i:i + batch]) for i in range(0, 8, batch)])
+    rec = optimizer_step(engine, Stage(), data, accum)
+    return {"weights": [p.detach().flatten().tolist() for p in engine.module.parameters()],
+            "grad_norm": float(engine.get_global_grad_norm()), "loss": rec["loss"],
+            "steps": engine.global_steps, "left": len(list(data))}
+
+
+print("RESULT " + json.dumps({"whole": one_step(8, 1), "accum": one_step(4, 2), "accum4": one_step(2, 4)}))
+"""
+
+
+@pytest.mark.slow
+def test_grad_accum_micro_batches_make_the_step_of_their_whole_batch():
+    """One optimizer step over 2 (or 4) micro-batches through the training engine (``make_engine``,
+    DeepSpeed in a one-rank subprocess, no Ray) equals one step over the whole batch: the same
+    gradient norm (a loss not scaled by 1 / grad_accum would double it), the same weights, the mean
+    loss, one optimizer step, every micro-batch consumed."""
+    from pipelines.ray_env import free_port
+
+    env = {**__import__("os").environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", ACCUM_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    whole = out["whole"]
+    for name in ("accum", "accum4"):
+        got = out[name]
+        assert got["steps"] == 1 and got["left"] == 0, got
+        assert got["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+        assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        for a, b in zip(got["weights"], whole["weights"]):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
