@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The chain on one GPU, as a new user would run it, in one call of under 10 minutes:
-#   stage 1 -> latents (GPU encoder actor) -> CALM (paper head, then adanorm, then compiled)
+#   stage 1 -> latents (GPU encoder actor; then bench_latents on the GPU) -> CALM (paper head, then adanorm, then compiled)
 #   -> the baseline (eager, then compiled) -> generation (batch and exact temperature)
 #   -> serving (Ray Serve on the GPU, both batching policies, against in-process batched generation)
 # and a summary of tokens/s and MFU per stage (bench/gpu_summary.py). Logs go to $OUT (or ./gpu-out).
@@ -35,6 +35,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.l
 rm -rf "$RUN"
 step stage1 120 python jobs/stage1.py --config small --corpus "$CORPUS" --run "$RUN" $GPU stage1.max_steps=1500 stage1.max_minutes=1.5
 step latents 90 python jobs/precompute_latents.py --config small --corpus "$CORPUS" --run "$RUN" $GPU
+# the streaming precompute with the encoder on the GPU and the 16 CPUs reading and tokenising for it
+# (written device-agnostic: --gpu only sets latents.use_gpu; not yet run on a device)
+step latents_bench 150 python bench/bench_latents.py --ae "$RUN/ae" --corpus "$CORPUS" --config small --gpu \
+    --shard-documents 20000 500 --skip-actors --skip-dtype --skip-fixed --stage-chunks 20000 \
+    --out "$OUT/latents_gpu.json" ray.num_cpus=16 latents.batch_size=8192 latents.cpus_per_actor=2
 step calm_paper 100 python jobs/stage2.py --config small --run "$RUN" $GPU $BIG $S2 head.arch=paper head.init=torch
 cp -r "$RUN/calm" "$OUT/calm_paper_artifact" 2>/dev/null && rm -f "$OUT/calm_paper_artifact/model.safetensors"
 step calm_adanorm 100 python jobs/stage2.py --config small --run "$RUN" --overwrite $GPU $BIG $S2 head.arch=adanorm head.init=torch

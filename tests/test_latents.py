@@ -1,4 +1,5 @@
-"""Offline latent precomputation (Ray Data actor pool -> Parquet) and the reader stage 2 uses.
+"""Offline latent precomputation (one streaming Ray Data execution per job: read -> tokenise ->
+encoder actor pool -> the driver's shard writer) and the reader stage 2 uses.
 
 The AE artifact is a randomly initialised tiny autoencoder written by the project's artifact writer
 (conftest ``make_ae``: what matters here is that the stored values are exactly what the encoder
@@ -6,13 +7,19 @@ computes), so no Ray Train run is needed.
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_same_latent_rows, latent_rows
+from conftest import ROOT, assert_same_latent_rows, latent_rows, stop_group
 
 from calm_core.artifacts import load_ae
 from calm_core.config import load_config
@@ -86,70 +93,180 @@ def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
 
 
 def test_corpus_order_is_the_permutation_back_to_the_documents():
-    docs = ["a", "b", "c"]
-    ids, pos = ["a", "a", "b", "c", "c"], np.array([0, 1, 0, 0, 1])
-    np.testing.assert_array_equal(LT.corpus_order(ids, pos, docs), np.arange(5))
-    # two encoder batches swapped: [c0 c1] came before [a0 a1 b0]
-    np.testing.assert_array_equal(LT.corpus_order(["c", "c", "a", "a", "b"], np.array([0, 1, 0, 1, 0]), docs),
+    # documents 10, 11, 12 (the shard's first is 10); 10 and 12 have two chunks
+    doc, pos = np.array([10, 10, 11, 12, 12]), np.array([0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(LT.corpus_order(doc, pos, 10, 3), np.arange(5))
+    # two encoder batches swapped: [12/0 12/1] came before [10/0 10/1 11/0]
+    np.testing.assert_array_equal(LT.corpus_order(np.array([12, 12, 10, 10, 11]), np.array([0, 1, 0, 1, 0]), 10, 3),
                                   [2, 3, 4, 0, 1])
-    # a document that appears twice takes its rows in turn
-    np.testing.assert_array_equal(LT.corpus_order(["b", "a", "a"], np.array([0, 0, 0]), ["a", "b", "a"]), [1, 0, 2])
-    with pytest.raises(ArtifactError, match="chunk 0 of document b is missing"):
-        LT.corpus_order(["a", "b"], np.array([0, 1]), docs)
-    with pytest.raises(ArtifactError, match="1 rows written belong to no document"):
-        LT.corpus_order(["a", "z"], np.array([0, 0]), docs)
+    with pytest.raises(ArtifactError, match="chunk 0 of document 11 is missing"):
+        LT.corpus_order(np.array([10, 12]), np.array([0, 0]), 10, 3)
+    with pytest.raises(ArtifactError, match="document 13 are not of this shard"):
+        LT.corpus_order(np.array([10, 11, 12, 13]), np.array([0, 0, 0, 0]), 10, 3)
+    with pytest.raises(ArtifactError, match="document 10 has chunk 1 where chunk 2"):  # a chunk written twice
+        LT.corpus_order(np.array([10, 10, 10, 11, 12]), np.array([0, 1, 1, 0, 0]), 10, 3)
 
 
-def test_rows_written_out_of_order_are_put_in_corpus_order_before_the_commit(ray_session, setup, monkeypatch,
-                                                                              capsys):
+def test_rows_delivered_out_of_order_are_put_in_corpus_order_before_the_commit(ray_session, setup, monkeypatch,
+                                                                                capsys):
     from pipelines.data import precompute as P
+    from pipelines.data import shards
 
     run, model, tok, corpus = setup
-    clean = precompute_latents(cfg_for(), str(corpus), run)
+    cfg = cfg_for("latents.shard_documents=100", "latents.batch_size=32")  # one train shard of many batches
+    clean = precompute_latents(cfg, str(corpus), run)
     want = latent_rows(run, clean)
-    real = P._encode_and_write
 
-    def batches_permuted(run_, split, shard, *args):  # as Ray Data did in the full suite: encoder batches permuted
-        rec = real(run_, split, shard, *args)
-        if split == "train" and shard == 1:
-            path = run_.path(LT.ARTIFACT, rec["parts"][0]["path"])
-            t = pq.read_table(path)
-            t = pa.concat_tables([t.slice(64), t.slice(0, 64)])
-            pq.write_table(t, path, **LT.PARQUET_OPTIONS)
-        return rec
+    class Swapping(P.ShardWriter):  # as Ray Data did in the full suite: whole encoder batches permuted
+        done = False
 
-    monkeypatch.setattr(P, "_encode_and_write", batches_permuted)
-    again = precompute_latents(cfg_for(), str(corpus), run, overwrite=True)
-    assert "train shard 1: Ray Data wrote its rows out of corpus order" in capsys.readouterr().out
+        def add(self, table):
+            if not Swapping.done and table["split"][0].as_py() == "train" and len(table) > 64:
+                Swapping.done = True
+                super().add(table.slice(64))
+                table = table.slice(0, 64)
+            super().add(table)
+
+    Swapping.done = False
+    monkeypatch.setattr(P, "ShardWriter", Swapping)
+    monkeypatch.setattr(shards, "PART_ROWS", 40)  # several part files: the repair keeps the cut
+    again = precompute_latents(cfg, str(corpus), run, overwrite=True)
+    assert Swapping.done
+    assert "train shard 0: Ray Data delivered its rows out of corpus order" in capsys.readouterr().out
+    assert len(again["parts"]["train"]) > 2
     assert_same_latent_rows(latent_rows(run, again), want)
     LT.read_latents(run, "train")  # the commit record's sizes and hashes are those of the files now there
 
 
+def test_one_encoder_pool_for_the_whole_job_whatever_the_shard_size(ray_session, setup):
+    run, model, tok, corpus = setup
+    m = precompute_latents(cfg_for("latents.shard_documents=2", "latents.num_actors=2", "latents.batch_size=16"),
+                           str(corpus), run)
+    shards = len(list((run.local_root / "latents" / "train").glob("shard-*.json")))
+    assert shards == 28 and len(list((run.local_root / "latents" / "val").glob("shard-*.json"))) == 3
+    # the actors that encoded (each tags its rows with an id made in its constructor): at most the
+    # pool's 2, where a pool per shard would have made up to 2 x 31
+    assert 1 <= m["metrics"]["encoder_actors"] <= 2
+    one = RunDir(str(run.local_root.parent / "one"))
+    (run.local_root.parent / "one").mkdir()
+    os.symlink(run.local_root / "ae", run.local_root.parent / "one" / "ae")
+    big = precompute_latents(cfg_for("latents.shard_documents=1000"), str(corpus), one)
+    assert_same_latent_rows(latent_rows(run, m), latent_rows(one, big))  # the shard size changes no row
+
+
 def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup, capsys):
     run, model, tok, corpus = setup
-    cfg = cfg_for()
+    cfg = cfg_for("latents.shard_documents=5")  # 11 train shards, 1 val
     clean = precompute_latents(cfg, str(corpus), run)
     clean_rows = latent_rows(run, clean)
     root = run.local_root / "latents"
 
-    # a crash after shard 0 of train was committed and while shard 1 was being written:
+    # a crash after train shards 0-3 were committed and while shard 4 was being written:
     (root / "manifest.json").unlink()
-    for rec in ("train/shard-00001.json", "train/shard-00002.json", "val/shard-00000.json"):
-        (root / rec).unlink(missing_ok=True)
-    part = sorted((root / "train" / "shard-00001").glob("*.parquet"))[0]
+    for rec in [f"train/shard-{i:05d}.json" for i in range(4, 11)] + ["val/shard-00000.json"]:
+        (root / rec).unlink()
+    part = sorted((root / "train" / "shard-00004").glob("*.parquet"))[0]
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # half-written file
-    (root / "train" / "shard-00001" / "part-999999.parquet").write_bytes(b"junk from a dead writer")
+    (root / "train" / "shard-00004" / "part-999999.parquet").write_bytes(b"junk from a dead writer")
 
     again = precompute_latents(cfg, str(corpus), run)
-    assert "1 shard(s) were already committed" in capsys.readouterr().out
-    assert again["metrics"]["rows"] == clean["metrics"]["rows"]
+    assert "4 shard(s) were already committed" in capsys.readouterr().out
+    assert again["metrics"]["shards_kept"] == 4
+    assert again["metrics"]["rows_written_this_run"] == clean["metrics"]["rows"] - sum(
+        json.loads((root / "train" / f"shard-{i:05d}.json").read_text())["rows"] for i in range(4))
     assert_same_latent_rows(latent_rows(run, again), clean_rows)
-    assert not (root / "train" / "shard-00001" / "part-999999.parquet").exists()
+    assert not (root / "train" / "shard-00004" / "part-999999.parquet").exists()
 
     # a rerun on the complete output does nothing and says so
     third = precompute_latents(cfg, str(corpus), run)
     assert "nothing to do" in capsys.readouterr().out
     assert third["parts"] == again["parts"]
+
+
+JOB = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import pipelines  # noqa: F401  (the environment every job sets)
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory={store},
+             log_to_driver=True)
+    from calm_core.config import load_config
+    from pipelines.data.precompute import precompute_latents
+    from pipelines.storage import RunDir
+    m = precompute_latents(load_config("debug", json.loads(sys.argv[3])), sys.argv[1], RunDir(sys.argv[2]))
+    print("metrics", json.dumps(m["metrics"]))
+""")
+
+
+def _job(tmp_path: Path, corpus: Path, run: Path, overrides: list[str], store_mb: int = 1000) -> subprocess.Popen:
+    """The precompute in its own process with its own Ray (a new process group, so that a kill takes
+    its Ray with it)."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB.format(root=str(ROOT), store=store_mb * 2**20))
+    return subprocess.Popen([sys.executable, str(script), str(corpus), str(run), json.dumps(overrides)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=tmp_path)
+
+
+def test_killed_job_then_rerun_gives_the_clean_rows_with_many_small_shards(ray_session, tmp_path, tiny_corpus_text,
+                                                                          make_ae):
+    """kill -9 of the whole job (driver, Ray, encoder actors) once a random number of its ~150 shards
+    are committed, then the same job again: every chunk once, equal to a clean run."""
+    import random
+
+    docs = [d for d in tiny_corpus_text.split("<|endoftext|>") if d.strip()]
+    corpus = tmp_path / "corpus.txt"  # 480 distinct documents
+    corpus.write_text("".join(f"{i} {d.strip()}\n<|endoftext|>\n" for i in range(8) for d in docs))
+    overrides = ["latents.shard_documents=3", "latents.batch_size=8"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    make_ae(killed / "ae", corpus.read_text())
+    clean.mkdir()
+    os.symlink(killed / "ae", clean / "ae")
+
+    at = random.Random(os.getpid()).randint(1, 40)
+    records = killed / "latents" / "train"
+    proc = _job(tmp_path, corpus, killed, overrides)
+    deadline = time.time() + 120
+    while len(list(records.glob("shard-*.json"))) < at and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    stop_group(proc, signal.SIGKILL)
+    out = proc.stdout.read()
+    committed = len(list(records.glob("shard-*.json")))
+    assert not (killed / "latents" / "manifest.json").exists(), f"the job ended before the kill:\n{out[-2000:]}"
+    assert committed >= at, out[-3000:]
+
+    again = precompute_latents(load_config("debug", overrides), str(corpus), RunDir(str(killed)))
+    assert again["metrics"]["shards_kept"] >= at
+    assert again["metrics"]["rows_written_this_run"] < again["metrics"]["rows"]
+    want = precompute_latents(load_config("debug", overrides), str(corpus), RunDir(str(clean)))
+    assert_same_latent_rows(latent_rows(RunDir(str(killed)), again), latent_rows(RunDir(str(clean)), want))
+
+
+def test_a_corpus_larger_than_the_object_store(tmp_path, make_ae):
+    """76 MiB of text through a Ray whose object store holds 75 MiB (Ray's minimum): the job streams
+    (no split is materialised) and completes with every chunk. Words of 1,000 letters that the
+    tokenizer learnt whole keep the encoder's share small; the read, the parse and the tokenizer see
+    every byte (four files, so that two cores share them)."""
+    word = "a" * 1000
+    docs = [f"{i} " + " ".join([word] * 100) for i in range(800)]  # 800 documents of 100 kB
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    for f in range(4):
+        (corpus / f"part-{f}.txt").write_text("".join(d + "\n<|endoftext|>\n" for d in docs[f * 200:(f + 1) * 200]))
+    assert sum(f.stat().st_size for f in corpus.iterdir()) > 76 * 2**20
+    run = tmp_path / "run"
+    _, tok = make_ae(run / "ae", "\n<|endoftext|>\n".join(docs[:4] + [" ".join([word] * 50)] * 50))
+    want = sum(len(tok.encode(d)) // 4 + 1 for d in docs)  # chunks of K=4 with end-of-text, by hand
+    proc = _job(tmp_path, corpus, run, ["latents.shard_documents=100", "latents.batch_size=4096", "data.val_fraction=0"],
+                store_mb=75)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    metrics = json.loads(out.split("metrics ", 1)[1].splitlines()[0])
+    assert metrics["rows"] == want and metrics["rows_per_split"]["train"] == want
 
 
 def test_other_ae_or_dtype_is_refused_and_reader_checks_the_ae(ray_session, setup, tmp_path, make_ae):

@@ -1,6 +1,6 @@
 """Ray Data: documents -> K-token chunks, with the tokenizer and chunk rule of ``calm_core``.
 
-Stage 1 trains on these chunks; latent precomputation (issue 3) encodes the same chunks, so the
+Stage 1 trains on these chunks; latent precomputation encodes the same chunks, so the
 tokenise-and-chunk step lives here once.
 """
 
@@ -20,24 +20,34 @@ def _tokenizer(tokenizer_json: str) -> CalmTokenizer:
 
 
 class TokenizeChunk:
-    """map_batches UDF: {"doc_id", "text"} -> {"doc_id", "position", "tokens"[K]}, one row per chunk."""
+    """map_batches UDF: {"doc_id", "text", *carry} -> {"doc_id", "position", "tokens"[K], *carry}, one row
+    per chunk. ``carry``: columns of the document copied to each of its chunks (the latent
+    precompute's split, shard and document index); with ``last`` a bool column marks each
+    document's last chunk (a consumer that sees chunks in any order knows when a document is whole)."""
 
-    def __init__(self, tokenizer_json: str, K: int):
+    def __init__(self, tokenizer_json: str, K: int, carry: tuple[str, ...] = (), last: bool = False):
         self.tokenizer_json = tokenizer_json
         self.K = K
+        self.carry, self.last = tuple(carry), last
 
     def __call__(self, batch: dict) -> dict:
         tok = _tokenizer(self.tokenizer_json)
         texts = [str(t) for t in batch["text"]]
         chunks, doc_index, position = chunk_documents(tok.encode_batch(texts), self.K, tok.eot_id, tok.pad_id)
         doc_ids = np.asarray(batch["doc_id"], dtype=object)[doc_index] if len(doc_index) else np.zeros(0, object)
-        return {"doc_id": doc_ids, "position": position, "tokens": chunks}
+        out = {"doc_id": doc_ids, "position": position, "tokens": chunks}
+        for c in self.carry:
+            out[c] = np.asarray(batch[c])[doc_index]
+        if self.last:
+            out["last"] = np.append(doc_index[1:] != doc_index[:-1], True) if len(doc_index) else np.zeros(0, bool)
+        return out
 
 
-def chunk_dataset(docs, tokenizer: CalmTokenizer, K: int, num_cpus: float, batch_size: int = 256):
+def chunk_dataset(docs, tokenizer: CalmTokenizer, K: int, num_cpus: float, batch_size: int = 256,
+                  carry: tuple[str, ...] = (), last: bool = False):
     """A Ray Dataset of documents -> a Ray Dataset of chunks (plain tasks, fractional CPUs)."""
     return docs.map_batches(
-        TokenizeChunk(tokenizer.to_str(), K),
+        TokenizeChunk(tokenizer.to_str(), K, carry, last),
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,

@@ -64,13 +64,9 @@ def _source_prefix(spec: str, fs: pafs.FileSystem) -> str:
     return spec.split("://", 1)[0] + "://"
 
 
-def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt: str,
-          sections: int = 0) -> "ray.data.Dataset":
-    import ray.data
-
-    if fmt == "parquet":
-        _check_parquet_column(fs, files, cfg.text_field)
-    opts = {
+def parse_options(spec: str, cfg: DataConfig, fs: pafs.FileSystem, fmt: str, sections: int = 0) -> dict:
+    """What ``pipelines.data.parsers.parse_files`` needs to turn one file into records."""
+    return {
         "format": fmt,
         "separator": cfg.separator,
         "eot_marker": cfg.eot_marker,
@@ -81,6 +77,15 @@ def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt
         "source_prefix": _source_prefix(spec, fs),
         "sections": sections,
     }
+
+
+def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt: str,
+          sections: int = 0) -> "ray.data.Dataset":
+    import ray.data
+
+    if fmt == "parquet":
+        _check_parquet_column(fs, files, cfg.text_field)
+    opts = parse_options(spec, cfg, fs, fmt, sections)
     raw = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, num_cpus=cfg.read_cpus)
     raw.context.execution_options.preserve_order = True  # a copy of the global context, shared by derived datasets
     return raw.map_batches(parse_files, fn_kwargs={"opts": opts}, batch_size=1, batch_format="numpy",
@@ -127,16 +132,22 @@ class CorpusStats:
 
 def _block_counts(batch: pa.Table) -> pa.Table:
     """map_batches UDF: records and characters per (status, split) within one block."""
-    t = pa.table({"status": batch["status"], "split": batch["split"], "chars": pc.utf8_length(batch["text"])})
-    return t.group_by(["status", "split"]).aggregate([("chars", "sum"), ("chars", "count")])
+    t = pa.table({"status": batch["status"], "split": batch["split"], "source": batch["source"],
+                  "chars": pc.utf8_length(batch["text"])})
+    return t.group_by(["status", "split", "source"]).aggregate([("chars", "sum"), ("chars", "count")])
 
 
-def _stats(docs: "ray.data.Dataset", files: int, fmt: str, cpus: float) -> CorpusStats:
-    """One pass over the materialised blocks (per-block partial counts, summed on the driver)."""
+def _stats(docs: "ray.data.Dataset", files: int, fmt: str, cpus: float,
+           per_source: dict[tuple[str, str], int] | None = None) -> CorpusStats:
+    """One pass over the blocks (per-block partial counts, summed on the driver); ``per_source``
+    receives the good documents per (source file, split)."""
     stats = CorpusStats(files=files, format=fmt)
     parts = docs.map_batches(_block_counts, batch_size=None, batch_format="pyarrow", num_cpus=cpus).take_all()
     for row in parts:
         if row["status"] == "ok":
+            if per_source is not None:
+                key = (row["source"], row["split"])
+                per_source[key] = per_source.get(key, 0) + int(row["chars_count"])
             stats.documents[row["split"]] += int(row["chars_count"])
             stats.characters[row["split"]] += int(row["chars_sum"] or 0)
         else:
@@ -158,26 +169,57 @@ def load_corpus(spec: str, cfg: DataConfig) -> tuple["ray.data.Dataset", "ray.da
     long text, or a few) the documents are cut into sections of ``data.section_chars`` at line ends
     and sections are held out instead. Raises ``DataError`` when no document is usable.
     """
-    fs, files, fmt = resolve_corpus_files(spec, cfg.format)
-    docs = _read(spec, cfg, fs, files, fmt).materialize()
-    stats = _stats(docs, len(files), fmt, cfg.read_cpus)
-    if stats.documents["val"] == 0 and stats.documents["train"] and cfg.val_fraction > 0 and cfg.section_chars:
-        cut = _read(spec, cfg, fs, files, fmt, sections=cfg.section_chars).materialize()
-        cut_stats = _stats(cut, len(files), fmt, cfg.read_cpus)
-        if cut_stats.documents["val"]:
-            progress(f"[corpus] no whole document is held out ({stats.documents['train']:,} documents); holding "
-                     f"out sections of about {cfg.section_chars:,} characters instead (data.section_chars)")
-            docs, stats = cut, cut_stats
-    if stats.total_documents == 0:
-        raise DataError(f"corpus '{spec}' has no usable documents ({stats.skipped_text()} in {stats.files} "
-                        f"file{'s' if stats.files != 1 else ''}); check the files, data.format "
-                        f"({cfg.format}), data.separator ({cfg.separator}) and data.text_field ({cfg.text_field})")
+    scan, docs = _counted(spec, cfg, materialize=True)
     split = {
         s: docs.map_batches(_only_ok, fn_kwargs={"split": s}, batch_size=None, batch_format="pyarrow",
                             num_cpus=cfg.read_cpus)
         for s in SPLITS
     }
-    return split["train"], split["val"], stats
+    return split["train"], split["val"], scan.stats
+
+
+@dataclass
+class CorpusScan:
+    """A corpus counted in one pass, and how to read it again the same way (the files in corpus
+    order, the parse options, the section cut chosen)."""
+
+    fs: pafs.FileSystem
+    files: list[str]
+    options: dict
+    stats: CorpusStats
+    per_source: dict[tuple[str, str], int]  # good documents per (source, split); source = prefix + path
+
+
+def scan_corpus(spec: str, cfg: DataConfig) -> CorpusScan:
+    """``load_corpus``'s counting without keeping the documents: the read streams through (nothing
+    materialised), so memory does not grow with the corpus. A consumer reads the files again
+    (``pipelines.data.precompute``)."""
+    return _counted(spec, cfg, materialize=False)[0]
+
+
+def _counted(spec: str, cfg: DataConfig, materialize: bool) -> tuple[CorpusScan, "ray.data.Dataset"]:
+    fs, files, fmt = resolve_corpus_files(spec, cfg.format)
+
+    def count(sections: int):
+        docs = _read(spec, cfg, fs, files, fmt, sections)
+        docs = docs.materialize() if materialize else docs
+        per_source: dict = {}
+        stats = _stats(docs, len(files), fmt, cfg.read_cpus, per_source)
+        return CorpusScan(fs, files, parse_options(spec, cfg, fs, fmt, sections), stats, per_source), docs
+
+    scan, docs = count(0)
+    stats = scan.stats
+    if stats.documents["val"] == 0 and stats.documents["train"] and cfg.val_fraction > 0 and cfg.section_chars:
+        cut, cut_docs = count(cfg.section_chars)
+        if cut.stats.documents["val"]:
+            progress(f"[corpus] no whole document is held out ({stats.documents['train']:,} documents); holding "
+                     f"out sections of about {cfg.section_chars:,} characters instead (data.section_chars)")
+            scan, docs, stats = cut, cut_docs, cut.stats
+    if stats.total_documents == 0:
+        raise DataError(f"corpus '{spec}' has no usable documents ({stats.skipped_text()} in {stats.files} "
+                        f"file{'s' if stats.files != 1 else ''}); check the files, data.format "
+                        f"({cfg.format}), data.separator ({cfg.separator}) and data.text_field ({cfg.text_field})")
+    return scan, docs
 
 
 def iter_texts(ds: "ray.data.Dataset", limit: int | None = None, batch_size: int = 1024) -> Iterator[str]:

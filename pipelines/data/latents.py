@@ -188,8 +188,7 @@ def read_latents(run: RunDir, split: str = "train", expected: dict[str, Any] | N
     schema = latents_schema(manifest["identity"]["K"], manifest["identity"]["latent_dim"],
                             manifest["identity"]["dtype"])
     # with the file of every row: Ray Data may pack several part files into one block, in any order
-    ds = ray.data.read_parquet(files, filesystem=run.fs, schema=schema, include_paths=True,
-                               **({"ray_remote_args": {"num_cpus": num_cpus}} if num_cpus is not None else {}))
+    ds = ray.data.read_parquet(files, filesystem=run.fs, schema=schema, include_paths=True, num_cpus=num_cpus)
     return ds, manifest
 
 
@@ -231,24 +230,26 @@ def latent_blocks(ds, manifest: dict[str, Any], L: int, num_cpus: float = 0.25):
                           batch_format="pyarrow", num_cpus=num_cpus)
 
 
-def corpus_order(ids: list, pos: np.ndarray, want_docs: list[str]) -> np.ndarray:
-    """The permutation that puts rows (``ids`` doc ids, ``pos`` chunk positions, [N]) in corpus order:
-    ``want_docs`` in order, each document's chunks 0, 1, 2, ... (a document that appears twice
-    takes the rows of its key in the order they come: they hold the same chunk). Raises
-    ``ArtifactError`` when the rows are not exactly the chunks of those documents."""
-    from collections import defaultdict, deque
-
-    rows: dict[tuple[str, int], deque] = defaultdict(deque)
-    chunks: dict[str, int] = {}
-    for i, (d, p) in enumerate(zip(ids, pos.tolist())):
-        rows[d, p].append(i)
-        chunks[d] = max(chunks.get(d, 0), p + 1)
-    perm = []
-    for d in want_docs:
-        for p in range(chunks.get(d, 0)):
-            if not rows[d, p]:
-                raise ArtifactError(f"latents: chunk {p} of document {d[:12]} is missing from the rows written")
-            perm.append(rows[d, p].popleft())
-    if len(perm) != len(ids):
-        raise ArtifactError(f"latents: {len(ids) - len(perm)} rows written belong to no document of the shard")
-    return np.asarray(perm, dtype=np.int64)
+def corpus_order(doc_index: np.ndarray, position: np.ndarray, first: int, documents: int) -> np.ndarray:
+    """The permutation that puts a shard's rows (``doc_index`` the document's index in its split,
+    ``position`` the chunk's, [N]) in corpus order: documents ``first`` .. ``first + documents - 1``,
+    each one's chunks 0, 1, 2, ... Raises ``ArtifactError`` unless the rows are exactly the chunks
+    of those documents (none missing, none twice, none of another document)."""
+    doc, pos = np.asarray(doc_index, dtype=np.int64), np.asarray(position, dtype=np.int64)
+    perm = np.lexsort((pos, doc))
+    d, p = doc[perm], pos[perm]
+    new = np.ones(len(d), dtype=bool)
+    new[1:] = d[1:] != d[:-1]
+    if len(d) and (d[0] < first or d[-1] >= first + documents):
+        bad = d[0] if d[0] < first else d[-1]
+        raise ArtifactError(f"latents: rows of document {bad} are not of this shard ({first}..{first + documents - 1})")
+    if int(new.sum()) != documents:
+        missing = sorted(set(range(first, first + documents)) - set(d[new].tolist()))[:1]
+        raise ArtifactError(f"latents: chunk 0 of document {missing[0] if missing else '?'} is missing from the "
+                            "rows written")
+    want = np.arange(len(d)) - np.maximum.accumulate(np.where(new, np.arange(len(d)), 0))  # 0, 1, .. per doc
+    if not np.array_equal(p, want):
+        i = int(np.argmax(p != want))
+        raise ArtifactError(f"latents: document {d[i]} has chunk {p[i]} where chunk {want[i]} belongs (a chunk "
+                            "missing or written twice)")
+    return perm
