@@ -91,6 +91,8 @@ class TrainConfig:
     val_max_chunks: int = 4096  # validation chunks (in all, over every worker)
     brier_samples: int = 2  # stage 2 / baseline: samples per position for the held-out BrierLM (>= 2)
     shuffle_buffer: int = 8192  # local shuffle buffer of the streamed training chunks
+    shuffle: str = "buffer"  # stage2 / baseline: buffer (blocks in corpus order through the buffer) | corpus (one
+    #                          seeded random order of every training block first, then the buffer)
     seed: int = 0
     init_from: str = ""  # stage2 / baseline: a CALM or baseline artifact (RUN/calm of any run, a path or URI) whose
     #                      weights and architecture (model, head) this training starts from: fine-tuning
@@ -464,6 +466,10 @@ def validate(cfg: Config) -> None:
         for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "val_max_chunks", "grad_accum"):
             _positive(getattr(t, key), f"{sec}.{key}")
         _choice(t.schedule, f"{sec}.schedule", ("cosine", "constant"))
+        _choice(t.shuffle, f"{sec}.shuffle", ("buffer", "corpus"))
+    if cfg.stage1.shuffle != "buffer":
+        raise ConfigError("key 'stage1.shuffle' must be 'buffer': the corpus-level shuffle is for stage2 / baseline "
+                          "blocks (stage 1 trains on single chunks through its shuffle buffer)")
         _positive(t.lr, f"{sec}.lr")
         _positive(t.max_minutes, f"{sec}.max_minutes", allow_zero=True)
         if t.brier_samples < 2:

@@ -95,3 +95,48 @@ def test_grad_accum_micro_batches_make_the_step_of_their_whole_batch():
         assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5)
         for a, b in zip(got["weights"], whole["weights"]):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def test_shuffle_order_is_a_seeded_permutation_that_forgets_corpus_order():
+    import numpy as np
+
+    from pipelines.train.stream import shuffle_order
+
+    keys = np.arange(5000, dtype=np.int64) * 7919 + 12345  # blocks in corpus order
+    a, b, other = shuffle_order(keys, 0), shuffle_order(keys, 0), shuffle_order(keys, 1)
+    assert np.array_equal(a, b) and (a >= 0).all() and len(np.unique(a)) == len(keys)
+    rank = np.argsort(np.argsort(a))
+    # Spearman's rho between corpus position and shuffled position: ~N(0, 1/sqrt(n)) for a random order
+    rho = np.corrcoef(np.arange(len(keys)), rank)[0, 1]
+    assert abs(rho) < 0.05
+    # neighbours in the corpus land far apart: the mean gap of 4999 neighbour pairs ~ n / 3 (uniform)
+    assert abs(np.abs(np.diff(rank)).mean() / len(keys) - 1 / 3) < 0.03
+    assert not np.array_equal(np.argsort(a), np.argsort(other))  # another seed, another order
+
+
+@pytest.mark.slow
+def test_corpus_shuffle_is_the_same_order_however_ray_data_cuts_the_blocks(ray_session):
+    import numpy as np
+    import ray.data
+
+    from pipelines.train.stream import corpus_shuffled, shuffle_order
+
+    n = 300
+    keys = np.arange(n, dtype=np.int64) * 31 + 7
+    tokens = np.stack([np.full((4, 2), k) for k in keys])  # each block's content names its key
+    orders = []
+    for parts in (1, 7):
+        ds = ray.data.from_items([{"tokens": t, "key": k} for t, k in zip(tokens, keys)]).repartition(parts)
+        rows = corpus_shuffled(ds, seed=3, cpus=0.25).take_all()
+        assert "_order" not in rows[0]
+        assert all((r["tokens"] == r["key"]).all() for r in rows)  # rows moved whole
+        orders.append([int(r["key"]) for r in rows])
+    assert orders[0] == orders[1]
+    assert sorted(orders[0]) == keys.tolist()
+    assert orders[0] == keys[np.argsort(shuffle_order(keys, 3))].tolist()
+
+
+@pytest.mark.parametrize("override", ["stage1.shuffle=corpus", "stage2.shuffle=global"])
+def test_shuffle_settings_that_do_not_exist_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config("debug", [override])

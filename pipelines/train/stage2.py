@@ -39,6 +39,7 @@ from pipelines.data import latents as LT
 from pipelines.progress import progress
 from pipelines.storage import RunDir
 from pipelines.train.loop import TrainPlan
+from pipelines.train.stream import corpus_shuffled
 from pipelines.train.trainer import fit, publish_trained
 from pipelines.train.worker import all_reduce_sum
 
@@ -102,8 +103,10 @@ class ModelStage:
 # ============================================================================ driver side
 
 
-def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float):
+def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float, shuffle_seed: int | None = None):
     blocks = LT.latent_blocks(ds, manifest, L, num_cpus=cpus)
+    if shuffle_seed is not None:
+        blocks = corpus_shuffled(blocks, shuffle_seed, cpus)
     return blocks.select_columns(["tokens"], num_cpus=cpus) if kind == "baseline" else blocks
 
 
@@ -135,6 +138,8 @@ def stage2_identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: di
              # (only when set: the identities of runs made before the key existed stay the same)
              **({f"{section}.grad_accum": getattr(cfg, section).grad_accum}
                 if getattr(cfg, section).grad_accum != 1 else {}),
+             **({f"{section}.shuffle": "corpus", f"{section}.seed": getattr(cfg, section).seed}
+                if getattr(cfg, section).shuffle == "corpus" else {}),
              "distributed.num_workers": cfg.distributed.num_workers, "distributed.zero_stage": cfg.distributed.zero_stage}
     if kind == "calm":
         ident.update({f"head.{k}": v for k, v in cfg.to_dict()["head"].items()})
@@ -180,7 +185,8 @@ def _train_blocks(cfg: Config, run: RunDir, kind: str, ae_ident: dict):
     # blocks in file order, not in read-task completion order: a rerun that resumes then cuts the
     # same shards (pipelines.train.stream)
     train_ds.context.execution_options.preserve_order = True
-    train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus).materialize()
+    train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus,
+                    shuffle_seed=t.seed if t.shuffle == "corpus" else None).materialize()
     n_train = train.count()
     if n_train < t.batch_size * d.num_workers:
         raise DataError(f"the latents give {n_train} training blocks of {L} chunks, fewer than one step needs "

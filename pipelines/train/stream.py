@@ -23,10 +23,34 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from calm_core.errors import DataError
 from pipelines.progress import progress
+
+
+def shuffle_order(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random sort key for each training block from its ``key`` (its first chunk's document
+    and position; pipelines.data.latents.LatentBlocks): splitmix64 of key + seed. Sorting by it puts
+    the blocks of the whole corpus in one random order that depends only on the blocks and the seed,
+    not on how Ray Data cut them into tasks: the same on every run, so a resumed run finds its place."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)  # non-negative: Ray Data sorts it as a plain int64 column
+
+
+def corpus_shuffled(blocks, seed: int, cpus: float):
+    """``blocks`` (a Ray Dataset with a ``key`` column) in the seeded corpus-level order of
+    ``shuffle_order`` (``<stage>.shuffle=corpus``): training blocks stream in corpus order otherwise,
+    so consecutive steps see one or two books through the local buffer."""
+    def add_order(batch: dict) -> dict:
+        return {**batch, "_order": shuffle_order(np.asarray(batch["key"]), seed)}
+
+    return blocks.map_batches(add_order, batch_format="numpy", num_cpus=cpus).sort("_order").drop_columns(["_order"])
 
 
 @dataclass(frozen=True)
