@@ -63,7 +63,7 @@ class CALM(nn.Module):
         blocks = head.blocks or max(1, model.n_layers // 4)
         if head.kind == "energy":  # built after init_weights: its own init scheme (head.init)
             self.head = build_energy_head(head.arch, d, ae.latent_dim, model.ffn_dim, blocks, head.noise_dim, head.init,
-                                          head.noise, head.layernorm_eps)
+                                          head.noise, head.layernorm_eps, width=round(d * head.width_ratio))
         else:
             self.head = QuadraticHead(d, ae.latent_dim)
 

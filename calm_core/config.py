@@ -143,6 +143,7 @@ class HeadConfig:
     noise: str = "uniform"  # head noise distribution: uniform (U(-0.5, 0.5), the official code) | gaussian (N(0, 1))
     layernorm_eps: float = 1e-5  # LayerNorm eps of the paper head (official: 1e-6)
     blocks: int = 0  # residual blocks; 0 = one per four backbone layers (paper)
+    width_ratio: float = 1.0  # energy head's width / model.d_model (paper: 1, the head as wide as the backbone)
     n_samples: int = 8  # N head samples per position
     n_targets: int = 100  # M targets drawn from the posterior per position, fresh every step
     alpha: float = 1.0  # energy-score exponent, in (0, 2)
@@ -509,6 +510,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'head.alpha' must be in (0, 2) (strictly proper energy score), got {h.alpha}")
     for key in ("noise_dim", "blocks", "margin", "input_noise_std", "prior_weight"):
         _positive(getattr(h, key), f"head.{key}", allow_zero=key != "noise_dim")
+    _positive(h.width_ratio, "head.width_ratio")
+    if round(cfg.model.d_model * h.width_ratio) < 1:
+        raise ConfigError(f"key 'head.width_ratio' {h.width_ratio} leaves the head no width "
+                          f"(model.d_model {cfg.model.d_model})")
     lt = cfg.latents
     _choice(lt.dtype, "latents.dtype", ("float32", "float16", "bfloat16"))
     for key in ("batch_size", "num_actors", "cpus_per_actor", "shard_documents"):

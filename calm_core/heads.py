@@ -5,7 +5,9 @@ eps ~ U(-0.5, 0.5)^noise_dim (``head.noise``: or N(0, I), an ablation), trained 
 noise is an independent sample of the next latent. Their last Linear is zero-initialised, so at
 init every sample equals the final bias (0).
 
-PaperEnergyHead (``arch: paper``), the official code's ``MLPGenerator``, width d = the backbone's:
+PaperEnergyHead (``arch: paper``), the official code's ``MLPGenerator``, width d = the backbone's
+(``head.width_ratio`` scales it: W_h then maps the backbone's h to the head's width, and d below is
+that width):
     x_0 = LayerNorm(W_e eps)                     c = LayerNorm(W_h h)                      [.., N, d], [.., 1, d]
     x_i = x_{i-1} + W_down(SiLU(g) * u),   [g, u] = MLP(concat(LayerNorm(x_{i-1}), c)),  i = 1..blocks
           MLP = Linear(2d, d), SiLU, Linear(d, d), SiLU, Linear(d, 2d)        (every Linear with bias)
@@ -101,12 +103,13 @@ class PaperBlock(nn.Module):
 
 class PaperEnergyHead(nn.Module):
     def __init__(self, d: int, latent_dim: int, blocks: int, noise_dim: int = 64, init: str = "normal",
-                 noise: str = "uniform", ln_eps: float = 1e-5):
+                 noise: str = "uniform", ln_eps: float = 1e-5, width: int = 0):
         super().__init__()
+        d_in, d = d, width or d  # the backbone's width in, the head's width inside
         self.noise_dim, self.noise_kind = noise_dim, noise
         self.noise = nn.Linear(noise_dim, d)
         self.noise_norm = nn.LayerNorm(d, eps=ln_eps)
-        self.cond = nn.Linear(d, d)
+        self.cond = nn.Linear(d_in, d)
         self.cond_norm = nn.LayerNorm(d, eps=ln_eps)
         self.blocks = nn.ModuleList([PaperBlock(d, ln_eps) for _ in range(max(1, blocks))])
         self.out_norm = nn.LayerNorm(d, eps=ln_eps)
@@ -149,10 +152,12 @@ class AdaBlock(nn.Module):
 
 class AdaNormEnergyHead(nn.Module):
     def __init__(self, d: int, latent_dim: int, ffn: int, blocks: int, noise_dim: int = 64, init: str = "torch",
-                 noise: str = "uniform"):
+                 noise: str = "uniform", width: int = 0):
         super().__init__()
+        d_in, d = d, width or d  # the backbone's width in, the head's width inside (the SwiGLU's ffn scaled with it)
+        ffn = ffn * d // d_in
         self.noise_dim, self.noise_kind = noise_dim, noise
-        self.cond = nn.Linear(d, d)
+        self.cond = nn.Linear(d_in, d)
         self.cond_norm = RMSNorm(d)
         self.noise = nn.Linear(noise_dim, d)
         self.noise_norm = RMSNorm(d)
@@ -183,11 +188,12 @@ EnergyHead = (PaperEnergyHead, AdaNormEnergyHead)  # for isinstance checks
 
 
 def build_energy_head(arch: str, d: int, latent_dim: int, ffn: int, blocks: int, noise_dim: int,
-                      init: str, noise: str = "uniform", ln_eps: float = 1e-5) -> nn.Module:
+                      init: str, noise: str = "uniform", ln_eps: float = 1e-5, width: int = 0) -> nn.Module:
+    """The energy head on a backbone of width ``d``; ``width`` (0: d) is the head's own width."""
     if arch == "paper":
-        return PaperEnergyHead(d, latent_dim, blocks, noise_dim, init, noise, ln_eps)
+        return PaperEnergyHead(d, latent_dim, blocks, noise_dim, init, noise, ln_eps, width)
     if arch == "adanorm":
-        return AdaNormEnergyHead(d, latent_dim, ffn, blocks, noise_dim, init, noise)
+        return AdaNormEnergyHead(d, latent_dim, ffn, blocks, noise_dim, init, noise, width)
     raise ValueError(f"unknown head arch {arch!r} (paper | adanorm)")
 
 

@@ -291,6 +291,8 @@ def check_exportable(kind: str, cfg: Config) -> None:
             bad.append(f"head {h.kind}/{h.arch} (official: energy/paper)")
         if h.noise != "uniform":
             bad.append(f"head.noise={h.noise} (official: uniform)")
+        if h.width_ratio != 1.0:
+            bad.append(f"head.width_ratio={h.width_ratio} (official: the head is as wide as the backbone)")
         if m.input_mode != "tokens":
             bad.append(f"model.input_mode={m.input_mode} (official: tokens)")
         if m.layernorm_eps != h.layernorm_eps:

@@ -302,14 +302,21 @@ def counted_calm_flops(model: CALM, vocab: int, B: int, monkeypatch) -> dict[str
             "input": (train_flops("token_in") + train_flops("latent_in")) / tokens, "loss": loss / tokens}
 
 
-@pytest.mark.parametrize("kind,arch,n,mode", [("energy", "paper", 8, "tokens"), ("energy", "adanorm", 16, "both"),
-                                              ("quadratic", "paper", 8, "latents")])
-def test_calm_flops_per_token_match_a_flop_counter(kind, arch, n, mode, monkeypatch):
+@pytest.mark.parametrize("kind,arch,n,mode,width", [("energy", "paper", 8, "tokens", 1.0),
+                                                    ("energy", "adanorm", 16, "both", 1.0),
+                                                    ("quadratic", "paper", 8, "latents", 1.0),
+                                                    ("energy", "paper", 8, "tokens", 0.5),
+                                                    ("energy", "adanorm", 8, "tokens", 2.0)])
+def test_calm_flops_per_token_match_a_flop_counter(kind, arch, n, mode, width, monkeypatch):
     """calm_train_flops_per_token, part by part and in total, = the counter's (``counted_calm_flops``).
-    The head draws N samples per position, its per-position weights counted once."""
+    The head draws N samples per position, its per-position weights counted once; a head narrower
+    or wider than the backbone (``head.width_ratio``) is counted at its own width."""
     m = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, block_chunks=6, input_mode=mode)
     torch.manual_seed(0)
-    model = CALM(m, HeadConfig(kind=kind, arch=arch, n_samples=n, n_targets=16), AEConfig(K=K, latent_dim=LAT), V)
+    model = CALM(m, HeadConfig(kind=kind, arch=arch, n_samples=n, n_targets=16, width_ratio=width),
+                 AEConfig(K=K, latent_dim=LAT), V)
+    if kind == "energy":
+        assert tuple(model.head.cond.weight.shape) == (round(32 * width), 32)  # backbone width in, head width out
     counted = counted_calm_flops(model, V, 3, monkeypatch)
     parts = calm_train_flops_per_token(model)
     for part, flops in counted.items():

@@ -366,3 +366,19 @@ def test_the_evaluation_estimator_gives_the_official_brier_terms_on_the_official
     paper = eval_protocol(EvalConfig(protocol="paper"))
     assert (paper.samples, paper.block_chunks) == (2, 2048)
     assert eval_protocol(EvalConfig(protocol="paper", block_chunks=64)).block_chunks == 64
+
+
+OFFICIAL_LIKE = ["head.arch=paper", "model.rope_pairing=halves", "head.layernorm_eps=1e-5", "model.layernorm_eps=1e-5"]
+
+
+@pytest.mark.parametrize("override,named", [("head.width_ratio=0.5", "head.width_ratio=0.5"),
+                                            ("head.arch=adanorm", "head energy/adanorm"),
+                                            ("head.noise=gaussian", "head.noise=gaussian")])
+def test_a_calm_the_official_code_cannot_hold_is_refused_for_export_by_name(override, named):
+    from calm_core.config import load_config
+    from calm_core.errors import ArtifactError
+    from calm_core.official import check_exportable
+
+    check_exportable("calm", load_config("debug", OFFICIAL_LIKE))  # the official layout: fine
+    with pytest.raises(ArtifactError, match=named.replace(".", r"\.")):
+        check_exportable("calm", load_config("debug", [*OFFICIAL_LIKE, override]))
