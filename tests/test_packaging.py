@@ -25,9 +25,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel built from a copy of the source (setuptools leaves build/ beside the sources it
+    builds, and a stale build/ would pack modules the checkout no longer has)."""
+    import shutil
+
+    src, out = tmp_path_factory.mktemp("src") / "calm-on-ray", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, cwd=out, capture_output=True)
+                    str(src)], check=True, cwd=out, capture_output=True)
     (whl,) = out.glob("calm_on_ray-*.whl")
     return whl
 
