@@ -17,6 +17,18 @@ Every block draws its noise from its own generator, seeded by (seed, the block's
 batch it is scored in, the order of the blocks or the worker that scores it, so the evaluation job
 reproduces the in-training estimator on the same blocks and seed.
 
+The energy loss has no scale of its own (on text whose chunks are nearly all unique, a small
+change of chunk-level Brier moves it by a lot, or by little), so CALM's held-out loss comes with two
+references on the same blocks (``reference_losses``): a perfect predictor, whose N samples are
+draws from the true next chunk's posterior,
+
+    loss_perfect = E[ 2 ||X - Y||^a - ||X - X'||^a ],   X, X', Y ~ q(z | true chunk)
+
+and an unconditional one, whose samples are draws from the posteriors of other positions of the
+same block (a sample of the block's marginal, blind to the context), ``loss_uncond``. The fraction
+of that gap the model has closed, (loss_uncond - loss) / (loss_uncond - loss_perfect), is 0 for a
+model no better than guessing some chunk of the text and 1 for the true posterior.
+
 ``calm_block_scores`` / ``baseline_block_scores`` give per-block sums ([b] tensors, which the
 evaluation job uses for confidence intervals); ``calm_heldout`` / ``baseline_heldout`` add them up
 into float64 [1] sums that ranks all-reduce before ``heldout_record`` turns them into means and
@@ -74,8 +86,32 @@ def calm_block_scores(model: CALM, ae: ChunkAutoencoder, tokens: torch.Tensor, m
     b, P = tokens.shape[0], tokens.shape[1] - 1
     chunks = decode_tokens(ae, z).flatten(0, 1)  # [b*P, R, K]
     brier = brier_n_estimates(chunks, tokens[:, 1:].flatten(0, 1))  # {n: [b*P]}
+    refs = reference_losses(mu[:, 1:], log_sigma[:, 1:], m.n_samples, m.n_targets, m.alpha, gen)  # last: draws after
     return {"loss": (fid - div).mean(1), "fidelity": fid.mean(1), "diversity": div.mean(1),
-            "positions": torch.full((b,), float(P)), **{f"brier{n}": brier[n].view(b, P).sum(1) for n in ORDERS}}
+            "positions": torch.full((b,), float(P)), **{f"brier{n}": brier[n].view(b, P).sum(1) for n in ORDERS},
+            **refs}
+
+
+def reference_losses(mu: torch.Tensor, log_sigma: torch.Tensor, n_samples: int, n_targets: int, alpha: float,
+                     gen: rng.Gen) -> dict[str, torch.Tensor]:
+    """The energy loss of two reference predictors at every position of blocks of posteriors
+    mu / log_sigma [b, P, l] (the targets' chunks), as per-block means [b] like ``loss``:
+    ``loss_perfect`` (N samples from the position's own posterior) and ``loss_uncond`` (each of the
+    N samples from the posterior of another position of the same block, uniformly; P >= 2)."""
+    b, P, l = mu.shape
+    sigma = log_sigma.float().exp()
+    x = mu.float().unsqueeze(-2) + sigma.unsqueeze(-2) * rng.normal((b, P, n_samples, l), mu.device, gen)
+    fid, div = posterior_energy_terms(x, mu, log_sigma, n_targets, alpha, gen)  # [b, P]
+    out = {"loss_perfect": (fid - div).mean(1)}
+    if P < 2:
+        return {**out, "loss_uncond": out["loss_perfect"]}
+    j = (rng.uniform((b, P, n_samples), mu.device, gen) * (P - 1)).long().clamp_max(P - 2)  # [b, P, N] of P-1
+    j = j + (j >= torch.arange(P, device=mu.device)[None, :, None]).long()  # skip the position itself
+    pick = lambda t: torch.gather(t.float().unsqueeze(1).expand(b, P, P, l), 2,  # noqa: E731
+                                  j.unsqueeze(-1).expand(b, P, n_samples, l))  # [b, P, N, l]
+    y = pick(mu) + pick(sigma) * rng.normal((b, P, n_samples, l), mu.device, gen)
+    fid, div = posterior_energy_terms(y, mu, log_sigma, n_targets, alpha, gen)
+    return {**out, "loss_uncond": (fid - div).mean(1)}
 
 
 def calm_heldout(model: CALM, ae: ChunkAutoencoder, val: dict[str, torch.Tensor], batch: int,
@@ -157,6 +193,10 @@ def heldout_record(kind: str, tot: Sums) -> dict[str, float]:
     if kind == "calm":
         rec["val_fidelity"] = float(tot["fidelity"]) / blocks
         rec["val_diversity"] = float(tot["diversity"]) / blocks
+        if "loss_perfect" in tot:  # the loss's scale: the two reference predictors and the gap closed
+            perfect, uncond = float(tot["loss_perfect"]) / blocks, float(tot["loss_uncond"]) / blocks
+            rec.update({"val_loss_perfect": perfect, "val_loss_uncond": uncond,
+                        "val_gap_closed": (uncond - loss) / (uncond - perfect) if uncond != perfect else 0.0})
     else:
         rec["val_brier1_exact"] = float(tot["brier1_exact"]) / max(1.0, float(tot["tokens"]))
         sampled = {n: float(tot[f"sampled_brier{n}"]) / pos for n in ORDERS}

@@ -41,7 +41,7 @@ import torch
 import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from calm_core.config import load_config
-from pipelines.train.loop import optimizer_step
+from pipelines.train.loop import grad_norm, optimizer_step
 from pipelines.train.worker import make_engine
 
 torch.manual_seed(1)
@@ -64,11 +64,19 @@ def one_step(batch, accum):
     data = iter([(x[i:i + batch], y[i:i + batch]) for i in range(0, 8, batch)])
     rec = optimizer_step(engine, Stage(), data, accum)
     return {"weights": [p.detach().flatten().tolist() for p in engine.module.parameters()],
-            "grad_norm": float(engine.get_global_grad_norm()), "loss": rec["loss"],
+            "grad_norm": grad_norm(engine), "loss": rec["loss"],
             "steps": engine.global_steps, "left": len(list(data))}
 
 
-print("RESULT " + json.dumps({"whole": one_step(8, 1), "accum": one_step(4, 2), "accum4": one_step(2, 4)}))
+def plain_norm():  # the same model and batch in plain torch: the gradient's norm, before any clipping
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ((model(x) - y) ** 2).mean().backward()
+    return float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+
+
+print("RESULT " + json.dumps({"whole": one_step(8, 1), "accum": one_step(4, 2), "accum4": one_step(2, 4),
+                              "plain_norm": plain_norm()}))
 """
 
 
@@ -77,7 +85,8 @@ def test_grad_accum_micro_batches_make_the_step_of_their_whole_batch():
     """One optimizer step over 2 (or 4) micro-batches through the training engine (``make_engine``,
     DeepSpeed in a one-rank subprocess, no Ray) equals one step over the whole batch: the same
     gradient norm (a loss not scaled by 1 / grad_accum would double it), the same weights, the mean
-    loss, one optimizer step, every micro-batch consumed."""
+    loss, one optimizer step, every micro-batch consumed; and the gradient norm training logs is
+    the norm plain torch computes for that batch (before clipping)."""
     from pipelines.ray_env import free_port
 
     env = {**__import__("os").environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
@@ -88,6 +97,8 @@ def test_grad_accum_micro_batches_make_the_step_of_their_whole_batch():
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
     whole = out["whole"]
+    # the norm training logs (before clipping) is the gradient's, as plain torch computes it
+    assert whole["grad_norm"] == pytest.approx(out["plain_norm"], rel=1e-5)
     for name in ("accum", "accum4"):
         got = out[name]
         assert got["steps"] == 1 and got["left"] == 0, got

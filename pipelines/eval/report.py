@@ -88,7 +88,10 @@ def calm_part(rows: list[dict], cfg: Config) -> dict[str, Any]:
     ev, blocks = cfg.eval, len(rows)
     pos = col(rows, "calm_positions")
     out = brier_block(rows, "calm_", ev.bootstrap, ev.seed, "calm_positions")
-    out.update({k: float(col(rows, f"calm_{k}").sum() / blocks) for k in ("loss", "fidelity", "diversity")})
+    out.update({k: float(col(rows, f"calm_{k}").sum() / blocks) for k in ("loss", "fidelity", "diversity",
+                                                                          "loss_perfect", "loss_uncond")})
+    gap = out["loss_uncond"] - out["loss_perfect"]  # the loss's scale (calm_core.evaluate.reference_losses)
+    out["gap_closed"] = (out["loss_uncond"] - out["loss"]) / gap if gap else 0.0
     out["energy_score"] = ratio_ci(col(rows, "calm_energy_score"), pos)
     out["latent"] = {k: ratio_ci(col(rows, f"calm_latent_{k}"), pos)["mean"]
                      for k in ("mse_one", "mse_mean", "cos_one", "cos_mean")}
@@ -185,6 +188,9 @@ def markdown(rep: dict[str, Any]) -> str:
     row("cross-entropy (nats/token)", lambda m: m.get("cross_entropy"))
     row("perplexity", lambda m: m.get("perplexity"))
     row("energy score vs mu", lambda m: m.get("energy_score"))
+    row("energy loss (perfect / unconditional reference)", lambda m: "{:.4f} ({:.4f} / {:.4f})".format(
+        m["loss"], m["loss_perfect"], m["loss_uncond"]) if "loss_perfect" in m else None)
+    row("energy-loss gap closed", lambda m: "{:.1%}".format(m["gap_closed"]) if "gap_closed" in m else None)
     row("latent MSE (1 sample / mean)", lambda m: "{:.4f} / {:.4f}".format(m["latent"]["mse_one"], m["latent"]["mse_mean"])
         if "latent" in m else None)
     row("latent cosine (1 sample / mean)", lambda m: "{:.4f} / {:.4f}".format(m["latent"]["cos_one"], m["latent"]["cos_mean"])

@@ -108,6 +108,21 @@ def optimizer_step(engine, stage, data, grad_accum: int) -> dict:
     return sums
 
 
+def grad_norm(engine) -> float:
+    """The global gradient norm of the step just taken, before clipping (DeepSpeed's, over every rank)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def grad_summary(norms: list[float], clip: float) -> dict[str, float]:
+    """The gradient norms of the steps since the last log line: their mean and maximum, and the
+    fraction of steps whose norm exceeded ``grad_clip`` (clipping acted on those)."""
+    if not norms:
+        return {}
+    return {"grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms),
+            "clipped_frac": sum(n > clip for n in norms) / len(norms) if clip > 0 else 0.0}
+
+
 def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     """The loop of the module docstring, on one Ray Train worker."""
     import ray.train
@@ -139,18 +154,21 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     if step == 0 and plan.init_weights:  # fine-tuning: where the loaded model stands before its first step
         validate_start(plan, stage, engine, val, log, clock.record(fpt), device)
     engine.train()
+    norms: list[float] = []  # the global gradient norm of each step since the last log line
     while step < t.max_steps:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         last = optimizer_step(engine, stage, data, t.grad_accum)
+        norms.append(grad_norm(engine))
         step += 1
         clock.add(stage.tokens_per_batch * world * t.grad_accum)
         trace.stepped(step, data)
         if step % t.log_every == 0 or step == t.max_steps:
             with eager(d):
                 val_m = stage.validate(eval_model(engine, d.zero_stage, stage.build, device), val)
-            rec = {"step": step, **last, "lr": lr, **val_m, **clock.record(fpt)}
+            rec = {"step": step, **last, "lr": lr, **grad_summary(norms, t.grad_clip), **val_m, **clock.record(fpt)}
+            norms.clear()
             if device.type == "cuda":  # to check docs/CLUSTER.md's memory formula against the real peak
                 rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if log is not None:

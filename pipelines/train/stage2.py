@@ -96,8 +96,10 @@ class ModelStage:
                 "val_on_training_data": float(self.val_label != "held-out")}
 
     def describe(self, r: dict[str, Any]) -> str:
-        return (f"loss {r.get('loss', float('nan')):.4f} | {self.val_label} loss {r['val_loss']:.4f} BrierLM {r['val_brierlm']:.2f} "
-                f"(Brier-1 {r['val_brier1']:.3f}) | {r['tokens_per_s']:,.0f} tok/s | {r['train_flops']:.3g} FLOPs")
+        gap = f", gap closed {r['val_gap_closed']:.1%}" if "val_gap_closed" in r else ""
+        return (f"loss {r.get('loss', float('nan')):.4f} | {self.val_label} loss {r['val_loss']:.4f}{gap} BrierLM "
+                f"{r['val_brierlm']:.2f} (Brier-1 {r['val_brier1']:.3f}) | {r['tokens_per_s']:,.0f} tok/s | "
+                f"{r['train_flops']:.3g} FLOPs")
 
 
 # ============================================================================ driver side
