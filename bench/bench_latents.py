@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pipelines  # noqa: E402, F401  (the environment every job sets, before anything imports ray)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
