@@ -518,6 +518,7 @@ def validate(cfg: Config) -> None:
     _choice(lt.dtype, "latents.dtype", ("float32", "float16", "bfloat16"))
     for key in ("batch_size", "num_actors", "cpus_per_actor", "shard_documents"):
         _positive(getattr(lt, key), f"latents.{key}")
+    _positive(lt.actor_memory_mb, "latents.actor_memory_mb", allow_zero=True)
     sv = cfg.serve
     _choice(sv.device, "serve.device", ("cpu", "cuda", "auto"))
     _choice(sv.batching, "serve.batching", ("loop", "serve_batch"))

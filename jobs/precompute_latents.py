@@ -3,7 +3,8 @@
 written once as Parquet (RUN/latents) for stage 2.
 
 Reads RUN/ae (or --ae PATH), ingests the corpus with the AE's tokenizer and chunk rule, encodes the
-chunks in a Ray Data actor pool and writes Parquet with Ray Data. Rerunning the same command
+chunks in one Ray Data actor pool for the whole job (one streaming execution, however many shards)
+and writes each shard's Parquet part files as its rows arrive (docs/LATENTS.md). Rerunning the same command
 finishes an interrupted run (every chunk exactly once) or says the output is complete; latents of
 another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite.
 

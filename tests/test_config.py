@@ -73,3 +73,10 @@ def test_round_trip_yaml():
     again = config_from_yaml(cfg.to_yaml())
     assert again == cfg and again.section_hash() == cfg.section_hash()
     assert again.section_hash("ae") != load_config("small").section_hash("ae")
+
+
+@pytest.mark.parametrize("key", ["latents.actor_memory_mb", "eval.actor_memory_mb"])
+def test_a_negative_actor_memory_is_refused_by_name(key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("debug", [f"{key}=-1"])
+    assert getattr(getattr(load_config("debug", [f"{key}=0"]), key.split(".")[0]), "actor_memory_mb") == 0

@@ -95,9 +95,11 @@ def validate_start(plan: TrainPlan, stage, engine, val, log, clock_rec: dict, de
         progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
 
 
-def optimizer_step(engine, stage, data, grad_accum: int) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches (DeepSpeed accumulates their gradients,
-    each loss scaled by 1 / grad_accum, and steps on the last); the metrics averaged over them."""
+def optimizer_step(engine, stage, data, grad_accum: int, lr: float | None = None) -> dict:
+    """One optimizer step at ``lr`` over ``grad_accum`` micro-batches (DeepSpeed accumulates their
+    gradients, each loss scaled by 1 / grad_accum, and steps on the last); the metrics averaged over them."""
+    for group in engine.optimizer.param_groups if lr is not None else ():
+        group["lr"] = lr
     sums: dict = {}
     for _ in range(grad_accum):
         loss, last = stage.step(engine, next(data))
@@ -157,9 +159,7 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
     norms: list[float] = []  # the global gradient norm of each step since the last log line
     while step < t.max_steps:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        last = optimizer_step(engine, stage, data, t.grad_accum)
+        last = optimizer_step(engine, stage, data, t.grad_accum, lr)
         norms.append(grad_norm(engine))
         step += 1
         clock.add(stage.tokens_per_batch * world * t.grad_accum)
