@@ -114,11 +114,12 @@ def unpack_bands(blob: bytes) -> np.ndarray:
 
 
 # What one scoring actor holds, measured on the demo run (CALM 9.3M parameters, V = 4,096, K = 4,
-# L = 64, 8 samples; peak RSS of the scoring process): 512 / 795 / 1,063 MB at 2 / 8 / 16 blocks per
-# call. Per block and sample, the decoder's logits over the vocabulary for L chunks of K tokens
-# dominate (V x K x L x 4 bytes, ~1.2x with the working copies); the rest is the process, torch and
-# the weights (docs/EVALUATION.md "Memory").
-SCORER_BASE_MB = 512
+# L = 64, 8 samples): the scoring alone (a plain process) peaks at 512 / 795 / 1,063 MB RSS at
+# 2 / 8 / 16 blocks per call; as a Ray Data actor at 8 blocks Ray Data measured 1.5 GiB (the Ray
+# worker, Arrow buffers and the batch's copies on top). Per block and sample, the decoder's logits
+# over the vocabulary for L chunks of K tokens grow with the batch (V x K x L x 4 bytes, ~1.5x with
+# the working copies); the rest is the worker, torch and the weights (docs/EVALUATION.md "Memory").
+SCORER_BASE_MB = 1280
 
 
 def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int) -> int:
@@ -126,7 +127,7 @@ def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int) -> int:
     base process, the models' weights twice (loaded and in use) and the batch's sampled logits."""
     if ev.actor_memory_mb:
         return int(ev.actor_memory_mb)
-    logits = ev.batch_blocks * L * ev.samples * K * vocab * 4 * 1.25
+    logits = ev.batch_blocks * L * ev.samples * K * vocab * 4 * 1.5
     return int(SCORER_BASE_MB + (2 * weights_bytes + logits) / 2**20)
 
 

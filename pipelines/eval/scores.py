@@ -159,10 +159,11 @@ def baseline_scores(m: Models, tok: torch.Tensor, keys: torch.Tensor, ev: EvalCo
 
 def score_blocks(m: Models, batch: dict[str, np.ndarray], ev: EvalConfig) -> dict[str, np.ndarray]:
     """One batch of blocks -> per-block columns (the module docstring)."""
-    tok = torch.as_tensor(batch["tokens"], device=m.device).long()  # [b, L, K]
-    mu = torch.as_tensor(batch["mu"], device=m.device).float()
-    ls = torch.as_tensor(batch["log_sigma"], device=m.device).float()
-    keys = torch.as_tensor(batch["key"]).long()
+    # copied once on purpose: Ray Data hands the batch's arrays over read-only (zero-copy)
+    tok = torch.tensor(batch["tokens"], dtype=torch.long, device=m.device)  # [b, L, K]
+    mu = torch.tensor(batch["mu"], dtype=torch.float32, device=m.device)
+    ls = torch.tensor(batch["log_sigma"], dtype=torch.float32, device=m.device)
+    keys = torch.tensor(batch["key"], dtype=torch.long)
     out: dict = {"key": keys, **ae_scores(m, tok, mu, ls, keys, ev)}
     if m.calm is not None:
         out.update(calm_scores(m, tok, mu, ls, keys, ev))
