@@ -119,7 +119,7 @@ def unpack_bands(blob: bytes) -> np.ndarray:
 # worker, Arrow buffers and the batch's copies on top). Per block and sample, the decoder's logits
 # over the vocabulary for L chunks of K tokens grow with the batch (V x K x L x 4 bytes, ~1.5x with
 # the working copies); the rest is the worker, torch and the weights (docs/EVALUATION.md "Memory").
-SCORER_BASE_MB = 1280
+SCORER_BASE_MB = 1600  # Ray Data's high-memory check asks for 1.25x the peak: 1,867 MiB for the demo
 
 
 def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int) -> int:
