@@ -468,14 +468,14 @@ def validate(cfg: Config) -> None:
             _positive(getattr(t, key), f"{sec}.{key}")
         _choice(t.schedule, f"{sec}.schedule", ("cosine", "constant"))
         _choice(t.shuffle, f"{sec}.shuffle", ("buffer", "corpus"))
-    if cfg.stage1.shuffle != "buffer":
-        raise ConfigError("key 'stage1.shuffle' must be 'buffer': the corpus-level shuffle is for stage2 / baseline "
-                          "blocks (stage 1 trains on single chunks through its shuffle buffer)")
         _positive(t.lr, f"{sec}.lr")
         _positive(t.max_minutes, f"{sec}.max_minutes", allow_zero=True)
         if t.brier_samples < 2:
             raise ConfigError(f"key '{sec}.brier_samples' must be >= 2 (the Brier estimate compares samples), "
                               f"got {t.brier_samples}")
+    if cfg.stage1.shuffle != "buffer":
+        raise ConfigError("key 'stage1.shuffle' must be 'buffer': the corpus-level shuffle is for stage2 / baseline "
+                          "blocks (stage 1 trains on single chunks through its shuffle buffer)")
     d = cfg.distributed
     _positive(d.num_workers, "distributed.num_workers")
     _positive(d.cpus_per_worker, "distributed.cpus_per_worker", allow_zero=True)

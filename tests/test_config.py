@@ -80,3 +80,10 @@ def test_a_negative_actor_memory_is_refused_by_name(key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("debug", [f"{key}=-1"])
     assert getattr(getattr(load_config("debug", [f"{key}=0"]), key.split(".")[0]), "actor_memory_mb") == 0
+
+
+@pytest.mark.parametrize("override,key", [("stage2.lr=0", "stage2.lr"), ("baseline.max_minutes=-1", "baseline.max_minutes"),
+                                          ("stage1.brier_samples=1", "stage1.brier_samples")])
+def test_every_training_section_checks_its_loop_settings(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("debug", [override])
