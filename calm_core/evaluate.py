@@ -114,6 +114,12 @@ def reference_losses(mu: torch.Tensor, log_sigma: torch.Tensor, n_samples: int, 
     return {**out, "loss_uncond": (fid - div).mean(1)}
 
 
+def gap_closed(loss: float, perfect: float, uncond: float) -> float:
+    """The fraction of the gap from the unconditional to the perfect reference that ``loss`` has
+    closed: (uncond - loss) / (uncond - perfect); 0 when the references coincide."""
+    return (uncond - loss) / (uncond - perfect) if uncond != perfect else 0.0
+
+
 def calm_heldout(model: CALM, ae: ChunkAutoencoder, val: dict[str, torch.Tensor], batch: int,
                  samples: int = 2, seed: int = 0) -> Sums:
     """Sums over held-out blocks (tokens [N, L, K], mu / log_sigma [N, L, l], optional ``key`` [N]) of
@@ -196,7 +202,7 @@ def heldout_record(kind: str, tot: Sums) -> dict[str, float]:
         if "loss_perfect" in tot:  # the loss's scale: the two reference predictors and the gap closed
             perfect, uncond = float(tot["loss_perfect"]) / blocks, float(tot["loss_uncond"]) / blocks
             rec.update({"val_loss_perfect": perfect, "val_loss_uncond": uncond,
-                        "val_gap_closed": (uncond - loss) / (uncond - perfect) if uncond != perfect else 0.0})
+                        "val_gap_closed": gap_closed(loss, perfect, uncond)})
     else:
         rec["val_brier1_exact"] = float(tot["brier1_exact"]) / max(1.0, float(tot["tokens"]))
         sampled = {n: float(tot[f"sampled_brier{n}"]) / pos for n in ORDERS}

@@ -59,10 +59,8 @@ def one_step(batch, accum):
     torch.manual_seed(0)
     engine = make_engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
                          cfg.stage1, cfg.distributed)
-    for g in engine.optimizer.param_groups:
-        g["lr"] = 0.1
     data = iter([(x[i:i + batch], y[i:i + batch]) for i in range(0, 8, batch)])
-    rec = optimizer_step(engine, Stage(), data, accum)
+    rec = optimizer_step(engine, Stage(), data, accum, lr=0.1)
     return {"weights": [p.detach().flatten().tolist() for p in engine.module.parameters()],
             "grad_norm": grad_norm(engine), "loss": rec["loss"],
             "steps": engine.global_steps, "left": len(list(data))}

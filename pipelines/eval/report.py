@@ -19,6 +19,7 @@ import numpy as np
 from calm_core.brierlm import ORDERS, brier_lm, brier_lm_official
 from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
+from calm_core.evaluate import gap_closed
 from pipelines.eval.scores import RS
 from pipelines.storage import RunDir
 
@@ -90,8 +91,7 @@ def calm_part(rows: list[dict], cfg: Config) -> dict[str, Any]:
     out = brier_block(rows, "calm_", ev.bootstrap, ev.seed, "calm_positions")
     out.update({k: float(col(rows, f"calm_{k}").sum() / blocks) for k in ("loss", "fidelity", "diversity",
                                                                           "loss_perfect", "loss_uncond")})
-    gap = out["loss_uncond"] - out["loss_perfect"]  # the loss's scale (calm_core.evaluate.reference_losses)
-    out["gap_closed"] = (out["loss_uncond"] - out["loss"]) / gap if gap else 0.0
+    out["gap_closed"] = gap_closed(out["loss"], out["loss_perfect"], out["loss_uncond"])
     out["energy_score"] = ratio_ci(col(rows, "calm_energy_score"), pos)
     out["latent"] = {k: ratio_ci(col(rows, f"calm_latent_{k}"), pos)["mean"]
                      for k in ("mse_one", "mse_mean", "cos_one", "cos_mean")}

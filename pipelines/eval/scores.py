@@ -49,14 +49,13 @@ class Models:
 
     @classmethod
     def load(cls, paths: dict[str, Path], band: np.ndarray, device: str = "cpu") -> "Models":
-        """The AE (``paths["ae"]``) and the models among "calm" and "baseline" that ``paths`` names; ``band``
-        is copied (an array from Ray's object store is read-only)."""
+        """The AE (``paths["ae"]``) and the models among "calm" and "baseline" that ``paths`` names."""
         dev = torch.device(device)
         ae = load_ae(paths["ae"])
         calm = load_model(paths["calm"], "calm", expected_ae_sha256=ae.sha256).model if "calm" in paths else None
         base = load_model(paths["baseline"], "baseline").model if "baseline" in paths else None
         return cls(ae.model.to(dev).eval(), ae.tok, calm.to(dev).eval() if calm else None,
-                   base.to(dev).eval() if base else None, torch.tensor(band, device=dev), dev)
+                   base.to(dev).eval() if base else None, torch.as_tensor(band, device=dev), dev)
 
 
 def _text(m: Models, chunks: torch.Tensor) -> list[str]:

@@ -95,10 +95,10 @@ def validate_start(plan: TrainPlan, stage, engine, val, log, clock_rec: dict, de
         progress(f"[{plan.kind}] step 0 (from {plan.init_weights}) {stage.describe(rec)}")
 
 
-def optimizer_step(engine, stage, data, grad_accum: int, lr: float | None = None) -> dict:
+def optimizer_step(engine, stage, data, grad_accum: int, lr: float) -> dict:
     """One optimizer step at ``lr`` over ``grad_accum`` micro-batches (DeepSpeed accumulates their
     gradients, each loss scaled by 1 / grad_accum, and steps on the last); the metrics averaged over them."""
-    for group in engine.optimizer.param_groups if lr is not None else ():
+    for group in engine.optimizer.param_groups:
         group["lr"] = lr
     sums: dict = {}
     for _ in range(grad_accum):
