@@ -96,3 +96,17 @@ def test_no_chunk_spans_two_documents(tok):
         body = flat[: flat.index(tok.eot_id)]
         assert tok.decode(body) == text  # non-ASCII survives chunking
         assert all(t == tok.pad_id for t in flat[flat.index(tok.eot_id) + 1:])
+
+
+def test_grouped_encoding_gives_the_ids_of_one_call(tok):
+    """pipelines.data.chunks.encode_grouped (a bounded number of characters per tokenizer call, for
+    memory) returns exactly what one encode_batch call over every document returns, in order:
+    documents shorter than a group, longer than one (each alone), and empty ones."""
+    from pipelines.data.chunks import encode_grouped
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "mat", "ran", "dog", "\n", "big", "red"]
+    docs = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(0, 60, size=40)] + [""]
+    want = tok.encode_batch(docs)
+    for max_chars in (1, 50, 200, 10**9):
+        assert encode_grouped(tok, docs, max_chars) == want
