@@ -146,7 +146,7 @@ class HeadConfig:
     width_ratio: float = 1.0  # energy head's width / model.d_model (paper: 1, the head as wide as the backbone)
     n_samples: int = 8  # N head samples per position
     n_targets: int = 100  # M targets drawn from the posterior per position, fresh every step
-    alpha: float = 1.0  # energy-score exponent, in (0, 2)
+    alpha: float = 1.0  # energy-score exponent, in (0, 2): strictly proper; 2 (the paper's ablation) only sees the mean
     margin: float = 0.0  # quadratic head: hinge margin against negatives from other positions (0 = off)
     input_noise_std: float = 0.0  # regulariser: Gaussian noise on latent inputs (input_mode latents/both)
     prior_weight: float = 0.0  # regulariser: weight of 0.5 * ||mean head sample||^2 (a pull to the N(0, I) prior)
@@ -506,8 +506,9 @@ def validate(cfg: Config) -> None:
     if h.n_samples < 2:
         raise ConfigError(f"key 'head.n_samples' must be >= 2 (the energy score compares samples), got {h.n_samples}")
     _positive(h.n_targets, "head.n_targets")
-    if not 0.0 < h.alpha < 2.0:
-        raise ConfigError(f"key 'head.alpha' must be in (0, 2) (strictly proper energy score), got {h.alpha}")
+    if not 0.0 < h.alpha <= 2.0:  # 2 is proper, not strictly (it sees only the mean): the paper's ablation
+        raise ConfigError(f"key 'head.alpha' must be in (0, 2] (2: proper but not strictly; the energy score "
+                          f"is not a score outside), got {h.alpha}")
     for key in ("noise_dim", "blocks", "margin", "input_noise_std", "prior_weight"):
         _positive(getattr(h, key), f"head.{key}", allow_zero=key != "noise_dim")
     _positive(h.width_ratio, "head.width_ratio")
