@@ -8,6 +8,7 @@
   clean precompute, every chunk exactly once;
 - a second submission of the same command skips every stage;
 - `ray job stop` during stage 1 leaves every artifact complete or absent;
+- a sweep (jobs/sweep.py) stopped mid-way continues when submitted again;
 - on a head with token authentication (as every cluster of cluster/ runs), a job submitted with the
   token and cluster/runtime_env.yaml joins the cluster from inside, and a submission without the
   token, with a wrong one, or from a client left in disabled mode (it sends none) is refused.
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -73,7 +75,8 @@ def head(tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        stop_group(proc, signal.SIGTERM)
+        # its raylet takes ~30 s to leave after SIGTERM (measured): SIGKILL to the group after 10 s
+        stop_group(proc, signal.SIGTERM, grace_s=10)
         log.close()
 
 
@@ -299,3 +302,79 @@ def test_job_stop_leaves_every_artifact_complete_or_absent(head, tmp_path):
     assert (run / "tokenizer" / "manifest.json").is_file()
     assert not (run / "ae").exists()
     _assert_complete_or_absent(run)
+
+
+def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_path):
+    """jobs/sweep.py as `ray job submit` runs it: a two-trial grid on the debug config; `ray job stop`
+    once the first trial has finished and the second has a checkpoint; a second submission of the
+    same command continues (the finished trial is not rerun, the other resumes from its checkpoint);
+    both trials share one AE and one latent set; each trial's validations reached Tune while it
+    trained; results.parquet, results.md and curves.png are written."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from pipelines.sweep.spec import folder_name
+
+    spec = {"name": "two-lr", "config": "debug",
+            # validations at 2, 4, 6, 8; a checkpoint at 4: the reports at 2 and 6 are metrics only
+            "overrides": ["distributed.num_workers=1", "stage1.max_steps=3", "stage2.max_steps=8", "stage2.log_every=2",
+                          "stage2.checkpoint_every=4"],
+            "grid": {"stage2.lr": [1e-3, 3e-4]}, "paper": "no paper row: the harness's test"}
+    spec_path, run, corpus = tmp_path / "two.yaml", tmp_path / "run", _corpus(tmp_path, 120)
+    spec_path.write_text(yaml.safe_dump(spec))
+    first, second = run / "trials" / "stage2.lr=0.001", run / "trials" / "stage2.lr=0.0003"
+
+    def submit(job_id: str, wait: bool):
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"],
+               "--submission-id", job_id, "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
+               "python", "jobs/sweep.py", "--spec", str(spec_path), "--corpus", str(corpus), "--run", str(run)]
+        return subprocess.run(cmd, check=False, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
+
+    def second_checkpointed() -> bool:
+        try:
+            snap = json.loads((second / "_train" / "stage2" / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(snap.get("checkpoint_results"))
+
+    assert submit("sweep-1", wait=False).returncode == 0
+    deadline = time.time() + 900
+    while not ((first / "calm" / "manifest.json").is_file() and second_checkpointed()):
+        assert time.time() < deadline and _status(head, "sweep-1") in ("PENDING", "RUNNING"), \
+            _job_cli(head["address"], "logs", "sweep-1").stdout[-4000:]
+        time.sleep(0.2)
+    assert _job_cli(head["address"], "stop", "sweep-1").returncode == 0
+    while _status(head, "sweep-1") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        time.sleep(0.5)
+    assert _status(head, "sweep-1") == "STOPPED"  # stopped with the second trial part-way
+    assert not (second / "calm").exists()
+    finished = (first / "calm" / "manifest.json").stat().st_mtime_ns
+
+    again = submit("sweep-2", wait=True)
+    log = again.stdout + again.stderr
+    (tmp_path.parent / "sweep-2.log").write_text(log)  # for a failing run's reader
+    assert again.returncode == 0 and _status(head, "sweep-2") == "SUCCEEDED", log[-4000:]
+    assert "[sweep] continuing" in log
+    assert "[sweep] trial stage2.lr=0.001:" not in log  # the finished trial is not rerun ...
+    assert (first / "calm" / "manifest.json").stat().st_mtime_ns == finished
+    assert "[calm] resumed from step" in log  # ... the stopped one resumes from its checkpoint
+    assert json.loads((second / "calm" / "manifest.json").read_text())["metrics"]["step"] == 8
+
+    # one AE and one latent set for both trials, used by both
+    shared = [p.name for p in (run / "shared").iterdir()]
+    assert len(shared) == 1 and (run / "shared" / shared[0] / "latents" / "manifest.json").is_file()
+    ae_sha = json.loads((run / "shared" / shared[0] / "ae" / "manifest.json").read_text())["files"]["model.safetensors"]
+    for t in (first, second):
+        assert json.loads((t / "calm" / "manifest.json").read_text())["identity"]["ae_sha256"] == ae_sha
+
+    # the results, and Tune saw each trial's validation while it trained (not only its last report)
+    table = pq.read_table(run / "sweep" / "results.parquet").to_pylist()
+    assert [r["trial"] for r in table] == ["stage2.lr=0.001", "stage2.lr=0.0003"]
+    assert all(r["status"] == "done" and r["step"] == 8 and math.isfinite(r["val_loss"]) for r in table)
+    assert all(len(json.loads(r["curve"])) == 4 for r in table)  # validations at steps 2, 4, 6, 8
+    md = (run / "sweep" / "results.md").read_text()
+    assert "| stage2.lr=0.001 | calm |" in md and "| stage2.lr=0.0003 | calm |" in md
+    assert (run / "sweep" / "curves.png").stat().st_size > 0
+    reports = [json.loads(x) for x in (run / "sweep" / "tune" / folder_name("stage2.lr=0.001") / "result.json")
+               .read_text().splitlines()]
+    assert [r["step"] for r in reports if not r.get("done")] == [2, 4, 6, 8]

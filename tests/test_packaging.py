@@ -49,8 +49,10 @@ def test_wheel_holds_every_package_and_the_builtin_configs(wheel):
     assert {"debug.yaml", "demo.yaml"} <= set(configs)
     for name in configs:
         assert f"calm_core/configs/{name}" in names
+    specs = sorted(p.name for p in (ROOT / "jobs" / "sweeps").glob("*.yaml"))
+    assert specs and all(f"calm_jobs/sweeps/{name}" in names for name in specs)  # jobs/sweep.py --spec NAME
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "calm-run-all = calm_jobs.run_all:cli" in entry_points
+    assert "calm-run-all = calm_jobs.run_all:cli" in entry_points and "calm-sweep = calm_jobs.sweep:cli" in entry_points
 
 
 def test_installed_wheel_runs_the_debug_chain_from_another_directory(wheel, tmp_path, tiny_corpus):

@@ -45,6 +45,8 @@ class TrainPlan:
     ae_weights: bytes = b""  # CALM: the frozen AE's safetensors, for the in-training BrierLM
     val_label: str = "held-out"  # what ``val`` is, in progress lines: "held-out", or "training-block" (fallback)
     init_weights: str = ""  # stage 2 / baseline fine-tuning: the safetensors (path or URI) the model starts from
+    report_every_log: bool = False  # every log line's metrics go to ray.train.report (a sweep's Tune trial), not
+    #                                 only the checkpoints'
 
 
 class Stage(Protocol):
@@ -174,11 +176,12 @@ def run_worker(stage_cls: type, plan: TrainPlan) -> None:
             if log is not None:
                 log.log(rec)
                 progress(f"[{plan.kind}] step {step}/{t.max_steps} {stage.describe(rec)}")
-            if budget_reached(t, clock.t_start, step, device, rank, plan.kind):
-                stopped_early = True
+            if stopped_early := budget_reached(t, clock.t_start, step, device, rank, plan.kind):
                 break
             if step % t.checkpoint_every == 0 and step < t.max_steps:
                 report({**rec, "final": False}, final=False)
+            elif plan.report_every_log and step < t.max_steps:  # a sweep: metrics only (every rank: a collective)
+                ray.train.report({**rec, "final": False})
     final = dict(log.records[-1]) if log and log.records else {}
     report({**final, "step": step, "final": True, "stopped_early": stopped_early, "num_workers": world,
             "num_nodes": num_nodes, "flops_per_token": fpt}, final=True)

@@ -198,11 +198,15 @@ def _train_blocks(cfg: Config, run: RunDir, kind: str, ae_ident: dict):
 
 
 def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None = None,
-               overwrite: bool = False, replace_stale: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, replace_stale: bool = False, latents: RunDir | None = None,
+               callbacks: list | None = None) -> dict[str, Any]:
     """Train (or resume, or leave alone if complete) RUN/calm or RUN/baseline; returns the manifest.
 
     A run or artifact of another setup (another AE, latents, model, batch or layout) is refused
-    unless ``overwrite``; ``replace_stale`` (the chained run_all job) replaces it with a message."""
+    unless ``overwrite``; ``replace_stale`` (the chained run_all job) replaces it with a message.
+    ``latents``: the run directory whose LATENTS/latents are read (default ``run``; a sweep's trials
+    share one); ``callbacks``: Ray Train callbacks (a sweep's TuneReportCallback), which also makes
+    every log line's metrics a report, not only the checkpoints'."""
     section, t0 = SECTIONS[kind], time.perf_counter()
     spot = Spot(run, kind, record=("_train", f"{section}.identity.json"), work=(("_train", section),),
                 label=kind, what=f"a {kind} run", remedy="use a new --run, or --overwrite")
@@ -210,8 +214,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         spot.discard()
     ae, cfg = _load_ae(cfg, run, ae_path)
     cfg, init_weights, init_ident = _init_from(cfg, kind, ae)
-    lman = LT.latents_manifest(run)
-    LT.check_matches(lman, ae.identity, run.uri(LT.ARTIFACT))
+    src = latents or run
+    lman = LT.latents_manifest(src)
+    LT.check_matches(lman, ae.identity, src.uri(LT.ARTIFACT))
     identity = {**stage2_identity(kind, cfg, ae.identity, lman["identity"]), **init_ident}
     max_steps = getattr(cfg, section).max_steps
     done = claim(spot, identity, lambda m: f"{m['metrics'].get('step', 0)} steps"
@@ -219,9 +224,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
                  hint=f"raise {section}.max_steps to extend it, --overwrite retrains")
     if done is not None:
         return done
-    train, n_train = _train_blocks(cfg, run, kind, ae.identity)
+    train, n_train = _train_blocks(cfg, src, kind, ae.identity)
     L = cfg.model.block_chunks
-    val, label = held_out_blocks(run, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, cfg.data.read_cpus,
+    val, label = held_out_blocks(src, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, cfg.data.read_cpus,
                                  kind)
     progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
              f"tokens), {len(val['tokens'])} {label} blocks for validation; prepared in {time.perf_counter() - t0:.1f}s")
@@ -229,8 +234,9 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     plan = TrainPlan(kind, section, cfg, ae.tok.to_str(), val, identity,
                      run.path("logs", f"{section}.metrics.jsonl") if local else None,
                      run.path("logs", "tb", section) if local else None,
-                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"", label, init_weights)
-    return _publish(plan, run, ae, fit(ModelStage, plan, run, {"train": train}))
+                     (ae.path / "model.safetensors").read_bytes() if kind == "calm" else b"", label, init_weights,
+                     report_every_log=bool(callbacks))
+    return _publish(plan, run, ae, fit(ModelStage, plan, run, {"train": train}, callbacks=callbacks))
 
 
 def _publish(plan: TrainPlan, run: RunDir, ae: AEArtifact, result) -> dict:

@@ -20,10 +20,11 @@ from pipelines.train.loop import TrainPlan, run_worker
 from pipelines.train.worker import resolve_backend, resolve_precision, worker_env
 
 
-def fit(stage_cls: type, plan: TrainPlan, run: RunDir, datasets: dict):
+def fit(stage_cls: type, plan: TrainPlan, run: RunDir, datasets: dict, callbacks: list | None = None):
     """TorchTrainer over the shared loop (``run_worker(stage_cls, plan)``) with the layout of
     ``distributed``, checkpoints in RUN/_train/<section> (a fixed name: rerunning resumes). Returns
-    the Result; a user error raised inside a worker comes back as itself."""
+    the Result; a user error raised inside a worker comes back as itself. ``callbacks``: Ray Train
+    callbacks (a sweep trial's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -39,6 +40,7 @@ def fit(stage_cls: type, plan: TrainPlan, run: RunDir, datasets: dict):
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
             worker_runtime_env={"env_vars": worker_env(d)},
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=ordered_split(),

@@ -1,0 +1,177 @@
+"""One sweep trial as a Tune function trainable: the project's own stages, sharing what trials
+have in common.
+
+A trial (``run_trial``) is one model on one config:
+1. the shared artifacts of its AE setting, DIR/shared/<ae_key>: tokenizer, stage 1, the AE's
+   reconstruction report and the latents, each claimed by the project's claim rule (complete:
+   nothing to do; another setup: refused). Trials with the same key use one folder; a lease
+   (``Leases``, a named Ray actor) lets one trial at a time build it, and a dead holder's lease
+   lapses, so its retry or another trial takes over from the last checkpoint;
+2. stage 2 or the baseline in DIR/trials/<name> on those latents, its max_steps set by the spec's
+   FLOP budget, every validation reported to Tune as it trains (Ray Train V2's TuneReportCallback);
+3. a final ``tune.report`` with the artifact's metrics, the AE's report and the wall time.
+
+Everything is resumable: a retried or restored trial finds its artifacts complete or resumes its
+Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from calm_core.config import Config
+from pipelines.progress import progress
+from pipelines.storage import RunDir
+from pipelines.sweep.spec import SECTION, TrialSpec, ae_key, folder_name
+
+LEASE_S = 60.0  # a lease not renewed for this long lapses (its holder died)
+
+
+@ray.remote(num_cpus=0)
+class Leases:
+    """Named leases on keys: one holder at a time; a holder renews, a lapsed lease is taken over."""
+
+    def __init__(self):
+        self.held: dict[str, tuple[str, float]] = {}
+
+    def take(self, key: str, owner: str) -> bool:
+        now = time.time()
+        holder = self.held.get(key)
+        if holder is None or holder[0] == owner or holder[1] < now:
+            self.held[key] = (owner, now + LEASE_S)
+            return True
+        return False
+
+    def give_back(self, key: str, owner: str) -> None:
+        if self.held.get(key, ("",))[0] == owner:
+            del self.held[key]
+
+
+def start_leases(name: str):
+    """The sweep driver's Leases actor (it lives as long as the driver's job; trials find it by name)."""
+    return Leases.options(name=name, get_if_exists=True).remote()
+
+
+@contextmanager
+def lease(actor_name: str, key: str, owner: str):
+    actor = ray.get_actor(actor_name)
+    waited = 0.0
+    while not ray.get(actor.take.remote(key, owner)):
+        if waited == 0:
+            progress(f"[sweep] {owner}: waiting for another trial building {key}")
+        time.sleep(2.0)
+        waited += 2.0
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(LEASE_S / 4):
+            ray.get(actor.take.remote(key, owner))
+
+    t = threading.Thread(target=renew, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ray.get(actor.give_back.remote(key, owner))
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial shares (absolute paths: Tune runs trials in their own working folders)."""
+
+    root: str  # DIR
+    config: str  # the spec's base config
+    overrides: tuple[str, ...]
+    corpus: str
+    budget_flops: float
+    validations: int
+    leases: str  # the Leases actor's name
+
+
+def budget_overrides(cfg: Config, kind: str, vocab: int, budget: float, own: list[str],
+                     validations: int = 10) -> tuple[list[str], float]:
+    """max_steps spending ``budget`` training FLOPs (FLOPs per token x tokens per optimizer step),
+    as bench/bench_stage2.py sets it: ``validations`` evenly spaced, one checkpoint half-way,
+    warm-up 5% of the steps unless the trial sets its own. Returns the overrides and the FLOPs per
+    token."""
+    import torch
+
+    from calm_core.artifacts import build_model, flops_breakdown
+
+    section = SECTION[kind]
+    t = getattr(cfg, section)
+    with torch.device("meta"):  # shapes only
+        fpt = flops_breakdown(kind, build_model(kind, cfg, vocab))["total"]
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.distributed.num_workers * cfg.model.block_chunks * cfg.ae.K
+    steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
+    ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // validations)}",
+          f"{section}.checkpoint_every={max(1, steps // 2)}"]
+    if not any(o.startswith(f"{section}.warmup_steps=") for o in own):
+        ov.append(f"{section}.warmup_steps={max(1, steps // 20)}")
+    return ov, fpt
+
+
+def shared_artifacts(cfg: Config, ctx: SweepContext, owner: str) -> tuple[RunDir, dict, dict]:
+    """DIR/shared/<ae_key>: tokenizer, AE, its report, latents (built once, under the lease)."""
+    from pipelines.data.precompute import precompute_latents
+    from pipelines.eval.ae_report import ARTIFACT as REPORT
+    from pipelines.eval.ae_report import ae_report
+    from pipelines.train.stage1 import run_stage1
+
+    key = ae_key(cfg, ctx.corpus)
+    shared = RunDir(f"{ctx.root}/shared/{key}")
+    with lease(ctx.leases, key, owner):
+        run_stage1(cfg, ctx.corpus, shared)
+        if shared.has_artifact(REPORT):
+            report = shared.read_json(REPORT, "report.json")
+        else:
+            report = ae_report(cfg, ctx.corpus, shared)
+        lman = precompute_latents(cfg, ctx.corpus, shared)
+    return shared, report, lman
+
+
+def run_trial(config: dict, ctx: SweepContext) -> None:
+    """Tune's function trainable: ``config["trial"]`` is a TrialSpec as a dict."""
+    from ray import tune
+
+    from calm_core.artifacts import load_ae
+    from calm_core.config import load_config
+    from pipelines.train.stage2 import run_stage2
+
+    trial = TrialSpec(**config["trial"])
+    t0 = time.perf_counter()
+    progress(f"[sweep] trial {trial.name}: {trial.model}, overrides {' '.join(trial.overrides) or '(none)'}")
+    cfg = load_config(ctx.config, [*ctx.overrides, *trial.overrides])
+    shared, report, lman = shared_artifacts(cfg, ctx, trial.name)
+    ae_metrics = {f"ae_{k}": report[k] for k in ("acc_mu", "acc_sample", "acc_noise", "active_dims", "latent_dim")}
+    ae_metrics.update(latents_bytes_per_token=lman["metrics"].get("bytes_per_token"), ae_key=shared.spec.rsplit("/", 1)[-1],
+                      K=cfg.ae.K)
+    out: dict[str, Any] = {"trial": trial.name, "model": trial.model, **ae_metrics}
+    if trial.model != "ae":
+        ae = load_ae(shared.local_artifact("ae"))
+        cfg = dataclasses.replace(cfg, ae=ae.cfg.ae)
+        own = list(trial.overrides)
+        if ctx.budget_flops > 0:
+            extra, _ = budget_overrides(cfg, trial.model, ae.tok.vocab_size, ctx.budget_flops, own, ctx.validations)
+            cfg = load_config(ctx.config, [*ctx.overrides, *own, *extra])
+        run = RunDir(f"{ctx.root}/trials/{folder_name(trial.name)}")
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        manifest = run_stage2(cfg, run, trial.model, ae_path=str(shared.local_artifact("ae")), latents=shared,
+                              callbacks=[TuneReportCallback()])
+        m = manifest["metrics"]
+        out.update({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        out["max_steps"] = getattr(cfg, SECTION[trial.model]).max_steps
+    out.update(wall_s=time.perf_counter() - t0, done=True)
+    progress(f"[sweep] trial {trial.name} done in {out['wall_s']:.0f}s" + (
+        f": held-out loss {out['val_loss']:.4f}, BrierLM {out.get('val_brierlm', float('nan')):.2f}" if "val_loss" in out else ""))
+    tune.report(out)
