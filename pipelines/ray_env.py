@@ -35,6 +35,13 @@ def init_ray(cfg: RayConfig) -> None:
             dashboard_host="127.0.0.1",
             log_to_driver=True,
         )
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data without progress bars in this process (the driver's, or a sweep trial's actor)."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the jobs print their own progress lines
     ctx.print_on_execution_start = False

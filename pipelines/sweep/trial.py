@@ -147,6 +147,9 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     from calm_core.config import load_config
     from pipelines.train.stage2 import run_stage2
 
+    from pipelines.ray_env import quiet_ray_data
+
+    quiet_ray_data()  # a trial runs in its own actor: Ray Data's bars are off there too
     trial = TrialSpec(**config["trial"])
     t0 = time.perf_counter()
     progress(f"[sweep] trial {trial.name}: {trial.model}, overrides {' '.join(trial.overrides) or '(none)'}")
