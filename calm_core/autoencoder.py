@@ -206,6 +206,7 @@ def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id
         kl_sum          sum over chunks of sum_i max(kl_clip, KL_i) (divide by chunks)
         mu_sum          [l] sum over chunks of mu
         mu_sq_sum       [l] sum over chunks of mu^2 (with mu_sum and chunks: see ``active_dims``)
+        sigma_sum       [l] sum over chunks of sigma (the posterior's spread, per dimension)
 
     Accuracy leaves pad positions out: padding is trivially reconstructed and fills up to K-1 of
     every document's last chunk, so counting it would inflate the figure on short documents.
@@ -238,9 +239,16 @@ def reconstruction_metrics(model: ChunkAutoencoder, tokens: torch.Tensor, pad_id
         "kl_sum": clipped_kl(kl_per_dim(mu, log_sigma), model.cfg.kl_clip).sum(),
         "mu_sum": mu32.sum(0),  # [l]
         "mu_sq_sum": mu32.pow(2).sum(0),  # [l]
+        "sigma_sum": sigma32.sum(0),  # [l]
     }
     model.train(was_training)
     return out
+
+
+def mu_variance(mu_sum: torch.Tensor, mu_sq_sum: torch.Tensor, n: float) -> torch.Tensor:
+    """Var_x[mu_i(x)] per dimension [l] from sums (float64):  mu_sq_sum_i / n - (mu_sum_i / n)^2."""
+    mean = torch.as_tensor(mu_sum).double() / float(n)
+    return (torch.as_tensor(mu_sq_sum).double() / float(n) - mean.pow(2)).clamp_min(0.0)
 
 
 def active_dims(mu_sum: torch.Tensor, mu_sq_sum: torch.Tensor, n: float, threshold: float = 0.01) -> int:
@@ -248,12 +256,9 @@ def active_dims(mu_sum: torch.Tensor, mu_sq_sum: torch.Tensor, n: float, thresho
 
         Var_i = mu_sq_sum_i / n - (mu_sum_i / n)^2          (computed in float64)
     """
-    n = float(n)
-    if n <= 1:
+    if float(n) <= 1:
         return 0
-    mean = torch.as_tensor(mu_sum).double() / n
-    var = torch.as_tensor(mu_sq_sum).double() / n - mean.pow(2)
-    return int((var > threshold).sum().item())
+    return int((mu_variance(mu_sum, mu_sq_sum, n) > threshold).sum().item())
 
 
 # ----------------------------------------------------------------------------- the RUN/ae artifact

@@ -343,9 +343,9 @@ def test_reconstruction_metrics_are_sums_and_restore_the_mode():
     assert model.training  # left as it was
     halves = [reconstruction_metrics(model, h, PAD, 0.3, torch.Generator().manual_seed(0)) for h in (x[:8], x[8:])]
     assert set(whole) >= {"tokens", "chunks", "correct_mu", "correct_sample", "correct_noise",
-                          "rec_loss_sum", "kl_sum", "mu_sum", "mu_sq_sum"}
-    assert whole["mu_sum"].shape == whole["mu_sq_sum"].shape == (16,)
-    for k in ("tokens", "chunks", "correct_mu", "rec_loss_sum", "kl_sum", "mu_sum", "mu_sq_sum"):
+                          "rec_loss_sum", "kl_sum", "mu_sum", "mu_sq_sum", "sigma_sum"}
+    assert whole["mu_sum"].shape == whole["mu_sq_sum"].shape == whole["sigma_sum"].shape == (16,)
+    for k in ("tokens", "chunks", "correct_mu", "rec_loss_sum", "kl_sum", "mu_sum", "mu_sq_sum", "sigma_sum"):
         torch.testing.assert_close(halves[0][k] + halves[1][k], whole[k], rtol=1e-4, atol=1e-4)
     # per chunk, the sums are the eval-mode loss terms
     out = model.eval()(x)
@@ -370,3 +370,26 @@ def test_active_dims_from_sums():
     assert active_dims(mu[:1].sum(0), mu[:1].pow(2).sum(0), 1) == 0
     # hand-computed, two chunks: values (0, 0.1) -> variance 0.0025; (0, 1) -> variance 0.25
     assert active_dims(torch.tensor([0.1, 1.0]), torch.tensor([0.01, 1.0]), 2) == 1
+
+
+def test_the_reports_latent_geometry_matches_the_encoder_directly():
+    """ae_report's mean sigma and per-dimension Var(mu), from summed batches, against the encoder's
+    mu and sigma over all chunks at once (torch.var, population form)."""
+    from pipelines.eval.ae_report import latent_geometry
+
+    model = make_model().eval()
+    x = with_padding(random_chunks(40))
+    sums: dict = {}
+    for part in (x[:15], x[15:]):
+        for k, v in reconstruction_metrics(model, part, PAD, 0.3, torch.Generator().manual_seed(0)).items():
+            v = torch.as_tensor(v, dtype=torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+    with torch.no_grad():
+        mu, log_sigma = model.encode(x)
+    geo = latent_geometry(sums)
+    var = mu.double().var(0, unbiased=False)
+    sigma = log_sigma.double().exp().mean(0)
+    assert geo["mean_sigma"] == pytest.approx(float(sigma.mean()), rel=1e-5)
+    assert geo["mu_var_per_dim"] == pytest.approx(var.tolist(), abs=2e-6)
+    assert geo["mu_var_min"] == pytest.approx(float(var.min()), abs=1e-6)
+    assert geo["mu_std_over_sigma"] == pytest.approx(float((var.sqrt() / sigma).mean()), rel=1e-4)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_core.autoencoder import active_dims, load_autoencoder_dir, reconstruct, reconstruction_metrics
+from calm_core.autoencoder import active_dims, load_autoencoder_dir, mu_variance, reconstruct, reconstruction_metrics
 from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
 
@@ -55,9 +55,24 @@ def _print_report(report: dict[str, Any]) -> None:
     progress(f"[report]   token accuracy decoding z ~ q(z|x)    {100 * report['acc_sample']:.2f}%")
     progress(f"[report]   token accuracy decoding mu + N(0,{report['noise_std']}^2) {100 * report['acc_noise']:.2f}%")
     progress(f"[report]   active latent dimensions          {report['active_dims']}/{report['latent_dim']}")
+    if "mean_sigma" in report:
+        progress(f"[report]   mean sigma {report['mean_sigma']:.4f}; Var(mu) per dimension mean {report['mu_var_mean']:.4f} "
+                 f"(min {report['mu_var_min']:.4f}, max {report['mu_var_max']:.4f}); std(mu) / sigma {report['mu_std_over_sigma']:.2f}")
     for ex in report["examples"]:
         progress(f"[report] original:      {ex['original'][:160]!r}")
         progress(f"[report] reconstructed: {ex['reconstructed'][:160]!r}")
+
+
+def latent_geometry(sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The latent space's scale, from the summed metrics: the posterior's mean sigma and the
+    variance of mu across chunks, overall and per dimension. Their ratio says how far apart chunk
+    means lie against one chunk's spread: what the energy loss of stage 2 can resolve."""
+    n = float(sums["chunks"])
+    var = mu_variance(sums["mu_sum"], sums["mu_sq_sum"], n)  # [l]
+    sigma = torch.as_tensor(sums["sigma_sum"]).double() / n  # [l]
+    return {"mean_sigma": float(sigma.mean()), "mu_var_mean": float(var.mean()), "mu_var_min": float(var.min()),
+            "mu_var_max": float(var.max()), "mu_std_over_sigma": float((var.sqrt() / sigma.clamp_min(1e-12)).mean()),
+            "mu_var_per_dim": [round(float(v), 6) for v in var], "sigma_per_dim": [round(float(v), 6) for v in sigma]}
 
 
 def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, examples: int = 3) -> dict[str, Any]:
@@ -92,6 +107,7 @@ def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, ex
         "active_dims": active_dims(sums["mu_sum"], sums["mu_sq_sum"], float(sums["chunks"])),
         "latent_dim": ae_cfg.ae.latent_dim,
         "ae_step": manifest["metrics"].get("step"),
+        **latent_geometry(sums),
     }
     shown = _examples(model, tok, rows, examples)
     report["examples"] = shown
@@ -99,7 +115,7 @@ def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, ex
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         write_manifest(tmp, "ae_reconstruction", inputs={"ae_manifest_files": manifest["files"], "corpus": corpus},
-                       metrics={k: v for k, v in report.items() if k != "examples"})
+                       metrics={k: v for k, v in report.items() if k != "examples" and not k.endswith("_per_dim")})
         uri = run.publish_artifact(tmp, ARTIFACT)
     _print_report(report)
     progress(f"[report] wrote {uri}/report.json")

@@ -18,6 +18,7 @@ COLUMNS = [  # (key, header, format)
     ("val_gap_closed", "gap closed", "{:.1%}"), ("val_brier1", "Brier-1", "{:.4f}"), ("val_brierlm", "BrierLM", "{:.2f}"),
     ("ae_acc_mu", "AE acc (mu)", "{:.2%}"), ("ae_acc_sample", "AE acc (sample)", "{:.2%}"),
     ("ae_acc_noise", "AE acc (mu+noise)", "{:.2%}"), ("ae_active_dims", "active dims", "{:.0f}"),
+    ("ae_mean_sigma", "mean sigma", "{:.3f}"), ("ae_mu_std_over_sigma", "std(mu)/sigma", "{:.2f}"),
     ("latents_bytes_per_token", "latent bytes/token", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("wall_s", "wall (s)", "{:,.0f}"),
 ]

@@ -155,7 +155,8 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     progress(f"[sweep] trial {trial.name}: {trial.model}, overrides {' '.join(trial.overrides) or '(none)'}")
     cfg = load_config(ctx.config, [*ctx.overrides, *trial.overrides])
     shared, report, lman = shared_artifacts(cfg, ctx, trial.name)
-    ae_metrics = {f"ae_{k}": report[k] for k in ("acc_mu", "acc_sample", "acc_noise", "active_dims", "latent_dim")}
+    ae_metrics = {f"ae_{k}": report[k] for k in ("acc_mu", "acc_sample", "acc_noise", "active_dims", "latent_dim",
+                                                 "mean_sigma", "mu_var_mean", "mu_std_over_sigma") if k in report}
     ae_metrics.update(latents_bytes_per_token=lman["metrics"].get("bytes_per_token"), ae_key=shared.spec.rsplit("/", 1)[-1],
                       K=cfg.ae.K)
     out: dict[str, Any] = {"trial": trial.name, "model": trial.model, **ae_metrics}
