@@ -329,6 +329,16 @@ def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
         np.testing.assert_array_equal(mus[starts[0] : starts[0] + 8], b["mu"])
     assert len(blocks) * 8 > len(stream) - 8 * len(tables)  # at most L-1 rows dropped per batch
 
+    # stage 2's validation blocks are the first ones in file order, every time (runs compare on them)
+    from pipelines.train.stage2 import held_out_blocks
+
+    val, label = held_out_blocks(run, m, m["identity"], 8, 8 * 3, 0.25)
+    split = "val" if label == "held-out" else "train"
+    first = np.concatenate([LT.column_matrix(t, "tokens") for t in read_rows(run, m, split)])[:8]
+    np.testing.assert_array_equal(val["tokens"][0], first)
+    again, _ = held_out_blocks(run, m, m["identity"], 8, 8 * 3, 0.25)
+    np.testing.assert_array_equal(again["tokens"], val["tokens"])
+
 
 def test_empty_corpus_and_missing_ae(ray_session, tmp_path, setup):
     run, model, tok, corpus = setup
