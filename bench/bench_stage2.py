@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -180,7 +179,8 @@ def main() -> None:
     from pipelines.data import latents as LT
     from pipelines.data.precompute import precompute_latents
     from pipelines.ray_env import init_ray
-    from calm_core.artifacts import build_model, flops_breakdown, load_ae
+    from calm_core.artifacts import load_ae
+    from pipelines.sweep.trial import budget_steps
     from pipelines.train.stage2 import held_out_blocks, run_stage2
     from pipelines.storage import RunDir
 
@@ -226,11 +226,7 @@ def main() -> None:
             if (budget, name) in done:
                 continue
             vcfg = dataclasses.replace(load_config(args.config, [*args.overrides, *var_ov]), ae=ae_cfg.ae)
-            t = getattr(vcfg, section)
-            with torch.device("meta"):  # shapes only
-                fpt = flops_breakdown(kind, build_model(kind, vcfg, tok.vocab_size))["total"]
-            tokens_per_step = t.batch_size * t.grad_accum * vcfg.distributed.num_workers * L * K
-            steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
+            steps, fpt, tokens_per_step = budget_steps(vcfg, kind, tok.vocab_size, budget)
             ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // 5)}",
                   f"{section}.checkpoint_every={steps}", f"{section}.warmup_steps={max(1, steps // 20)}"]
             cfg = load_config(args.config, [*args.overrides, *var_ov, *ov])

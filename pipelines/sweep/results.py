@@ -29,8 +29,7 @@ def curve(root: RunDir, trial: TrialSpec) -> list[dict[str, float]]:
     parts = ("trials", folder_name(trial.name), trial.model, "metrics.jsonl")
     if trial.model == "ae" or not root.exists(*parts):
         return []
-    with root.fs.open_input_stream(root.path(*parts)) as f:
-        lines = f.read().decode().splitlines()
+    lines = root.read_text(*parts).splitlines()
     return [{k: r.get(k) for k in ("step", "train_flops", "val_loss", "val_brierlm", "val_brier1", "val_gap_closed")}
             for r in map(json.loads, lines) if r.get("val_loss") is not None]
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import uuid
 
-from calm_core.errors import ArtifactError, ConfigError
+from calm_core.errors import ArtifactError
 from pipelines.progress import progress
 from pipelines.storage import RunDir
 from pipelines.sweep.spec import SweepSpec, expand, folder_name, spec_text, trial_config
@@ -101,8 +101,5 @@ def _absolute_config(config: str) -> str:
     """A config path made absolute (trials run elsewhere); a built-in name stays a name."""
     from calm_core.config import resolve_config_path
 
-    try:
-        p = resolve_config_path(config)
-    except ConfigError:
-        raise
+    p = resolve_config_path(config)  # an unknown name or a missing file fails here
     return str(p.resolve()) if os.path.exists(config) else config

@@ -18,6 +18,7 @@ Ray Train checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 import time
@@ -97,27 +98,33 @@ class SweepContext:
     leases: str  # the Leases actor's name
 
 
-def budget_overrides(cfg: Config, kind: str, vocab: int, budget: float, own: list[str],
-                     validations: int = 10) -> tuple[list[str], float]:
-    """max_steps spending ``budget`` training FLOPs (FLOPs per token x tokens per optimizer step),
-    as bench/bench_stage2.py sets it: ``validations`` evenly spaced, one checkpoint half-way,
-    warm-up 5% of the steps unless the trial sets its own. Returns the overrides and the FLOPs per
-    token."""
+def budget_steps(cfg: Config, kind: str, vocab: int, budget: float) -> tuple[int, float, int]:
+    """The optimizer steps that spend ``budget`` training FLOPs (FLOPs per token x tokens per
+    optimizer step; at least 2), with the FLOPs per token and the tokens per step (also
+    bench/bench_stage2.py's budgets)."""
     import torch
 
     from calm_core.artifacts import build_model, flops_breakdown
 
-    section = SECTION[kind]
-    t = getattr(cfg, section)
+    t = getattr(cfg, SECTION[kind])
     with torch.device("meta"):  # shapes only
         fpt = flops_breakdown(kind, build_model(kind, cfg, vocab))["total"]
     tokens_per_step = t.batch_size * t.grad_accum * cfg.distributed.num_workers * cfg.model.block_chunks * cfg.ae.K
-    steps = max(2, math.ceil(budget / (fpt * tokens_per_step)))
+    return max(2, math.ceil(budget / (fpt * tokens_per_step))), fpt, tokens_per_step
+
+
+def budget_overrides(cfg: Config, kind: str, vocab: int, budget: float, own: list[str],
+                     validations: int = 10) -> list[str]:
+    """The overrides of a trial that spends ``budget`` training FLOPs (``budget_steps``):
+    ``validations`` evenly spaced, one checkpoint half-way, warm-up 5% of the steps unless the
+    trial sets its own."""
+    section = SECTION[kind]
+    steps = budget_steps(cfg, kind, vocab, budget)[0]
     ov = [f"{section}.max_steps={steps}", f"{section}.max_minutes=0", f"{section}.log_every={max(1, steps // validations)}",
           f"{section}.checkpoint_every={max(1, steps // 2)}"]
     if not any(o.startswith(f"{section}.warmup_steps=") for o in own):
         ov.append(f"{section}.warmup_steps={max(1, steps // 20)}")
-    return ov, fpt
+    return ov
 
 
 def shared_artifacts(cfg: Config, ctx: SweepContext, owner: str) -> tuple[RunDir, dict, dict]:
@@ -165,7 +172,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         cfg = dataclasses.replace(cfg, ae=ae.cfg.ae)
         own = list(trial.overrides)
         if ctx.budget_flops > 0:
-            extra, _ = budget_overrides(cfg, trial.model, ae.tok.vocab_size, ctx.budget_flops, own, ctx.validations)
+            extra = budget_overrides(cfg, trial.model, ae.tok.vocab_size, ctx.budget_flops, own, ctx.validations)
             cfg = load_config(ctx.config, [*ctx.overrides, *own, *extra])
         run = RunDir(f"{ctx.root}/trials/{folder_name(trial.name)}")
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -177,8 +184,6 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         out["max_steps"] = getattr(cfg, SECTION[trial.model]).max_steps
         # the training speed: the median of the logged figures (the last one covers a single step
         # after a validation, e.g. 808 tokens/s where the run made ~5,000)
-        import json
-
         speeds = [json.loads(x).get("tokens_per_s") for x in run.read_text(trial.model, "metrics.jsonl").splitlines()]
         speeds = sorted(v for v in speeds[:-1] or speeds if v)
         if speeds:
