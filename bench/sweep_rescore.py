@@ -54,6 +54,7 @@ for d in sorted((root / "trials").iterdir()):
     rec = heldout_record(kind, sums)
     out[d.name] = rec
     print(d.name, kind, {k: round(v, 4) for k, v in rec.items() if k in ("val_loss", "val_loss_uncond", "val_loss_perfect",
-          "val_gap_closed", "val_brier1", "val_brierlm", "val_positions")}, flush=True)
+          "val_gap_closed", "val_gap_prefix1", "val_gap_prefix2", "val_gap_prefix3", "val_loss_shuffled", "val_brier1",
+          "val_brierlm", "val_positions")}, flush=True)
 if args.out:
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -29,6 +29,20 @@ same block (a sample of the block's marginal, blind to the context), ``loss_unco
 of that gap the model has closed, (loss_uncond - loss) / (loss_uncond - loss_perfect), is 0 for a
 model no better than guessing some chunk of the text and 1 for the true posterior.
 
+Two more references say how the loss rewards being partly right, and whether the model uses its
+context at all:
+
+- ``prefix_reference_losses``: a predictor that knows the first k tokens of the next chunk (k = 1,
+  2, 3) and guesses the rest: each of its N samples is drawn from q(z | c'), where c' is the true
+  chunk's first k tokens followed by the last K - k tokens of another position's chunk of the same
+  block (the unconditional predictor's partner), encoded by the frozen AE. k = 0 is the
+  unconditional predictor and k = K the perfect one; the gap each k closes is the partial credit
+  the AE's geometry gives (a loss that stays near ``loss_uncond`` with 3 of 4 tokens known cannot
+  see a model learning first tokens).
+- ``shuffled_context_loss``: the model's own energy loss when the chunks it reads are shuffled
+  across the block's positions (same chunks, same positions, wrong order): its excess over the
+  loss is what the model takes from the order of its context.
+
 ``calm_block_scores`` / ``baseline_block_scores`` give per-block sums ([b] tensors, which the
 evaluation job uses for confidence intervals); ``calm_heldout`` / ``baseline_heldout`` add them up
 into float64 [1] sums that ranks all-reduce before ``heldout_record`` turns them into means and
@@ -86,7 +100,10 @@ def calm_block_scores(model: CALM, ae: ChunkAutoencoder, tokens: torch.Tensor, m
     b, P = tokens.shape[0], tokens.shape[1] - 1
     chunks = decode_tokens(ae, z).flatten(0, 1)  # [b*P, R, K]
     brier = brier_n_estimates(chunks, tokens[:, 1:].flatten(0, 1))  # {n: [b*P]}
-    refs = reference_losses(mu[:, 1:], log_sigma[:, 1:], m.n_samples, m.n_targets, m.alpha, gen)  # last: draws after
+    refs = reference_losses(mu[:, 1:], log_sigma[:, 1:], m.n_samples, m.n_targets, m.alpha, gen)  # draws after the above
+    refs.update(prefix_reference_losses(ae, tokens[:, 1:], mu[:, 1:], log_sigma[:, 1:], m.n_samples, m.n_targets,
+                                        m.alpha, gen))
+    refs["loss_shuffled"] = shuffled_context_loss(model, tokens, mu, log_sigma, gen)
     return {"loss": (fid - div).mean(1), "fidelity": fid.mean(1), "diversity": div.mean(1),
             "positions": torch.full((b,), float(P)), **{f"brier{n}": brier[n].view(b, P).sum(1) for n in ORDERS},
             **refs}
@@ -105,13 +122,62 @@ def reference_losses(mu: torch.Tensor, log_sigma: torch.Tensor, n_samples: int, 
     out = {"loss_perfect": (fid - div).mean(1)}
     if P < 2:
         return {**out, "loss_uncond": out["loss_perfect"]}
-    j = (rng.uniform((b, P, n_samples), mu.device, gen) * (P - 1)).long().clamp_max(P - 2)  # [b, P, N] of P-1
-    j = j + (j >= torch.arange(P, device=mu.device)[None, :, None]).long()  # skip the position itself
+    j = _other_positions(b, P, n_samples, mu.device, gen)  # [b, P, N]
     pick = lambda t: torch.gather(t.float().unsqueeze(1).expand(b, P, P, l), 2,  # noqa: E731
                                   j.unsqueeze(-1).expand(b, P, n_samples, l))  # [b, P, N, l]
     y = pick(mu) + pick(sigma) * rng.normal((b, P, n_samples, l), mu.device, gen)
     fid, div = posterior_energy_terms(y, mu, log_sigma, n_targets, alpha, gen)
     return {**out, "loss_uncond": (fid - div).mean(1)}
+
+
+def _other_positions(b: int, P: int, n: int, device: torch.device, gen: rng.Gen) -> torch.Tensor:
+    """For every position of [b, P], n positions drawn uniformly among the other P - 1 (P >= 2) ->
+    [b, P, n]."""
+    j = (rng.uniform((b, P, n), device, gen) * (P - 1)).long().clamp_max(P - 2)  # [b, P, n] of P-1
+    return j + (j >= torch.arange(P, device=device)[None, :, None]).long()  # skip the position itself
+
+
+PREFIXES = (1, 2, 3)  # tokens of the next chunk the partial-credit references know
+
+
+@torch.no_grad()
+def prefix_reference_losses(ae: ChunkAutoencoder, tokens: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                            n_samples: int, n_targets: int, alpha: float, gen: rng.Gen,
+                            known: tuple[int, ...] = PREFIXES) -> dict[str, torch.Tensor]:
+    """The energy loss of predictors that know the first k tokens of the target chunk, for k in
+    ``known`` (k < K): for target chunks tokens [b, P, K] with posteriors mu / log_sigma [b, P, l],
+    sample n of position p is z ~ q(z | c'), c' = tokens[p, :k] + tokens[j, k:] for j another
+    position of the block drawn uniformly (P >= 2), encoded by ``ae``; scored against the true
+    posterior as ``loss``. -> {"loss_prefix{k}": [b]} (means over positions)."""
+    b, P, K = tokens.shape
+    if P < 2:
+        return {}
+    out = {}
+    for k in (k for k in known if 0 < k < K):
+        j = _other_positions(b, P, n_samples, mu.device, gen)  # [b, P, N]
+        other = torch.gather(tokens.unsqueeze(1).expand(b, P, P, K), 2, j.unsqueeze(-1).expand(b, P, n_samples, K))
+        spliced = torch.cat([tokens[:, :, None, :k].expand(b, P, n_samples, k), other[..., k:]], -1)  # [b, P, N, K]
+        m, ls = ae.encode(spliced.flatten(0, 2))  # [b*P*N, l] x 2
+        m, s = m.float().view(b, P, n_samples, -1), ls.float().exp().view(b, P, n_samples, -1)
+        x = m + s * rng.normal(tuple(m.shape), mu.device, gen)  # [b, P, N, l]
+        fid, div = posterior_energy_terms(x, mu, log_sigma, n_targets, alpha, gen)  # [b, P]
+        out[f"loss_prefix{k}"] = (fid - div).mean(1)
+    return out
+
+
+@torch.no_grad()
+def shuffled_context_loss(model: CALM, tokens: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                          gen: rng.Gen) -> torch.Tensor:
+    """The model's energy loss on blocks tokens [b, L, K] (mu / log_sigma [b, L, l]) when the L-1
+    chunks it reads are put in a random order per block (each position still predicts its own next
+    chunk) -> [b] (the mean over positions, as ``loss``)."""
+    b, L, _ = tokens.shape
+    m = model.hcfg
+    perm = rng.uniform((b, L - 1), mu.device, gen).argsort(1)  # [b, L-1]
+    take = lambda t: torch.gather(t[:, :-1], 1, perm[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    x = model.sample(model.hidden(take(tokens), take(mu)), m.n_samples, generator=gen)  # [b, L-1, N, l]
+    fid, div = posterior_energy_terms(x, mu[:, 1:], log_sigma[:, 1:], m.n_targets, m.alpha, gen)
+    return (fid - div).mean(1)
 
 
 def gap_closed(loss: float, perfect: float, uncond: float) -> float:
@@ -203,6 +269,12 @@ def heldout_record(kind: str, tot: Sums) -> dict[str, float]:
             perfect, uncond = float(tot["loss_perfect"]) / blocks, float(tot["loss_uncond"]) / blocks
             rec.update({"val_loss_perfect": perfect, "val_loss_uncond": uncond,
                         "val_gap_closed": gap_closed(loss, perfect, uncond)})
+            for k in PREFIXES:  # partial credit: the gap closed by knowing the first k tokens
+                if f"loss_prefix{k}" in tot:
+                    rec[f"val_loss_prefix{k}"] = float(tot[f"loss_prefix{k}"]) / blocks
+                    rec[f"val_gap_prefix{k}"] = gap_closed(rec[f"val_loss_prefix{k}"], perfect, uncond)
+        if "loss_shuffled" in tot:  # the context ablation
+            rec["val_loss_shuffled"] = float(tot["loss_shuffled"]) / blocks
     else:
         rec["val_brier1_exact"] = float(tot["brier1_exact"]) / max(1.0, float(tot["tokens"]))
         sampled = {n: float(tot[f"sampled_brier{n}"]) / pos for n in ORDERS}

@@ -371,6 +371,9 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
     table = pq.read_table(run / "sweep" / "results.parquet").to_pylist()
     assert [r["trial"] for r in table] == ["stage2.lr=0.001", "stage2.lr=0.0003"]
     assert all(r["status"] == "done" and r["step"] == 8 and math.isfinite(r["val_loss"]) for r in table)
+    # the loss's scale (references, partial credit, context shuffled) and the generation-speed probe, per trial
+    assert all(math.isfinite(r[k]) for r in table for k in ("val_gap_closed", "val_gap_prefix3", "val_loss_shuffled"))
+    assert all(r["gen_tokens_per_s"] > 0 for r in table)
     assert all(len(json.loads(r["curve"])) == 4 for r in table)  # validations at steps 2, 4, 6, 8
     md = (run / "sweep" / "results.md").read_text()
     assert "| stage2.lr=0.001 | calm |" in md and "| stage2.lr=0.0003 | calm |" in md

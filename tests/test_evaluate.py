@@ -111,6 +111,14 @@ def test_brierlm_equals_the_in_training_estimator_on_the_same_blocks_and_seed(ev
         assert rep["calm"][f"brier{n}"]["mean"] == pytest.approx(c[f"val_brier{n}"], rel=1e-9, abs=1e-12)
         assert rep["baseline"][f"brier{n}"]["mean"] == pytest.approx(b[f"val_brier{n}"], rel=1e-9, abs=1e-12)
     assert rep["calm"]["loss"] == pytest.approx(c["val_loss"], rel=1e-6)
+    # the loss's scale: the references (perfect, unconditional, first k tokens known) and the context ablation
+    for name in ("loss_perfect", "loss_uncond", "gap_closed", "loss_shuffled"):
+        assert rep["calm"][name] == pytest.approx(c[f"val_{name}"], rel=1e-6), name
+    for k in (1, 2, 3):
+        assert rep["calm"]["prefix"][str(k)]["loss"] == pytest.approx(c[f"val_loss_prefix{k}"], rel=1e-6)
+        assert rep["calm"]["prefix"][str(k)]["gap_closed"] == pytest.approx(c[f"val_gap_prefix{k}"], rel=1e-6)
+    md = Path(run.path("eval", "held", "report.md")).read_text()
+    assert "first 3 tokens of the chunk known" in md and "context shuffled across positions" in md
     assert rep["baseline"]["cross_entropy"]["mean"] == pytest.approx(b["val_loss"], rel=1e-6)
     # perplexity by another route: the plain forward's logits and F.cross_entropy over the non-pad targets
     flat = val["tokens"].flatten(1).long()  # [blocks, L*K]

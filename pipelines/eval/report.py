@@ -19,7 +19,7 @@ import numpy as np
 from calm_core.brierlm import ORDERS, brier_lm, brier_lm_official
 from calm_core.checkpoint import write_manifest
 from calm_core.config import Config
-from calm_core.evaluate import gap_closed
+from calm_core.evaluate import PREFIXES, gap_closed
 from pipelines.eval.scores import RS
 from pipelines.storage import RunDir
 
@@ -92,6 +92,13 @@ def calm_part(rows: list[dict], cfg: Config) -> dict[str, Any]:
     out.update({k: float(col(rows, f"calm_{k}").sum() / blocks) for k in ("loss", "fidelity", "diversity",
                                                                           "loss_perfect", "loss_uncond")})
     out["gap_closed"] = gap_closed(out["loss"], out["loss_perfect"], out["loss_uncond"])
+    have = set(rows[0]) if rows else set()
+    out["prefix"] = {str(k): {"loss": float(col(rows, f"calm_loss_prefix{k}").sum() / blocks)} for k in PREFIXES
+                     if f"calm_loss_prefix{k}" in have}  # partial credit: the first k tokens known
+    for v in out["prefix"].values():
+        v["gap_closed"] = gap_closed(v["loss"], out["loss_perfect"], out["loss_uncond"])
+    if "calm_loss_shuffled" in have:  # the context ablation
+        out["loss_shuffled"] = float(col(rows, "calm_loss_shuffled").sum() / blocks)
     out["energy_score"] = ratio_ci(col(rows, "calm_energy_score"), pos)
     out["latent"] = {k: ratio_ci(col(rows, f"calm_latent_{k}"), pos)["mean"]
                      for k in ("mse_one", "mse_mean", "cos_one", "cos_mean")}
@@ -191,6 +198,11 @@ def markdown(rep: dict[str, Any]) -> str:
     row("energy loss (perfect / unconditional reference)", lambda m: "{:.4f} ({:.4f} / {:.4f})".format(
         m["loss"], m["loss_perfect"], m["loss_uncond"]) if "loss_perfect" in m else None)
     row("energy-loss gap closed", lambda m: "{:.1%}".format(m["gap_closed"]) if "gap_closed" in m else None)
+    for k in PREFIXES:
+        row(f"reference: first {k} token{'s' if k > 1 else ''} of the chunk known (gap closed)",
+            lambda m, k=str(k): "{:.4f} ({:.1%})".format(m["prefix"][k]["loss"], m["prefix"][k]["gap_closed"])
+            if k in m.get("prefix", {}) else None)
+    row("energy loss, context shuffled across positions", lambda m: m.get("loss_shuffled"))
     row("latent MSE (1 sample / mean)", lambda m: "{:.4f} / {:.4f}".format(m["latent"]["mse_one"], m["latent"]["mse_mean"])
         if "latent" in m else None)
     row("latent cosine (1 sample / mean)", lambda m: "{:.4f} / {:.4f}".format(m["latent"]["cos_one"], m["latent"]["cos_mean"])

@@ -15,11 +15,14 @@ from pipelines.sweep.spec import SweepSpec, TrialSpec, folder_name
 
 COLUMNS = [  # (key, header, format)
     ("step", "steps", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.3g}"), ("val_loss", "held-out loss", "{:.4f}"),
-    ("val_gap_closed", "gap closed", "{:.1%}"), ("val_brier1", "Brier-1", "{:.4f}"), ("val_brierlm", "BrierLM", "{:.2f}"),
+    ("val_gap_closed", "gap closed", "{:.1%}"), ("val_gap_prefix1", "gap, 1st token known", "{:.1%}"),
+    ("val_gap_prefix3", "gap, 3 tokens known", "{:.1%}"), ("val_loss_shuffled", "loss, context shuffled", "{:.4f}"),
+    ("val_brier1", "Brier-1", "{:.4f}"), ("val_brierlm", "BrierLM", "{:.2f}"),
     ("ae_acc_mu", "AE acc (mu)", "{:.2%}"), ("ae_acc_sample", "AE acc (sample)", "{:.2%}"),
     ("ae_acc_noise", "AE acc (mu+noise)", "{:.2%}"), ("ae_active_dims", "active dims", "{:.0f}"),
     ("ae_mean_sigma", "mean sigma", "{:.3f}"), ("ae_mu_std_over_sigma", "std(mu)/sigma", "{:.2f}"),
-    ("latents_bytes_per_token", "latent bytes/token", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("latents_bytes_per_token", "latent bytes/token", "{:.1f}"), ("tokens_per_s", "train tokens/s", "{:,.0f}"),
+    ("gen_tokens_per_s", "generated tokens/s", "{:,.0f}"),
     ("wall_s", "wall (s)", "{:,.0f}"),
 ]
 

@@ -127,6 +127,43 @@ def budget_overrides(cfg: Config, kind: str, vocab: int, budget: float, own: lis
     return ov
 
 
+GEN_BATCH = 4  # prompts in the generation-speed probe of every trained trial
+
+
+def generation_speed(run: RunDir, kind: str, ae_path: str, repeats: int = 3) -> float:
+    """Generated tokens per second of the trial's model (KV cache, temperature 1, in this process's
+    torch threads): GEN_BATCH prompts of random ids filling the first quarter of the model's context
+    (block_chunks x K tokens), continued to its end (CALM: one backbone step per K tokens; the
+    baseline: one per token); the median of ``repeats`` after a warm-up. A speed, not a quality:
+    it depends on K and the model's size, not on its weights."""
+    import statistics
+
+    import torch
+
+    from calm_core.artifacts import load_ae, load_model
+    from calm_core.generate import generate
+
+    art = load_model(run.local_artifact(kind), kind)
+    model, ae = art.model.eval(), load_ae(ae_path)
+    K, V, chunks = ae.cfg.ae.K, ae.tok.vocab_size, art.cfg.model.block_chunks
+    prompt_chunks = max(1, chunks // 4)
+    new_chunks = chunks - prompt_chunks
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, V, (GEN_BATCH, prompt_chunks, K), generator=g)  # [B, T, K]
+    if kind == "calm":
+        step = lambda: generate(model, ae.model.eval(), prompt, new_chunks, generator=g)  # noqa: E731
+    else:
+        step = lambda: model.generate(prompt.flatten(1), new_chunks * K, generator=g)  # noqa: E731
+    times = []
+    with torch.no_grad():
+        step()  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return GEN_BATCH * new_chunks * K / statistics.median(times)
+
+
 def shared_artifacts(cfg: Config, ctx: SweepContext, owner: str) -> tuple[RunDir, dict, dict]:
     """DIR/shared/<ae_key>: tokenizer, AE, its report, latents (built once, under the lease)."""
     from pipelines.data.precompute import precompute_latents
@@ -188,6 +225,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         speeds = sorted(v for v in speeds[:-1] or speeds if v)
         if speeds:
             out["tokens_per_s"] = speeds[len(speeds) // 2]
+        out["gen_tokens_per_s"] = generation_speed(run, trial.model, str(shared.local_artifact("ae")))
     out.update(wall_s=time.perf_counter() - t0, done=True)
     progress(f"[sweep] trial {trial.name} done in {out['wall_s']:.0f}s" + (
         f": held-out loss {out['val_loss']:.4f}, BrierLM {out.get('val_brierlm', float('nan')):.2f}" if "val_loss" in out else ""))
