@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +28,7 @@ import torch  # noqa: E402
 
 from calm_core.generate import generate, prompt_chunks  # noqa: E402
 from calm_core.temperature import ExactStats  # noqa: E402
+from pipelines.progress import timed  # noqa: E402
 
 
 def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
@@ -44,16 +43,6 @@ def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int
         if len(out) == n:
             return out
     raise SystemExit(f"error: fewer than {n} documents of >= {length} tokens in {corpus}")
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -123,9 +123,7 @@ def reference_losses(mu: torch.Tensor, log_sigma: torch.Tensor, n_samples: int, 
     if P < 2:
         return {**out, "loss_uncond": out["loss_perfect"]}
     j = _other_positions(b, P, n_samples, mu.device, gen)  # [b, P, N]
-    pick = lambda t: torch.gather(t.float().unsqueeze(1).expand(b, P, P, l), 2,  # noqa: E731
-                                  j.unsqueeze(-1).expand(b, P, n_samples, l))  # [b, P, N, l]
-    y = pick(mu) + pick(sigma) * rng.normal((b, P, n_samples, l), mu.device, gen)
+    y = _take(mu.float(), j) + _take(sigma, j) * rng.normal((b, P, n_samples, l), mu.device, gen)  # [b, P, N, l]
     fid, div = posterior_energy_terms(y, mu, log_sigma, n_targets, alpha, gen)
     return {**out, "loss_uncond": (fid - div).mean(1)}
 
@@ -135,6 +133,12 @@ def _other_positions(b: int, P: int, n: int, device: torch.device, gen: rng.Gen)
     [b, P, n]."""
     j = (rng.uniform((b, P, n), device, gen) * (P - 1)).long().clamp_max(P - 2)  # [b, P, n] of P-1
     return j + (j >= torch.arange(P, device=device)[None, :, None]).long()  # skip the position itself
+
+
+def _take(t: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Rows of t [b, P, d] at the positions j [b, P, n] of the same block -> [b, P, n, d]."""
+    b, P, n = j.shape
+    return torch.gather(t.unsqueeze(1).expand(b, P, P, t.shape[-1]), 2, j.unsqueeze(-1).expand(b, P, n, t.shape[-1]))
 
 
 PREFIXES = (1, 2, 3)  # tokens of the next chunk the partial-credit references know
@@ -155,7 +159,7 @@ def prefix_reference_losses(ae: ChunkAutoencoder, tokens: torch.Tensor, mu: torc
     out = {}
     for k in (k for k in known if 0 < k < K):
         j = _other_positions(b, P, n_samples, mu.device, gen)  # [b, P, N]
-        other = torch.gather(tokens.unsqueeze(1).expand(b, P, P, K), 2, j.unsqueeze(-1).expand(b, P, n_samples, K))
+        other = _take(tokens, j)  # [b, P, N, K]
         spliced = torch.cat([tokens[:, :, None, :k].expand(b, P, n_samples, k), other[..., k:]], -1)  # [b, P, N, K]
         m, ls = ae.encode(spliced.flatten(0, 2))  # [b*P*N, l] x 2
         m, s = m.float().view(b, P, n_samples, -1), ls.float().exp().view(b, P, n_samples, -1)

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from calm_core.config import Config
-from pipelines.progress import progress
+from pipelines.progress import progress, timed
 from pipelines.storage import RunDir
 from pipelines.sweep.spec import SECTION, TrialSpec, ae_key, folder_name
 
@@ -136,8 +136,6 @@ def generation_speed(run: RunDir, kind: str, ae_path: str, repeats: int = 3) -> 
     (block_chunks x K tokens), continued to its end (CALM: one backbone step per K tokens; the
     baseline: one per token); the median of ``repeats`` after a warm-up. A speed, not a quality:
     it depends on K and the model's size, not on its weights."""
-    import statistics
-
     import torch
 
     from calm_core.artifacts import load_ae, load_model
@@ -154,14 +152,8 @@ def generation_speed(run: RunDir, kind: str, ae_path: str, repeats: int = 3) -> 
         step = lambda: generate(model, ae.model.eval(), prompt, new_chunks, generator=g)  # noqa: E731
     else:
         step = lambda: model.generate(prompt.flatten(1), new_chunks * K, generator=g)  # noqa: E731
-    times = []
     with torch.no_grad():
-        step()  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return GEN_BATCH * new_chunks * K / statistics.median(times)
+        return GEN_BATCH * new_chunks * K / timed(step, repeats)
 
 
 def shared_artifacts(cfg: Config, ctx: SweepContext, owner: str) -> tuple[RunDir, dict, dict]:
