@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -217,6 +218,32 @@ def _checkpointed(run: Path, section: str):
     return ready
 
 
+def _freeze(title: str) -> list:
+    """SIGSTOP every process whose title starts with ``title`` (a training worker): a stop sent next
+    then lands part-way whatever the machine's speed (a debug step takes milliseconds, `ray job stop`
+    seconds). Ray Train waits 10 minutes on a worker that does not answer its health check, so no
+    new worker takes over in the meantime. -> the frozen processes ([] if none is running)."""
+    frozen = []
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith(title):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
+                frozen.append(p)
+    return frozen
+
+
+@contextlib.contextmanager
+def _killed_after(frozen: list):
+    """Whatever happens inside, SIGKILL the frozen processes at the end: never SIGCONT, a resumed
+    worker would go on training after its job stopped."""
+    try:
+        yield
+    finally:
+        for p in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
 def _assert_complete_or_absent(run: Path):
     for name in ARTIFACTS:
         a = run / name
@@ -286,18 +313,20 @@ def test_submitted_chain_survives_killed_workers_and_a_resubmission_skips(head, 
 
 def test_job_stop_leaves_every_artifact_complete_or_absent(head, tmp_path):
     corpus, run = _corpus(tmp_path, 200), tmp_path / "run"
-    sub = _submit(head, "stopped", run, corpus, wait=False)
+    sub = _submit(head, "stopped", run, corpus, "stage1.max_steps=300", wait=False)  # stopped long before its end
     assert sub.returncode == 0, sub.stderr[-3000:]
-    deadline = time.time() + 600
-    while not _checkpointed(run, "stage1")():  # stage 1 is training and checkpointing
+    deadline, frozen = time.time() + 600, []
+    while not frozen:  # stage 1 is training and checkpointing: its workers are held there
         assert time.time() < deadline and _status(head, "stopped") in ("PENDING", "RUNNING"), \
             _job_cli(head["address"], "logs", "stopped").stdout[-3000:]
-        time.sleep(0.2)
-    stop = _job_cli(head["address"], "stop", "stopped")
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    while _status(head, "stopped") not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        assert time.time() < deadline
-        time.sleep(0.5)
+        frozen = _checkpointed(run, "stage1")() and _freeze(TRAIN_WORKER)
+        time.sleep(0.05)
+    with _killed_after(frozen):
+        stop = _job_cli(head["address"], "stop", "stopped")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        while _status(head, "stopped") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+            assert time.time() < deadline
+            time.sleep(0.5)
     assert _status(head, "stopped") == "STOPPED"
     assert (run / "tokenizer" / "manifest.json").is_file()
     assert not (run / "ae").exists()
@@ -309,20 +338,24 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
     once the first trial has finished and the second has a checkpoint; a second submission of the
     same command continues (the finished trial is not rerun, the other resumes from its checkpoint);
     both trials share one AE and one latent set; each trial's validations reached Tune while it
-    trained; results.parquet, results.md and curves.png are written."""
+    trained; results.parquet, results.md and curves.png are written.
+
+    The stop must land while the second trial is part-way, and a debug step takes milliseconds
+    (on CI the second trial once finished between its first checkpoint and the stop): so the
+    grid's second trial is the longer one (40 steps, a checkpoint every 4), and its training worker is
+    frozen (SIGSTOP) the moment its checkpoint is seen, then killed once the job has stopped."""
     import pyarrow.parquet as pq
     import yaml
 
-    from pipelines.sweep.spec import folder_name
-
     spec = {"name": "two-lr", "config": "debug",
-            # validations at 2, 4, 6, 8; a checkpoint at 4: the reports at 2 and 6 are metrics only
-            "overrides": ["distributed.num_workers=1", "stage1.max_steps=3", "stage2.max_steps=8", "stage2.log_every=2",
+            # validations every 2 steps, a checkpoint every 4: the reports at 2, 6, ... are metrics only
+            "overrides": ["distributed.num_workers=1", "stage1.max_steps=3", "stage2.log_every=2",
                           "stage2.checkpoint_every=4"],
-            "grid": {"stage2.lr": [1e-3, 3e-4]}, "paper": "no paper row: the harness's test"}
+            "grid": {"stage2.max_steps": [8, 40]},
+            "paper": "no paper row: the harness's test"}
     spec_path, run, corpus = tmp_path / "two.yaml", tmp_path / "run", _corpus(tmp_path, 120)
     spec_path.write_text(yaml.safe_dump(spec))
-    first, second = run / "trials" / "stage2.lr=0.001", run / "trials" / "stage2.lr=0.0003"
+    first, second = run / "trials" / "stage2.max_steps=8", run / "trials" / "stage2.max_steps=40"
 
     def submit(job_id: str, wait: bool):
         cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"],
@@ -330,22 +363,18 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
                "python", "jobs/sweep.py", "--spec", str(spec_path), "--corpus", str(corpus), "--run", str(run)]
         return subprocess.run(cmd, check=False, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
 
-    def second_checkpointed() -> bool:
-        try:
-            snap = json.loads((second / "_train" / "stage2" / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(snap.get("checkpoint_results"))
-
     assert submit("sweep-1", wait=False).returncode == 0
-    deadline = time.time() + 900
-    while not ((first / "calm" / "manifest.json").is_file() and second_checkpointed()):
+    deadline, frozen = time.time() + 900, []
+    while not frozen:  # one trial at a time: the workers frozen are the second trial's
         assert time.time() < deadline and _status(head, "sweep-1") in ("PENDING", "RUNNING"), \
             _job_cli(head["address"], "logs", "sweep-1").stdout[-4000:]
-        time.sleep(0.2)
-    assert _job_cli(head["address"], "stop", "sweep-1").returncode == 0
-    while _status(head, "sweep-1") not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        time.sleep(0.5)
+        frozen = ((first / "calm" / "manifest.json").is_file() and _checkpointed(second, "stage2")()
+                  and _freeze(TRAIN_WORKER))
+        time.sleep(0.05)
+    with _killed_after(frozen):
+        assert _job_cli(head["address"], "stop", "sweep-1").returncode == 0
+        while _status(head, "sweep-1") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+            time.sleep(0.5)
     assert _status(head, "sweep-1") == "STOPPED"  # stopped with the second trial part-way
     assert not (second / "calm").exists()
     finished = (first / "calm" / "manifest.json").stat().st_mtime_ns
@@ -355,10 +384,10 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
     (tmp_path.parent / "sweep-2.log").write_text(log)  # for a failing run's reader
     assert again.returncode == 0 and _status(head, "sweep-2") == "SUCCEEDED", log[-4000:]
     assert "[sweep] continuing" in log
-    assert "[sweep] trial stage2.lr=0.001:" not in log  # the finished trial is not rerun ...
+    assert "[sweep] trial stage2.max_steps=8:" not in log  # the finished trial is not rerun ...
     assert (first / "calm" / "manifest.json").stat().st_mtime_ns == finished
     assert "[calm] resumed from step" in log  # ... the stopped one resumes from its checkpoint
-    assert json.loads((second / "calm" / "manifest.json").read_text())["metrics"]["step"] == 8
+    assert json.loads((second / "calm" / "manifest.json").read_text())["metrics"]["step"] == 40
 
     # one AE and one latent set for both trials, used by both
     shared = [p.name for p in (run / "shared").iterdir()]
@@ -369,15 +398,16 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
 
     # the results, and Tune saw each trial's validation while it trained (not only its last report)
     table = pq.read_table(run / "sweep" / "results.parquet").to_pylist()
-    assert [r["trial"] for r in table] == ["stage2.lr=0.001", "stage2.lr=0.0003"]
-    assert all(r["status"] == "done" and r["step"] == 8 and math.isfinite(r["val_loss"]) for r in table)
+    assert [(r["trial"], r["status"], r["step"]) for r in table] == [("stage2.max_steps=8", "done", 8),
+                                                                       ("stage2.max_steps=40", "done", 40)]
+    assert all(math.isfinite(r["val_loss"]) for r in table)
     # the loss's scale (references, partial credit, context shuffled) and the generation-speed probe, per trial
     assert all(math.isfinite(r[k]) for r in table for k in ("val_gap_closed", "val_gap_prefix3", "val_loss_shuffled"))
     assert all(r["gen_tokens_per_s"] > 0 for r in table)
-    assert all(len(json.loads(r["curve"])) == 4 for r in table)  # validations at steps 2, 4, 6, 8
+    assert [len(json.loads(r["curve"])) for r in table] == [4, 20]  # a validation every 2 steps
     md = (run / "sweep" / "results.md").read_text()
-    assert "| stage2.lr=0.001 | calm |" in md and "| stage2.lr=0.0003 | calm |" in md
+    assert "| stage2.max_steps=8 | calm |" in md and "| stage2.max_steps=40 | calm |" in md
     assert (run / "sweep" / "curves.png").stat().st_size > 0
-    reports = [json.loads(x) for x in (run / "sweep" / "tune" / folder_name("stage2.lr=0.001") / "result.json")
+    reports = [json.loads(x) for x in (run / "sweep" / "tune" / "stage2.max_steps=8" / "result.json")
                .read_text().splitlines()]
     assert [r["step"] for r in reports if not r.get("done")] == [2, 4, 6, 8]
