@@ -32,10 +32,11 @@ def _start_ray():
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a fresh instance, never a `ray start` cluster found on this machine
-        # (tests/test_cluster_jobs.py starts and stops one)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=int(1e9),
-                 log_to_driver=True)
+        from pipelines.ray_env import start_local_ray
+
+        # as users' local jobs start it: always a fresh instance, never a `ray start` cluster found on
+        # this machine (tests/test_cluster_jobs.py starts and stops one), its State API found by its processes
+        start_local_ray(2, int(1e9))
     return ray
 
 

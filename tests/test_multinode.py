@@ -12,6 +12,7 @@ from ray.util.state import list_actors
 from calm_core.autoencoder import load_autoencoder_dir
 from calm_core.config import load_config
 from pipelines.data.precompute import precompute_latents
+from pipelines.ray_env import free_port, state_api_at
 from pipelines.storage import RunDir
 from pipelines.train.stage1 import run_stage1
 
@@ -33,9 +34,13 @@ def test_stage1_and_the_latents_spread_over_two_nodes(corpus, tmp_path):
     if ray.is_initialized():
         ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
     # the dashboard serves the State API, which says on which node each encoder actor ran
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    port = free_port()
+    with state_api_at(port):  # its processes poll the State API of this cluster (pipelines.ray_env)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                                "dashboard_host": "127.0.0.1", "dashboard_port": port})
     try:
-        cluster.add_node(num_cpus=1)
+        with state_api_at(port):
+            cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
