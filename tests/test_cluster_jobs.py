@@ -1,7 +1,7 @@
 """The chain as a submitted job on a real `ray start --head` cluster, as a cluster user runs it:
 
 - `ray job submit --working-dir . -- python jobs/run_all.py --config debug ...` runs tokenizer ->
-  stage 1 -> report -> latents -> CALM -> baseline -> evaluation on the held-out documents -> a
+  stage 1 -> report -> latents -> CALM -> evaluation on the held-out documents -> a
   sample, while this test kills by PID a stage-1 training worker, an encoder actor of
   the latent precompute and a stage-2 training worker: the job still succeeds, each training stage
   says it resumed from its last checkpoint and ends at its full step count, and the latents equal a
@@ -42,7 +42,7 @@ from pipelines.storage import RunDir
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtual environment's ray and python
-ARTIFACTS = ("tokenizer", "ae", "latents", "calm", "baseline", "eval/heldout")
+ARTIFACTS = ("tokenizer", "ae", "latents", "calm", "eval/heldout")
 OVERRIDES = ["distributed.max_failures=1", "stage1.max_steps=15", "stage2.max_steps=15",
              "latents.shard_documents=50", "eval.sweep_every=1", "eval.temperatures=[1.0,0.5]"]
 TRAIN_WORKER = "ray::RayTrainWorker"
@@ -162,7 +162,7 @@ def _submit(head, job_id: str, run: Path, corpus: Path, *extra: str, wait: bool 
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", job_id,
            "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
            "python", "jobs/run_all.py", "--config", "debug", "--corpus", str(corpus), "--run", str(run),
-           "--baseline", *OVERRIDES, *extra]
+           *OVERRIDES, *extra]  # the baseline's part of the chain: tests/test_packaging.py
     return subprocess.run(cmd, check=False, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1500)
 
 
@@ -282,7 +282,7 @@ def test_submitted_chain_survives_killed_workers_and_a_resubmission_skips(head, 
         assert (run / artifact / "manifest.json").is_file(), artifact
     assert "[run_all] evaluation on the held-out documents" in out and "BrierLM" in out
     table = out.split("[run_all] evaluation on the held-out documents", 1)[1]
-    assert "calm" in table and "baseline" in table
+    assert "calm" in table
     assert (run / "eval" / "heldout" / "temperature.png").is_file()
     assert "[run_all] a sample (temperature 0.5" in out
 
@@ -306,7 +306,7 @@ def test_submitted_chain_survives_killed_workers_and_a_resubmission_skips(head, 
     second = _submit(head, "chain-2", run, corpus)
     log = second.stdout + second.stderr
     assert second.returncode == 0 and _status(head, "chain-2") == "SUCCEEDED", log[-4000:]
-    for what in ("ae", "latents", "calm", "baseline", "eval/heldout"):
+    for what in ("ae", "latents", "calm", "eval/heldout"):
         assert f"{run / what} is complete" in log, what
     assert "step 3/" not in log  # nothing trained again
 
@@ -342,7 +342,7 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
 
     The stop must land while the second trial is part-way, and a debug step takes milliseconds
     (on CI the second trial once finished between its first checkpoint and the stop): so the
-    grid's second trial is the longer one (40 steps, a checkpoint every 4), and its training worker is
+    grid's second trial is the longer one (16 steps, a checkpoint every 4), and its training worker is
     frozen (SIGSTOP) the moment its checkpoint is seen, then killed once the job has stopped."""
     import pyarrow.parquet as pq
     import yaml
@@ -351,11 +351,11 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
             # validations every 2 steps, a checkpoint every 4: the reports at 2, 6, ... are metrics only
             "overrides": ["distributed.num_workers=1", "stage1.max_steps=3", "stage2.log_every=2",
                           "stage2.checkpoint_every=4"],
-            "grid": {"stage2.max_steps": [8, 40]},
+            "grid": {"stage2.max_steps": [8, 16]},
             "paper": "no paper row: the harness's test"}
     spec_path, run, corpus = tmp_path / "two.yaml", tmp_path / "run", _corpus(tmp_path, 120)
     spec_path.write_text(yaml.safe_dump(spec))
-    first, second = run / "trials" / "stage2.max_steps=8", run / "trials" / "stage2.max_steps=40"
+    first, second = run / "trials" / "stage2.max_steps=8", run / "trials" / "stage2.max_steps=16"
 
     def submit(job_id: str, wait: bool):
         cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"],
@@ -387,7 +387,7 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
     assert "[sweep] trial stage2.max_steps=8:" not in log  # the finished trial is not rerun ...
     assert (first / "calm" / "manifest.json").stat().st_mtime_ns == finished
     assert "[calm] resumed from step" in log  # ... the stopped one resumes from its checkpoint
-    assert json.loads((second / "calm" / "manifest.json").read_text())["metrics"]["step"] == 40
+    assert json.loads((second / "calm" / "manifest.json").read_text())["metrics"]["step"] == 16
 
     # one AE and one latent set for both trials, used by both
     shared = [p.name for p in (run / "shared").iterdir()]
@@ -399,14 +399,14 @@ def test_a_submitted_sweep_shares_one_ae_and_continues_after_a_stop(head, tmp_pa
     # the results, and Tune saw each trial's validation while it trained (not only its last report)
     table = pq.read_table(run / "sweep" / "results.parquet").to_pylist()
     assert [(r["trial"], r["status"], r["step"]) for r in table] == [("stage2.max_steps=8", "done", 8),
-                                                                       ("stage2.max_steps=40", "done", 40)]
+                                                                       ("stage2.max_steps=16", "done", 16)]
     assert all(math.isfinite(r["val_loss"]) for r in table)
     # the loss's scale (references, partial credit, context shuffled) and the generation-speed probe, per trial
     assert all(math.isfinite(r[k]) for r in table for k in ("val_gap_closed", "val_gap_prefix3", "val_loss_shuffled"))
     assert all(r["gen_tokens_per_s"] > 0 for r in table)
-    assert [len(json.loads(r["curve"])) for r in table] == [4, 20]  # a validation every 2 steps
+    assert [len(json.loads(r["curve"])) for r in table] == [4, 8]  # a validation every 2 steps
     md = (run / "sweep" / "results.md").read_text()
-    assert "| stage2.max_steps=8 | calm |" in md and "| stage2.max_steps=40 | calm |" in md
+    assert "| stage2.max_steps=8 | calm |" in md and "| stage2.max_steps=16 | calm |" in md
     assert (run / "sweep" / "curves.png").stat().st_size > 0
     reports = [json.loads(x) for x in (run / "sweep" / "tune" / "stage2.max_steps=8" / "result.json")
                .read_text().splitlines()]

@@ -1,6 +1,6 @@
 """The package as `pip install .` gives it (a wheel, not the editable checkout): the built-in configs
 travel as package data, every package folder is in the wheel, and the installed `calm-run-all`
-command runs the whole debug chain from a directory outside the checkout.
+command runs the whole debug chain, the baseline included, from a directory outside the checkout.
 
 The wheel goes into a fresh virtual environment of its own. Its dependencies are not installed
 again (that would download the stack): a .pth file puts the test interpreter's site-packages after
@@ -72,11 +72,15 @@ def test_installed_wheel_runs_the_debug_chain_from_another_directory(wheel, tmp_
                            cwd=away, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert all(f.startswith(str(site)) for f in where), where  # the wheel's code, not the checkout's
 
+    # the whole chain with the baseline (tests/test_cluster_jobs.py's submitted chain has none); one
+    # training worker per stage: packaging is the question here, two workers are tested elsewhere
     proc = subprocess.run([str(venv / "bin" / "calm-run-all"), "--config", "debug", "--corpus", str(tiny_corpus),
-                           "--run", str(tmp_path / "run")], cwd=away, env=env, capture_output=True, text=True,
-                          timeout=840)
+                           "--run", str(tmp_path / "run"), "--baseline", "distributed.num_workers=1"],
+                          cwd=away, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "[run_all] a sample" in out and "done in" in out
-    for artifact in ("tokenizer", "ae", "latents", "calm", "eval/heldout"):
+    for artifact in ("tokenizer", "ae", "latents", "calm", "baseline", "eval/heldout"):
         assert (tmp_path / "run" / artifact / "manifest.json").is_file(), artifact
+    table = out.split("[run_all] evaluation on the held-out documents", 1)[1]
+    assert "calm" in table and "baseline" in table  # both models scored side by side

@@ -34,7 +34,8 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
     """The one run the tests below inspect (trained once: they only read it): a random AE, its
     latents, CALM on 2 workers killed (SIGKILL, every rank) after step 5, its last checkpoint at
     step 3, then resumed by the same command to step 6, every step traced (``pipelines.train.trace``);
-    and the baseline trained 12 steps on the same blocks; ``val``: the validation blocks each kind got."""
+    and the baseline trained 12 steps on the same blocks (one worker); ``val``: the validation blocks
+    each kind got."""
     import pipelines.train.stage2 as S2
 
     tmp = tmp_path_factory.mktemp("stage2")
@@ -61,7 +62,8 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
         env.setenv(TRACE_ENV, str(tmp / "trace" / "resumed"))
         calm = run_stage2(full, run, "calm")
         env.delenv(TRACE_ENV)  # the baseline is not traced
-        baseline = run_stage2(load_config("debug", ["baseline.max_steps=12", "baseline.log_every=6"]), run, "baseline")
+        baseline = run_stage2(load_config("debug", ["baseline.max_steps=12", "baseline.log_every=6",
+                                                    "distributed.num_workers=1"]), run, "baseline")  # 2: CALM's
     return SimpleNamespace(root=tmp / "run", run=run, corpus=corpus, full=full, killed=killed.value, calm=calm,
                            baseline=baseline, trace=tmp / "trace", val=val)
 
