@@ -32,7 +32,7 @@ def init_ray(cfg: RayConfig) -> None:
     quiet_ray_data()
 
 
-def start_local_ray(num_cpus: int | None, object_store_memory: int, **kwargs) -> None:
+def start_local_ray(num_cpus: int | None, object_store_memory: int) -> None:
     """``ray.init(address="local")``: a private Ray on this machine, with its dashboard (the process
     that serves Ray's State API, which Ray Train polls) on a free port of 127.0.0.1, and every
     process of it told where that is (``state_api_at``)."""
@@ -41,7 +41,7 @@ def start_local_ray(num_cpus: int | None, object_store_memory: int, **kwargs) ->
     port = free_port()
     with state_api_at(port):
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, **kwargs)
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
 
 
 @contextlib.contextmanager

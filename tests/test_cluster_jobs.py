@@ -183,6 +183,13 @@ def _corpus(tmp_path: Path, n_docs: int = 400) -> Path:
     return corpus
 
 
+def _titled(title: str):
+    """The processes running now whose title (first word of the command line) starts with ``title``."""
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith(title):
+            yield p
+
+
 class Killer(threading.Thread):
     """Kills, one after the other, a process whose title starts with ``title`` once ``ready()``
     holds: [(what, ready, title), ...]. ``killed`` lists (what, pid) in order."""
@@ -194,8 +201,7 @@ class Killer(threading.Thread):
     def run(self):
         for what, ready, title in self.plan:
             while not self.stop.is_set():
-                pid = ready() and next((p.pid for p in psutil.process_iter(["cmdline"])
-                                        if (p.info["cmdline"] or [""])[0].startswith(title)), None)
+                pid = ready() and next((p.pid for p in _titled(title)), None)
                 if pid:
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -224,11 +230,10 @@ def _freeze(title: str) -> list:
     seconds). Ray Train waits 10 minutes on a worker that does not answer its health check, so no
     new worker takes over in the meantime. -> the frozen processes ([] if none is running)."""
     frozen = []
-    for p in psutil.process_iter(["cmdline"]):
-        if (p.info["cmdline"] or [""])[0].startswith(title):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.suspend()
-                frozen.append(p)
+    for p in _titled(title):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.suspend()
+            frozen.append(p)
     return frozen
 
 

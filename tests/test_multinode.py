@@ -35,11 +35,10 @@ def test_stage1_and_the_latents_spread_over_two_nodes(corpus, tmp_path):
         ray.shutdown()  # the shared test cluster; the next test that needs it starts it again
     # the dashboard serves the State API, which says on which node each encoder actor ran
     port = free_port()
-    with state_api_at(port):  # its processes poll the State API of this cluster (pipelines.ray_env)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                                "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    cluster = Cluster()
     try:
-        with state_api_at(port):
+        with state_api_at(port):  # both nodes' processes poll the State API of this cluster (pipelines.ray_env)
+            cluster.add_node(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
