@@ -196,7 +196,7 @@ def main() -> None:
     base = dataclasses.replace(base, ae=ae_cfg.ae)
     L, K = base.model.block_chunks, base.ae.K
     hrun = RunDir(args.heldout_run) if args.heldout_run else run
-    val, _ = held_out_blocks(hrun, LT.latents_manifest(hrun), ae_ident, L, args.val_chunks, base.data.read_cpus)
+    val, _ = held_out_blocks(hrun, LT.latents_manifest(hrun), ae_ident, L, args.val_chunks)
     train_chunks = int(lman["metrics"]["rows_per_split"]["train"])
 
     out = Path(args.out)

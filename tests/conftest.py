@@ -210,3 +210,43 @@ def stop_group(proc, sig: int, grace_s: float = 60) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _held_resources(wait_s: float = 15.0) -> dict:
+    """What of the shared Ray's CPUs is still held after a module's tests (and its fixtures) have
+    finished, waiting up to ``wait_s`` for asynchronous teardown -> {} if none, else the held CPUs,
+    the live actors and the placement groups not removed."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+        if free >= total or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if free >= total:
+        return {}
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors
+
+    actors = [(a.class_name, a.name, a.actor_id, a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")])]
+    groups = [(k, v["state"], v["bundles"]) for k, v in placement_group_table().items() if v["state"] != "REMOVED"]
+    return {"cpus_held": total - free, "actors": actors, "placement_groups": groups}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_leaves_ray_free(request):
+    """After each module: the shared Ray's CPUs all free again. A module whose runs left actors or
+    placement groups holding CPUs makes the NEXT module's runs wait for resources forever (Ray Train
+    waits for its workers' placement group without a limit): report it, on the terminal at once."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    held = _held_resources()
+    if held:
+        sys.__stderr__.write(f"\n[conftest] {request.module.__name__} left Ray resources held: {held}\n")
+        sys.__stderr__.flush()

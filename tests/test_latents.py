@@ -332,11 +332,11 @@ def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
     # stage 2's validation blocks are the first ones in file order, every time (runs compare on them)
     from pipelines.train.stage2 import held_out_blocks
 
-    val, label = held_out_blocks(run, m, m["identity"], 8, 8 * 3, 0.25)
+    val, label = held_out_blocks(run, m, m["identity"], 8, 8 * 3)
     split = "val" if label == "held-out" else "train"
     first = np.concatenate([LT.column_matrix(t, "tokens") for t in read_rows(run, m, split)])[:8]
     np.testing.assert_array_equal(val["tokens"][0], first)
-    again, _ = held_out_blocks(run, m, m["identity"], 8, 8 * 3, 0.25)
+    again, _ = held_out_blocks(run, m, m["identity"], 8, 8 * 3)
     np.testing.assert_array_equal(again["tokens"], val["tokens"])
 
 

@@ -107,7 +107,7 @@ def test_fine_tuning_starts_from_the_imported_weights_and_resumes(imported, tiny
     cfg = load_config("debug", over)
     ae = load_ae(ae_dir)
     val, _ = held_out_blocks(run, LT.latents_manifest(run), ae.identity, cfg.model.block_chunks,
-                             cfg.stage2.val_max_chunks, cfg.data.read_cpus, "calm")
+                             cfg.stage2.val_max_chunks, "calm")
     val = {k: torch.from_numpy(v.copy()) for k, v in val.items()}
     imported_model = load_model(tmp / "run" / "calm", "calm").model
     want = heldout_record("calm", calm_heldout(imported_model, ae.model, val, cfg.stage2.batch_size,

@@ -112,7 +112,7 @@ def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float, shuffle_seed: in
     return blocks.select_columns(["tokens"], num_cpus=cpus) if kind == "baseline" else blocks
 
 
-def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int, cpus: float,
+def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int,
                     kind: str = "calm") -> tuple[dict[str, np.ndarray], str]:
     """Up to ``max_chunks`` held-out chunks as blocks of L: tokens int64 [N, L, K], mu and log_sigma
     float32 [N, L, l], and ``key`` [N] (the block's index: its noise seed in ``calm_core.evaluate``),
@@ -122,12 +122,13 @@ def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks:
     if split == "train":
         progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks (every "
                  "figure below says 'training-block')")
-    ds, _ = LT.read_latents(run, split, expected=ae_ident)
-    # the FIRST blocks in file order, every run: without it the limit keeps whichever blocks Ray Data
-    # delivers first, and two runs on the same latents validated on different blocks (a sweep's
-    # trials on one latent set showed unconditional reference losses of 18.93 and 18.72)
-    ds.context.execution_options.preserve_order = True
-    rows = _blocks(ds, lman, L, "calm", cpus).limit(max(1, max_chunks // L)).take_all()
+    # the FIRST blocks in stream order, every run: runs on the same latents validate on the same
+    # blocks (once, when Ray Data chose them, a sweep's trials on one latent set showed unconditional
+    # reference losses of 18.93 and 18.72)
+    rows = LT.first_blocks(run, split, L, max(1, max_chunks // L), expected=ae_ident)
+    if not rows:
+        raise DataError(f"the {split} latents hold no run of {L} consecutive chunks within one part file to "
+                        "validate on; lower model.block_chunks or precompute from a larger corpus")
     val = {k: np.stack([r[k] for r in rows]).astype(np.int64 if k == "tokens" else np.float32)
            for k in ("tokens", "mu", "log_sigma")}
     val["key"] = np.arange(len(rows), dtype=np.int64)  # each block's noise seed, whatever rank scores it
@@ -230,8 +231,7 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         return done
     train, n_train = _train_blocks(cfg, src, kind, ae.identity)
     L = cfg.model.block_chunks
-    val, label = held_out_blocks(src, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, cfg.data.read_cpus,
-                                 kind)
+    val, label = held_out_blocks(src, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, kind)
     progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
              f"tokens), {len(val['tokens'])} {label} blocks for validation; prepared in {time.perf_counter() - t0:.1f}s")
     local = run.is_local
