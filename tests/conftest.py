@@ -28,9 +28,16 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 
 
+_RAY_SUSPECT = []  # set when a test timed out or a module left CPUs held: the shared Ray is restarted
+
+
 def _start_ray():
     import ray
 
+    if _RAY_SUSPECT and ray.is_initialized():
+        # a hung run's actors may still hold the CPUs: the next run would wait for them without end
+        ray.shutdown()
+    _RAY_SUSPECT.clear()
     if not ray.is_initialized():
         from pipelines.ray_env import start_local_ray
 
@@ -240,7 +247,8 @@ def _held_resources(wait_s: float = 15.0) -> dict:
 def _module_leaves_ray_free(request):
     """After each module: the shared Ray's CPUs all free again. A module whose runs left actors or
     placement groups holding CPUs makes the NEXT module's runs wait for resources forever (Ray Train
-    waits for its workers' placement group without a limit): report it, on the terminal at once."""
+    waits for its workers' placement group without a limit): report it, on the terminal at once, and
+    restart the shared Ray before the next test that uses it."""
     yield
     import ray
 
@@ -248,5 +256,17 @@ def _module_leaves_ray_free(request):
         return
     held = _held_resources()
     if held:
-        sys.__stderr__.write(f"\n[conftest] {request.module.__name__} left Ray resources held: {held}\n")
+        sys.__stderr__.write(f"\n[conftest] {request.module.__name__} left Ray resources held: {held}; "
+                             "the shared Ray is restarted\n")
         sys.__stderr__.flush()
+        _RAY_SUSPECT.append(request.module.__name__)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test stopped by pytest-timeout (a hung run) leaves its Ray actors holding the CPUs: the
+    next test restarts the shared Ray rather than wait behind them until the suite's hard limit."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and "Timeout" in str(rep.longrepr)[-20000:]:
+        _RAY_SUSPECT.append(item.nodeid)

@@ -77,7 +77,11 @@ def settle() -> None:
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
-        get_train_context().get_result_queue().join()
+        queue = get_train_context().get_result_queue()
     except (ImportError, AttributeError):
-        time.sleep(3 * SETTLE_S)
+        queue = None
+    deadline = time.monotonic() + (60.0 if queue is not None else 3 * SETTLE_S)
+    # not ``queue.join()``: a controller that never polls again would hold this rank (and a test) forever
+    while time.monotonic() < deadline and (queue is None or queue.unfinished_tasks):
+        time.sleep(0.05)
     time.sleep(SETTLE_S)
