@@ -64,7 +64,7 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--object-store-memory=1000000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", *_own_ports(), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -79,6 +79,16 @@ def head(tmp_path_factory):
         # its raylet takes ~30 s to leave after SIGTERM (measured): SIGKILL to the group after 10 s
         stop_group(proc, signal.SIGTERM, grace_s=10)
         log.close()
+
+
+def _own_ports() -> list[str]:
+    """`ray start` flags giving a head's agents free ports of their own: on Ray's default ports, a
+    second Ray on the machine (a user's, or a job's private one) keeps this head's dashboard agent
+    from starting, and every `ray job submit` then fails with "No available agent to submit job"
+    (seen when a sweep ran beside the suite)."""
+    return [f"--{flag}={free_port()}" for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                                    "dashboard-agent-grpc-port", "metrics-export-port",
+                                                    "runtime-env-agent-port")]
 
 
 def _job_cli(address: str, command: str, *args: str, timeout: float = 120, env: dict | None = None):
@@ -104,9 +114,7 @@ def token_head():
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True, timeout=120)
     gcs, dash = free_port(), free_port()
-    ports = [f"--{flag}={free_port()}" for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
-                                                     "dashboard-agent-grpc-port", "metrics-export-port",
-                                                     "runtime-env-agent-port")]
+    ports = _own_ports()
     log_path = root / "ray-start.log"
     log = open(log_path, "w")  # noqa: SIM115 (the head's output for as long as the test runs)
     proc = subprocess.Popen(
