@@ -338,6 +338,17 @@ def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
     np.testing.assert_array_equal(val["tokens"][0], first)
     again, _ = held_out_blocks(run, m, m["identity"], 8, 8 * 3)
     np.testing.assert_array_equal(again["tokens"], val["tokens"])
+    # read lazily in record batches that cut blocks (5 rows, L = 8) from every file of the training
+    # split: the first blocks of each file's run of consecutive chunks, in file order
+    want = [(LT.column_matrix(t, "tokens")[i : i + 8], mus_t[i : i + 8])
+            for t, mus_t in zip(tables, np.split(mus, np.cumsum([t.num_rows for t in tables])[:-1]))
+            for i in range(0, t.num_rows - 7, 8)]
+    got = LT.first_blocks(run, "train", 8, len(want) + 5, expected=m["identity"], manifest=m, batch_rows=5)
+    assert len(got) == len(want)
+    for g, (tok_w, mu_w) in zip(got, want):
+        np.testing.assert_array_equal(g["tokens"], tok_w)
+        np.testing.assert_array_equal(g["mu"], mu_w)
+    assert [b["key"] for b in LT.first_blocks(run, "train", 8, 2, manifest=m, batch_rows=5)] == [b["key"] for b in got[:2]]
 
 
 def test_empty_corpus_and_missing_ae(ray_session, tmp_path, setup):

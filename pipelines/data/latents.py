@@ -146,13 +146,18 @@ def part_files(run: RunDir, manifest: dict[str, Any], split: str, verify: bool =
                                 f"({info.size} bytes, the manifest says {part['bytes']}); "
                                 "rerun jobs/precompute_latents.py --overwrite")
         if verify:
-            digest = sha256_of(run, path)
-            if digest != part["sha256"]:
-                raise ArtifactError(f"latents part '{run.uri(ARTIFACT, part['path'])}' is corrupted (sha256 "
-                                    f"{digest[:12]}, the manifest says {part['sha256'][:12]}); "
-                                    "rerun jobs/precompute_latents.py --overwrite")
+            check_digest(run, part)
         out.append(path)
     return out
+
+
+def check_digest(run: RunDir, part: dict[str, Any]) -> None:
+    """Refuse a part file whose sha256 is not the manifest's (``part``: its manifest entry)."""
+    digest = sha256_of(run, run.path(ARTIFACT, part["path"]))
+    if digest != part["sha256"]:
+        raise ArtifactError(f"latents part '{run.uri(ARTIFACT, part['path'])}' is corrupted (sha256 "
+                            f"{digest[:12]}, the manifest says {part['sha256'][:12]}); "
+                            "rerun jobs/precompute_latents.py --overwrite")
 
 
 def sha256_of(run: RunDir, path: str) -> str:
@@ -230,24 +235,40 @@ def latent_blocks(ds, manifest: dict[str, Any], L: int, num_cpus: float = 0.25):
                           batch_format="pyarrow", num_cpus=num_cpus)
 
 
-def first_blocks(run: RunDir, split: str, L: int, n: int, expected: dict[str, Any] | None = None) -> list[dict]:
+def first_blocks(run: RunDir, split: str, L: int, n: int, expected: dict[str, Any] | None = None,
+                 manifest: dict[str, Any] | None = None, batch_rows: int = 65536) -> list[dict]:
     """The first ``n`` blocks of L consecutive chunks of RUN/latents/<split> in stream order (part
     files in manifest order, each cut as ``LatentBlocks`` cuts it), read here with pyarrow: a
     validation set of a few blocks is the same every run and costs no Ray Data execution (measured:
-    5.8 s of a debug stage 2 on a 2-core machine went to running one for 4 blocks). Checks as
-    ``read_latents`` does. -> [{"tokens", "mu", "log_sigma", "key"}, ...] (fewer if the split is short)."""
+    5.8 s of a debug stage 2 on a 2-core machine went to running one for 4 blocks). Each file is
+    read in record batches of ``batch_rows`` rows only as far as the blocks still wanted reach (a
+    few blocks from a training part file do not read the whole file, and only the files read are
+    hashed); ``manifest``: the latents manifest when the caller holds it already. Checks as
+    ``read_latents`` does.
+    -> [{"tokens", "mu", "log_sigma", "key"}, ...] (fewer if the split is short)."""
     import pyarrow.parquet as pq
 
-    manifest = latents_manifest(run)
+    manifest = manifest if manifest is not None else latents_manifest(run)
     if expected is not None:
         check_matches(manifest, expected, run.uri(ARTIFACT))
     ident = manifest["identity"]
     schema = latents_schema(ident["K"], ident["latent_dim"], ident["dtype"])
     cut, out = LatentBlocks(L, ident["dtype"]), []
-    for path in part_files(run, manifest, split):
-        if len(out) >= n:
+    # sizes of every part checked here, digests only of the parts read
+    for part, path in zip(manifest["parts"][split], part_files(run, manifest, split, verify=False)):
+        want = (n - len(out)) * L  # rows of this file that can still become blocks
+        if want <= 0:
             break
-        table = pq.read_table(path, filesystem=run.fs, schema=schema)
+        check_digest(run, part)
+        batches, rows = [], 0
+        with run.fs.open_input_file(path) as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=schema.names):
+                batches.append(b)
+                rows += b.num_rows
+                if rows >= want:
+                    break
+        # blocks start at the file's first row, so the first `want` rows cut as the whole file would
+        table = pa.Table.from_batches(batches).slice(0, want).cast(schema) if batches else schema.empty_table()
         got = cut(table.append_column("path", pa.array([path] * table.num_rows, pa.string())))
         out += [{k: v[i] for k, v in got.items()} for i in range(min(len(got["key"]), n - len(out)))]
     return out

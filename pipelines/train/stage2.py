@@ -125,7 +125,7 @@ def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks:
     # the FIRST blocks in stream order, every run: runs on the same latents validate on the same
     # blocks (once, when Ray Data chose them, a sweep's trials on one latent set showed unconditional
     # reference losses of 18.93 and 18.72)
-    rows = LT.first_blocks(run, split, L, max(1, max_chunks // L), expected=ae_ident)
+    rows = LT.first_blocks(run, split, L, max(1, max_chunks // L), expected=ae_ident, manifest=lman)
     if not rows:
         raise DataError(f"the {split} latents hold no run of {L} consecutive chunks within one part file to "
                         "validate on; lower model.block_chunks or precompute from a larger corpus")
