@@ -17,7 +17,12 @@ case "${1:-}" in
       ray get-auth-token --generate >/dev/null 2>&1
       chmod 600 ~/.ray/auth_token  # Ray writes it readable by every user of the machine
     fi
-    ray start --head --num-cpus="${NUM_CPUS:-2}" --include-dashboard=true --dashboard-host=127.0.0.1 --disable-usage-stats ;;
+    # the dashboard agent, which runs submitted jobs, on a free port (AGENT_PORT to choose it): on Ray's
+    # default 52365, a Ray already on the machine (a job's private ray.init, another user's head) keeps
+    # this head's agent from serving and every `ray job submit` fails "No available agent to submit job"
+    agent_port=${AGENT_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+    ray start --head --num-cpus="${NUM_CPUS:-2}" --include-dashboard=true --dashboard-host=127.0.0.1 \
+      --dashboard-agent-listen-port="$agent_port" --disable-usage-stats ;;
   stop) ray stop ;;
   *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac

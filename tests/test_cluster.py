@@ -227,3 +227,6 @@ def test_the_local_script_starts_ray_with_a_token_made_once_and_private(tmp_path
     assert tokens[0] == tokens[1] and len(tokens[0]) >= 32
     starts = (tmp_path / "starts").read_text().splitlines()
     assert len(starts) == 2 and all(s.startswith("token start --head ") for s in starts), starts
+    # its dashboard agent on a port of its own, not Ray's default that another Ray may hold
+    ports = [re.search(r"--dashboard-agent-listen-port=(\d+)", s) for s in starts]
+    assert all(ports) and all(0 < int(p.group(1)) < 65536 for p in ports), starts
