@@ -46,7 +46,8 @@ def evaluate(kind: str, run, ae_dir: Path, val: dict, samples: int, seed: int = 
     art = load_model(Path(run.path(kind)), kind)
     model, cfg, tok = art.model, art.cfg, art.tok
     torch.set_num_threads(os.cpu_count() or 1)
-    v = {k: torch.as_tensor(np.asarray(x, dtype=np.int64 if k == "tokens" else np.float32)) for k, x in val.items()}
+    # tokens and the blocks' keys (their noise seeds) stay integers; mu / log_sigma float32
+    v = {k: torch.as_tensor(np.asarray(x, dtype=np.int64 if k in ("tokens", "key") else np.float32)) for k, x in val.items()}
     if kind == "calm":
         ae = load_autoencoder_dir(ae_dir)[0]
         sums = calm_heldout(model, ae, v, 8, samples, seed)
