@@ -132,15 +132,23 @@ def test_corpus_shuffle_is_the_same_order_however_ray_data_cuts_the_blocks(ray_s
 
     n = 300
     keys = np.arange(n, dtype=np.int64) * 31 + 7
-    tokens = np.stack([np.full((4, 2), k) for k in keys])  # each block's content names its key
-    orders = []
-    for parts in (1, 7):
+    # each block's content names its key; 32 KB a row, so that Ray Data's map steps keep blocks of ~50
+    # rows apart (it bundles blocks under 1 MiB) as they keep real training blocks apart
+    tokens = np.stack([np.full((64, 64), k) for k in keys])
+    orders, cuts = [], []
+    for parts in (1, 7, 7):
         ds = ray.data.from_items([{"tokens": t, "key": k} for t, k in zip(tokens, keys)]).repartition(parts)
-        rows = corpus_shuffled(ds, seed=3, cpus=0.25).take_all()
+        ds.context.execution_options.preserve_order = True  # as stage 2 reads its training blocks
+        shuffled = corpus_shuffled(ds, seed=3, cpus=0.25, num_blocks=6).materialize()
+        rows = shuffled.take_all()
         assert "_order" not in rows[0]
         assert all((r["tokens"] == r["key"]).all() for r in rows)  # rows moved whole
         orders.append([int(r["key"]) for r in rows])
-    assert orders[0] == orders[1]
+        # the same blocks every time (Ray Data's sort cuts its output at randomly sampled boundaries):
+        # Ray Train's ordered split hands blocks to ranks by their sizes, so each rank's stream is the same too
+        cuts.append([meta.num_rows for b in shuffled.iter_internal_ref_bundles() for meta in b.metadata])
+    assert all(o == orders[0] for o in orders)
+    assert len(cuts[0]) == 6 and sum(cuts[0]) == n and all(c == cuts[0] for c in cuts), cuts
     assert sorted(orders[0]) == keys.tolist()
     assert orders[0] == keys[np.argsort(shuffle_order(keys, 3))].tolist()
 

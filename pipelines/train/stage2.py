@@ -105,10 +105,13 @@ class ModelStage:
 # ============================================================================ driver side
 
 
-def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float, shuffle_seed: int | None = None):
+def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float, shuffle_seed: int | None = None,
+            num_workers: int = 1):
     blocks = LT.latent_blocks(ds, manifest, L, num_cpus=cpus)
     if shuffle_seed is not None:
-        blocks = corpus_shuffled(blocks, shuffle_seed, cpus)
+        # ~512 training blocks per Ray Data block (~34 MB at config small), at least 4 per rank
+        approx = int(manifest["metrics"]["rows_per_split"]["train"]) // L
+        blocks = corpus_shuffled(blocks, shuffle_seed, cpus, num_blocks=max(4 * num_workers, -(-approx // 512)))
     return blocks.select_columns(["tokens"], num_cpus=cpus) if kind == "baseline" else blocks
 
 
@@ -193,7 +196,7 @@ def _train_blocks(cfg: Config, run: RunDir, kind: str, ae_ident: dict):
     # same shards (pipelines.train.stream)
     train_ds.context.execution_options.preserve_order = True
     train = _blocks(train_ds, lman, L, kind, cfg.data.read_cpus,
-                    shuffle_seed=t.seed if t.shuffle == "corpus" else None).materialize()
+                    shuffle_seed=t.seed if t.shuffle == "corpus" else None, num_workers=d.num_workers).materialize()
     n_train = train.count()
     if n_train < t.batch_size * d.num_workers:
         raise DataError(f"the latents give {n_train} training blocks of {L} chunks, fewer than one step needs "

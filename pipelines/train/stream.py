@@ -43,14 +43,20 @@ def shuffle_order(keys: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)  # non-negative: Ray Data sorts it as a plain int64 column
 
 
-def corpus_shuffled(blocks, seed: int, cpus: float):
+def corpus_shuffled(blocks, seed: int, cpus: float, num_blocks: int):
     """``blocks`` (a Ray Dataset with a ``key`` column) in the seeded corpus-level order of
     ``shuffle_order`` (``<stage>.shuffle=corpus``): training blocks stream in corpus order otherwise,
-    so consecutive steps see one or two books through the local buffer."""
+    so consecutive steps see one or two books through the local buffer. The result comes in
+    ``num_blocks`` Ray Data blocks cut at fixed values of the order (it is uniform on [0, 2^63)), not
+    at the boundaries Ray Data's sort would sample at random: Ray Train's ordered split hands blocks
+    to ranks by their sizes, so each rank's stream is then the same on every run (measured before:
+    two CALM runs of identical settings differed from the first validation on)."""
     def add_order(batch: dict) -> dict:
         return {**batch, "_order": shuffle_order(np.asarray(batch["key"]), seed)}
 
-    return blocks.map_batches(add_order, batch_format="numpy", num_cpus=cpus).sort("_order").drop_columns(["_order"])
+    cuts = [int(i * (2**63 // num_blocks)) for i in range(1, max(1, num_blocks))]
+    return (blocks.map_batches(add_order, batch_format="numpy", num_cpus=cpus)
+            .sort("_order", boundaries=cuts).drop_columns(["_order"]))
 
 
 @dataclass(frozen=True)
