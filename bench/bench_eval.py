@@ -40,7 +40,7 @@ def table(results: list[dict]) -> None:
             ci = "{:.2f}..{:.2f}".format(*m["brierlm_ci95"]) if "brierlm_ci95" in m else ""
             ce = f"{m['cross_entropy']['mean']:.3f} / {m['perplexity']:.1f}" if "cross_entropy" in m else "-"
             a = m["agreement"]
-            print(f"| {r['name']} | {k} | {rep['blocks']} | {m['brierlm']:.2f} ({ci}) | "
+            print(f"| {r['name']} | {k} | {rep['blocks'][k]} | {m['brierlm']:.2f} ({ci}) | "
                   + " | ".join(f"{m[f'brier{n}']['mean']:.4f}" for n in (1, 2, 3, 4))
                   + f" | {ce} | {a['token_accuracy']['mean']:.4f} | {a['exact_chunk']['mean']:.4f} | {a['bleu']:.2f} "
                     f"| {a['rouge_l']:.4f} |")
@@ -104,7 +104,7 @@ def run(args) -> dict:
                                       f"eval.actors={a}", f"eval.cpus_per_actor={cpus_per_actor(a)}",
                                       f"eval.threads_per_actor={max(1, (os.cpu_count() or 2) // a)}"])
         rep = evaluate(c, rd, args.corpus[0], f"throughput-a{a}", overwrite=True)
-        throughput.append({"actors": a, "blocks": rep["blocks"], **rep["throughput"]})
+        throughput.append({"actors": a, "blocks": sum(rep["blocks"].values()), **rep["throughput"]})
     res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
            "run": args.run, "config": args.config, "max_blocks": args.max_blocks, "results": results,
            "throughput": throughput}

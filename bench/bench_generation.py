@@ -74,7 +74,7 @@ def main() -> None:
     for B in args.batch_sizes:
         prompts = prompts_from(args.corpus, tok, B, args.prompt_tokens, K)
         ids = torch.tensor(prompts)  # [B, T]
-        ctx = torch.cat([prompt_chunks(p, K, tok.eot_id, tok.pad_id)[0] for p in prompts])  # [B, 1 + T/K, K]
+        ctx = torch.cat([prompt_chunks(p, K, "document", tok.eot_id, tok.pad_id)[0] for p in prompts])  # [B, 1 + T/K, K]
         g = torch.Generator().manual_seed(0)
         exact = ExactStats()
         cases = {

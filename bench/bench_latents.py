@@ -105,8 +105,8 @@ def stage_costs(ae_dir: Path, corpus: str, cfg, max_chunks: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         meta = {"ae_sha256": ae.sha256, "K": K}
-        writer = ShardWriter(RunDir(tmp), K, ae.cfg.ae.latent_dim, cfg.latents.dtype, meta, {"train": used_docs},
-                             10**9)
+        writer = ShardWriter(RunDir(tmp), K, ae.cfg.ae.latent_dim, cfg.latents.dtype, meta,
+                             lambda split, shard: np.arange(used_docs))  # one shard of every document
         t = time.perf_counter()
         for tb in tables:
             writer.add(tb)

@@ -11,7 +11,8 @@ compared at equal training FLOPs (``baseline_train_flops_per_token``).
 
 For BrierLM, ``branches`` samples R continuations of n tokens after every given start of a block
 from one cached pass over the block (``Backbone.extend``): branch (s, r) sees the block before
-start s and its own sampled tokens, nothing else.
+start s and its own sampled tokens, nothing else. With ``twins`` each step also gives the exact
+collision sum_x P(x)^2 and a second draw, which the official estimator needs at every position.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Branches(NamedTuple):
     logp_true: torch.Tensor  # [B, S, n] log P(y_i | context, y_<i) of the true continuation
     collision1: torch.Tensor  # [B, S] sum_x P(x)^2 of the first token
     logp_next: torch.Tensor  # [B, T, V] log P(next token | tokens up to t): the teacher-forced pass
+    collision: torch.Tensor | None = None  # [B, S, R, n] sum_x P(x | context, x_<i)^2 at every step (``twins``)
+    twins: torch.Tensor | None = None  # [B, S, R, n] a second token drawn at every step from the same
+    #                                    distribution as the sample, never followed (``twins``)
 
 
 class TokenLM(nn.Module):
@@ -57,7 +61,8 @@ class TokenLM(nn.Module):
         return F.linear(h, self.out_weight)
 
     def branches(self, tokens: torch.Tensor, starts: torch.Tensor, n: int, R: int,
-                 generator: rng.Gen = None, temperature: float = 1.0) -> Branches:
+                 generator: rng.Gen = None, temperature: float = 1.0, twins: bool = False,
+                 starts_per_pass: int = 0) -> Branches:
         """Sample R continuations of n tokens after each start (a continuation of tokens[:, :e]),
         at softmax ``temperature`` (``calm_core.sampling.token_probs``; the log-probabilities returned
         stay the model's).
@@ -65,6 +70,10 @@ class TokenLM(nn.Module):
         tokens [B, T]; starts [S] with 1 <= e and e + n <= T. -> Branches with samples [B, S, R, n],
         their log-probabilities [B, S, R, n], the true continuation's [B, S, n], the exact
         first-token collision sum_x P(x)^2 [B, S], and the block's own next-token log-probabilities.
+        ``twins``: also the exact collision sum_x P(x)^2 at every step of every branch and a second
+        token drawn there (the official baseline estimator, ``calm_core.evaluate``).
+        ``starts_per_pass``: grow the branches of at most this many starts at a time (0: all), which
+        bounds the step's logits [B, starts x R, V] and attention; the teacher-forced pass is shared.
         """
         B, T = tokens.shape
         S = len(starts)
@@ -75,16 +84,33 @@ class TokenLM(nn.Module):
         idx = starts[:, None] - 1 + torch.arange(n, device=starts.device)  # [S, n] positions predicting y_i
         true = tokens[:, idx + 1].long()  # [B, S, n]
         logp_true = logp[:, idx].gather(-1, true[..., None]).squeeze(-1)  # [B, S, n]
-        first = logp[:, starts - 1]  # [B, S, V]
-        collision1 = first.exp().pow(2).sum(-1)  # [B, S]
+        collision1 = logp[:, starts - 1].exp().pow(2).sum(-1)  # [B, S]
+        step = starts_per_pass or S
+        grown = [self._grow(tokens, logp, past, starts[a:a + step], n, R, generator, temperature, twins)
+                 for a in range(0, S, step)]
+        shape = (B, S, R, n)
+        parts = [torch.cat([g[i] for g in grown], 1).view(shape) if grown[0][i] is not None else None
+                 for i in range(4)]
+        return Branches(parts[0], parts[1], logp_true, collision1, logp, parts[2], parts[3])
+
+    def _grow(self, tokens: torch.Tensor, logp: torch.Tensor, past, starts: torch.Tensor, n: int, R: int,
+              generator: rng.Gen, temperature: float, twins: bool):
+        """The branches of ``starts`` [S] over the teacher-forced pass (log-probabilities ``logp``
+        [B, T, V], cache ``past``) -> samples, their log-probabilities, and with ``twins`` the
+        step collisions and second draws, each [B, S*R, n] (None without ``twins``)."""
+        T, S = tokens.shape[1], len(starts)
         # branch b = (s, r) flattened to S*R; the block's keys before e_s are visible to it
         see_block = (torch.arange(T, device=tokens.device)[None, :] < starts[:, None]).repeat_interleave(R, 0)
-        step_logp = first.repeat_interleave(R, 1)  # [B, S*R, V]
-        samples, logps = [], []
+        step_logp = logp[:, starts - 1].repeat_interleave(R, 1)  # [B, S*R, V]
+        samples, logps, collision, second = [], [], [], []
         for i in range(n):
-            x = rng.categorical(token_probs(step_logp, temperature), generator)  # [B, S*R]
+            probs = token_probs(step_logp, temperature)
+            x = rng.categorical(probs, generator)  # [B, S*R]
             samples.append(x)
             logps.append(step_logp.gather(-1, x[..., None]).squeeze(-1))
+            if twins:
+                collision.append(step_logp.exp().pow(2).sum(-1))  # [B, S*R]
+                second.append(rng.categorical(probs, generator))
             if i == n - 1:
                 break
             own = torch.eye(S * R, dtype=torch.bool, device=tokens.device).repeat(1, i + 1)  # own earlier tokens
@@ -92,9 +118,8 @@ class TokenLM(nn.Module):
             pos = (starts + i).repeat_interleave(R)  # RoPE position of token i of each branch
             h, past = self.backbone.extend(self.embed(x), pos, past, mask)
             step_logp = F.linear(h, self.out_weight).float().log_softmax(-1)  # [B, S*R, V]
-        shape = (B, S, R, n)
-        return Branches(torch.stack(samples, -1).view(shape), torch.stack(logps, -1).view(shape), logp_true,
-                        collision1, logp)
+        stack = lambda xs: torch.stack(xs, -1) if xs else None  # noqa: E731
+        return stack(samples), stack(logps), stack(collision), stack(second)
 
     @torch.no_grad()
     def iter_tokens(self, prompt: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 1.0,

@@ -41,6 +41,11 @@ class DataConfig:
     read_cpus: float = 0.25  # CPUs reserved by each Ray Data read/tokenize task
     section_chars: int = 20000  # when no whole document is held out (one long text), documents are cut at line
     #                             ends into sections of about this many characters and sections are held out (0: never)
+    layout: str = "auto"  # how documents become chunks (calm_core.chunking): document (EOT + padding per document) |
+    #                       packed (the official code: BOS per document, concatenated, cut across documents) |
+    #                       auto (stage 1: document; later stages: the layout of the run's AE)
+    pack_documents: int = 1000  # packed: documents concatenated together (the official code's group of 1,000);
+    #                             each group's last < K tokens are dropped, and its blocks are cut inside it
 
 
 @dataclass
@@ -170,7 +175,7 @@ class EvalConfig:
     """The evaluation job (jobs/evaluate.py): every model of a run scored on a corpus."""
 
     split: str = "all"  # all: every document of the corpus | heldout: only those data.val_fraction holds out (a training corpus)
-    block_chunks: int = 0  # context: blocks of this many chunks (0 = the models' trained model.block_chunks)
+    block_chunks: int = 0  # context: blocks of this many chunks for every model (0 = each model's trained model.block_chunks)
     max_blocks: int = 2000  # blocks scored at most (0 = every block of the corpus)
     batch_blocks: int = 8  # blocks per scoring call
     samples: int = 8  # samples per position for BrierLM (CALM: head samples; baseline: continuations)
@@ -187,20 +192,20 @@ class EvalConfig:
     use_gpu: bool = False  # one GPU per scoring actor
     actor_memory_mb: int = 0  # memory each scoring actor reserves; 0: estimated from the models and batch_blocks
     bootstrap: int = 1000  # resamples of blocks for BrierLM's confidence interval
-    protocol: str = "project"  # project | paper: the official evaluation (2 samples, blocks of 2,048 chunks unless
-    #                            block_chunks is set, BrierLM also with the official clamp of the product)
+    protocol: str = "project"  # project | paper: the official evaluation (the packed layout, 2 samples, the baseline
+    #                            scored at every token position, BrierLM also with the official clamp of the product)
 
 
-PAPER_EVAL_BLOCK_CHUNKS = 2048  # the official evaluation's blocks: 8,192 tokens = 2,048 chunks of K = 4
 PAPER_EVAL_SAMPLES = 2  # the official Brier terms compare two decoded head samples
 
 
 def eval_protocol(ev: EvalConfig) -> EvalConfig:
-    """The evaluation settings in force: ``protocol: paper`` fixes two samples and (unless
-    ``block_chunks`` is set) blocks of 2,048 chunk positions, as the official evaluation does."""
+    """The evaluation settings in force: ``protocol: paper`` fixes two samples, as the official
+    evaluation does (its contexts are each model's trained one: 8,192 tokens for the released
+    CALMs, 2,048 for the baseline; ``block_chunks`` overrides, for both)."""
     if ev.protocol != "paper":
         return ev
-    return dataclasses.replace(ev, samples=PAPER_EVAL_SAMPLES, block_chunks=ev.block_chunks or PAPER_EVAL_BLOCK_CHUNKS)
+    return dataclasses.replace(ev, samples=PAPER_EVAL_SAMPLES)
 
 
 @dataclass
@@ -445,6 +450,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     _choice(cfg.data.format, "data.format", ("auto", "text", "jsonl", "parquet"))
     _choice(cfg.data.separator, "data.separator", ("auto", "eot_line", "blank_line", "line", "file"))
+    _choice(cfg.data.layout, "data.layout", ("auto", "document", "packed"))
+    _positive(cfg.data.pack_documents, "data.pack_documents")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     _positive(cfg.data.max_documents, "data.max_documents", allow_zero=True)

@@ -26,6 +26,7 @@ from calm_core.artifacts import load_ae, load_model
 from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.baseline import TokenLM
 from calm_core.calm_model import CALM
+from calm_core.chunking import layout_of
 from calm_core.generate import chunk_inputs, next_chunks, prompt_chunks
 from calm_core.ragged import RaggedCache
 from calm_core.sampling import SamplingParams, token_probs
@@ -64,8 +65,10 @@ class Engine(ABC):
 
     backbone: Backbone
 
-    def __init__(self, tok: CalmTokenizer, device: torch.device, context_tokens: int, step_tokens: int):
+    def __init__(self, tok: CalmTokenizer, device: torch.device, context_tokens: int, step_tokens: int,
+                 layout: str = "document"):
         self.tok, self.device = tok, device
+        self.layout = layout  # how the model's training text was laid out, and so its prompts (calm_core.chunking)
         self.context_tokens = context_tokens  # the trained context, in tokens
         self.step_tokens = step_tokens  # tokens per model step (K for CALM, 1 for the baseline)
 
@@ -91,23 +94,24 @@ class Engine(ABC):
 class CalmEngine(Engine):
     """CALM: backbone, energy head and the AE decoder; K tokens per step."""
 
-    def __init__(self, model: CALM, ae: ChunkAutoencoder, tok: CalmTokenizer):
+    def __init__(self, model: CALM, ae: ChunkAutoencoder, tok: CalmTokenizer, layout: str = "document"):
         self.model, self.ae = model.eval(), ae.eval()
         self.backbone = self.model.backbone
         self.stats: ExactStats | None = None  # set to count the exact sampler's draws and fallbacks
         K = self.model.K
-        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * K, K)
+        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * K, K, layout)
 
     @classmethod
     def load(cls, ae_dir: str | Path, calm_dir: str | Path, device: str = "cpu") -> "CalmEngine":
         """RUN/calm and the AE it was trained on (checked by hash), onto ``device``."""
         ae = load_ae(ae_dir)
         calm = load_model(calm_dir, "calm", expected_ae_sha256=ae.sha256)
-        return cls(calm.model.to(device), ae.model.to(device), calm.tok)
+        return cls(calm.model.to(device), ae.model.to(device), calm.tok, layout_of(calm.cfg.data.layout))
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:
-        context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.tok.eot_id, self.tok.pad_id, self.tok.bos_id)
+        context, _ = prompt_chunks(r.prompt_ids, self.step_tokens, self.layout, self.tok.eot_id, self.tok.pad_id,
+                                   self.tok.bos_id)
         return chunk_inputs(self.model, self.ae, context.to(self.device))[0]  # [T, d]
 
     @torch.no_grad()
@@ -123,19 +127,19 @@ class CalmEngine(Engine):
 class BaselineEngine(Engine):
     """The same-backbone Transformer over tokens; one token per step."""
 
-    def __init__(self, model: TokenLM, tok: CalmTokenizer):
+    def __init__(self, model: TokenLM, tok: CalmTokenizer, layout: str = "document"):
         self.model = model.eval()
         self.backbone = self.model.backbone
-        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * self.model.K, 1)
+        super().__init__(tok, next(model.parameters()).device, self.model.mcfg.block_chunks * self.model.K, 1, layout)
 
     @classmethod
     def load(cls, baseline_dir: str | Path, device: str = "cpu") -> "BaselineEngine":
         art = load_model(baseline_dir, "baseline")
-        return cls(art.model.to(device), art.tok)
+        return cls(art.model.to(device), art.tok, layout_of(art.cfg.data.layout))
 
     @torch.no_grad()
     def inputs(self, r: GenRequest) -> torch.Tensor:
-        start = self.tok.eot_id if self.tok.bos_id is None else self.tok.bos_id  # a document's start
+        start = self.tok.bos_id if self.layout == "packed" else self.tok.eot_id  # a document's start
         return self.model.embed(torch.tensor([start, *r.prompt_ids], device=self.device))  # [1 + T, d]
 
     @torch.no_grad()

@@ -207,6 +207,19 @@ def calm_heldout(model: CALM, ae: ChunkAutoencoder, val: dict[str, torch.Tensor]
     return _as_sums(sums)
 
 
+def _teacher_forced(logp_next: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Per-block sums of the teacher-forced pass (log-probabilities [b, T, V] of blocks tokens
+    [b, T]): cross-entropy ``loss`` over non-pad targets, their count ``loss_tokens``, exact
+    ``brier1_exact`` over every target and their count ``tokens``."""
+    b, T = tokens.shape
+    logp, target = logp_next[:, :-1], tokens[:, 1:]  # [b, T-1, V], [b, T-1]
+    keep = target != pad_id
+    nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # [b, T-1]
+    return {"loss": (nll * keep).sum(1), "loss_tokens": keep.sum(1).double(),
+            "brier1_exact": brier1_exact(logp.exp().flatten(0, 1), target.flatten()).view(b, -1).sum(1),
+            "tokens": torch.full((b,), float(T - 1))}
+
+
 @torch.no_grad()
 def baseline_block_scores(lm: TokenLM, tokens: torch.Tensor, K: int, samples: int, gen: rng.Gen,
                           pad_id: int = -100) -> dict[str, torch.Tensor]:
@@ -218,18 +231,40 @@ def baseline_block_scores(lm: TokenLM, tokens: torch.Tensor, K: int, samples: in
     b, T = tokens.shape
     starts = torch.arange(K, T - n + 1, K, device=tokens.device)  # chunk starts with n true tokens after them
     br = lm.branches(tokens, starts, n, samples, generator=gen)
-    logp, target = br.logp_next[:, :-1], tokens[:, 1:]  # [b, T-1, V], [b, T-1]
-    keep = target != pad_id
-    nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # [b, T-1]
     P = len(starts)
     probs = brier_n_from_probs(br.logp_true.flatten(0, 1), br.logp.flatten(0, 1), br.collision1.flatten())
     truth = tokens[:, starts[:, None] + torch.arange(n, device=tokens.device)].flatten(0, 1)  # [b*P, n]
     sampled = brier_n_estimates(br.samples.flatten(0, 1), truth)
-    return {"loss": (nll * keep).sum(1), "loss_tokens": keep.sum(1).double(),
-            "brier1_exact": brier1_exact(logp.exp().flatten(0, 1), target.flatten()).view(b, -1).sum(1),
-            "tokens": torch.full((b,), float(T - 1)), "positions": torch.full((b,), float(P)),
+    return {**_teacher_forced(br.logp_next, tokens, pad_id), "positions": torch.full((b,), float(P)),
             **{f"brier{k}": probs[k].view(b, P).sum(1) for k in ORDERS},
             **{f"sampled_brier{k}": sampled[k].view(b, P).sum(1) for k in ORDERS}}
+
+
+@torch.no_grad()
+def baseline_every_token_scores(lm: TokenLM, tokens: torch.Tensor, gen: rng.Gen, pad_id: int = -100,
+                                starts_per_pass: int = 512) -> dict[str, torch.Tensor]:
+    """The official baseline estimator (train/train_ar.py, ``compute_loss``) at every position of
+    blocks tokens [b, T]: for each t = 1..T-4 (context tokens[:t], true continuation y_1..4), one
+    path x1 sampled token by token with a second draw x2 beside it at every step (never followed):
+
+        Brier-n(t) = 2 P(y_1..n)  -  1[x1_<n = x2_<n] * sum_x P(x | context, x1_<n)^2
+
+    The true continuation's probability is exact; the collision sum_{x_1..n} P(x_1..n)^2 is estimated
+    without bias (E over x1_<n, x2_<n of the indicator times the exact last-step sum is the sum over
+    prefixes of P(prefix)^2 times the last step's); Brier-1 is exact. ``starts_per_pass`` bounds the
+    branch step's logits (positions x V floats). -> per-block sums ``brier1..4`` over the T-4
+    positions (``positions``) and the teacher-forced ``loss`` / ``brier1_exact`` sums."""
+    n = max(ORDERS)
+    b, T = tokens.shape
+    starts = torch.arange(1, T - n + 1, device=tokens.device)  # every position with n true tokens after it
+    br = lm.branches(tokens, starts, n, 1, generator=gen, twins=True, starts_per_pass=starts_per_pass)
+    p_true = br.logp_true.double().cumsum(-1).exp()  # [b, S, n]
+    x1, x2 = br.samples[:, :, 0], br.twins[:, :, 0]  # [b, S, n]
+    agree = (x1 == x2).double().cumprod(-1)  # [b, S, n]: the first j + 1 tokens of the two draws agree
+    same = torch.cat([torch.ones_like(agree[..., :1]), agree[..., :-1]], -1)  # [b, S, n]: the first j agree
+    brier = 2.0 * p_true - same * br.collision[:, :, 0].double()  # [b, S, n]
+    return {**_teacher_forced(br.logp_next, tokens, pad_id), "positions": torch.full((b,), float(len(starts))),
+            **{f"brier{k}": brier[..., k - 1].sum(1) for k in ORDERS}}
 
 
 def baseline_heldout(lm: TokenLM, val: dict[str, torch.Tensor], batch: int, K: int, samples: int = 2,

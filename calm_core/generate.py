@@ -9,11 +9,12 @@ and one decode; below 1 either the exact sampler (``sampler="exact"``: law P^(1/
 ``max_draws`` draws per row with a counted fallback) or the paper's batch approximation over
 ``candidates`` head samples (``sampler="batch"``, the fast default; biased for fractional 1/T).
 
-A prompt becomes whole chunks: a document boundary chunk [EOT, PAD, ..] first (what the model saw
-between documents), then the prompt's tokens; the first len % K tokens are dropped so the rest
-fills whole chunks (``prompt_chunks`` says which text was kept). A model in the official format
-(a tokenizer with a begin-of-text id) gets the official layout instead: BOS, the whole prompt, then
-PAD up to a multiple of K (the official ``generate`` right-pads the prompt the same way).
+A prompt becomes whole chunks laid out as the model's training text was (``calm_core.chunking``):
+in the ``document`` layout a document boundary chunk [EOT, PAD, ..] first (what the model saw
+between documents), then the prompt's tokens, the first len % K dropped so the rest fills whole
+chunks (``prompt_chunks`` says which text was kept); in the ``packed`` layout (the official one)
+BOS, the whole prompt, then PAD up to a multiple of K (the official ``generate`` right-pads the
+prompt the same way).
 """
 
 from __future__ import annotations
@@ -29,19 +30,20 @@ from calm_core.sampling import SAMPLERS
 from calm_core.temperature import ExactStats, exact_pick, pick_by_counts
 
 
-def prompt_chunks(ids: list[int], K: int, eot_id: int, pad_id: int,
+def prompt_chunks(ids: list[int], K: int, layout: str, eot_id: int, pad_id: int,
                   bos_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Prompt token ids -> (chunks [1, T, K], the ids kept): a boundary chunk then the last whole
-    chunks of the prompt, or with ``bos_id`` (official models) BOS + prompt + PAD to a multiple of K."""
-    if bos_id is not None:
+    """Prompt token ids -> (chunks [1, T, K], the ids kept): in the ``document`` layout a boundary
+    chunk then the last whole chunks of the prompt; in the ``packed`` layout BOS + prompt + PAD to a
+    multiple of K."""
+    if layout == "packed":
+        if bos_id is None:
+            raise ValueError("the packed layout needs a tokenizer with a begin-of-text token")
         kept = list(ids)
         seq = [bos_id] + kept + [pad_id] * (-(len(kept) + 1) % K)
         return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept
     kept = list(ids)[len(ids) % K:]
     seq = [eot_id] + [pad_id] * (K - 1) + kept
     return torch.tensor(seq, dtype=torch.long).view(1, -1, K), kept
-
-
 
 
 @torch.no_grad()

@@ -248,9 +248,12 @@ def model_settings(conf: dict, where: str, kind: str, K: int) -> dict:
 
 
 def official_config(base: Config, ae: dict, model: dict | None = None) -> Config:
-    """``base`` with its ae / model / head sections replaced by official settings (validated)."""
+    """``base`` with its ae / model / head sections replaced by official settings (validated), and
+    the official packed layout unless ``base`` names a layout itself."""
     d = base.to_dict()
     d["ae"] = {**d["ae"], **ae}
+    if d["data"]["layout"] == "auto":
+        d["data"]["layout"] = "packed"  # the official code's tokenize_function + group_texts
     for section, values in (model or {}).items():
         d[section] = {**d[section], **values}
     return config_from_dict(d, "official config")

@@ -1,9 +1,12 @@
 """Byte-level BPE tokenizer (HF ``tokenizers``) with the special tokens the pipeline needs.
 
-Special tokens: ``<|endoftext|>`` ends every document (CALM.md section 1, chunking), ``<|pad|>``
-fills the last chunk of a document up to a multiple of K, ``<|mask|>`` replaces input tokens
-during autoencoder training (token masking). A tokenizer is identified by the sha256 of its
-serialised JSON; every artifact that depends on it records that hash.
+Special tokens: ``<|endoftext|>`` ends every document and ``<|pad|>`` fills the last chunk of a
+document up to a multiple of K (the ``document`` layout, ``calm_core.chunking``),
+``<|begin_of_text|>`` starts every document in the ``packed`` layout (the official code's; the same
+name as Llama-3's BOS), ``<|mask|>`` replaces input tokens during autoencoder training (token
+masking). Tokenizers trained before BOS existed have none (``bos_id`` None) and stay as they are:
+the packed layout refuses them. A tokenizer is identified by the sha256 of its serialised JSON;
+every artifact that depends on it records that hash.
 """
 
 from __future__ import annotations
@@ -20,18 +23,19 @@ from calm_core.errors import ArtifactError
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 MASK = "<|mask|>"
-SPECIAL_TOKENS = (EOT, PAD, MASK)
+BOS = "<|begin_of_text|>"
+SPECIAL_TOKENS = (EOT, PAD, MASK)  # what every tokenizer of the project has (an existing file gains them)
 # The official CALM release uses the Llama-3 tokenizer with an appended "[PAD]" (vocabulary 128,257):
 # its end-of-text and padding tokens are recognised under their own names, and since the official
 # AE masks input tokens with id 0 during training, a tokenizer in that convention (no "<|mask|>")
 # gets mask id 0 instead of a new token (which would change the vocabulary the weights were made for).
-OFFICIAL_EOT, OFFICIAL_PAD, OFFICIAL_BOS = "<|end_of_text|>", "[PAD]", "<|begin_of_text|>"
+OFFICIAL_EOT, OFFICIAL_PAD, OFFICIAL_BOS = "<|end_of_text|>", "[PAD]", BOS
 OFFICIAL_MASK_ID = 0
 
 
 class CalmTokenizer:
     """A ``tokenizers.Tokenizer`` plus the ids of the pipeline's special tokens (``bos_id``: the
-    official tokenizer's begin-of-text, None for the project's own tokenizers)."""
+    begin-of-text the packed layout puts before every document; None when the tokenizer has none)."""
 
     def __init__(self, tok: Tokenizer):
         official = (tok.token_to_id(EOT) is None and tok.token_to_id(OFFICIAL_EOT) is not None
@@ -49,7 +53,7 @@ class CalmTokenizer:
             self.eot_id = tok.token_to_id(EOT)
             self.pad_id = tok.token_to_id(PAD)
             self.mask_id = tok.token_to_id(MASK)
-            self.bos_id = None
+            self.bos_id = tok.token_to_id(BOS)
         self.official = official
         self.tok = tok
 
@@ -62,12 +66,20 @@ class CalmTokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
+            special_tokens=[*SPECIAL_TOKENS, BOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
+
+    def with_bos(self) -> "CalmTokenizer":
+        """This tokenizer with a begin-of-text token (added when it has none: a new run adopting an
+        existing tokenizer.json; never applied to a run's own tokenizer, whose size its models fix)."""
+        if self.bos_id is None:
+            self.tok.add_special_tokens([BOS])
+            self.bos_id = self.tok.token_to_id(BOS)
+        return self
 
     @classmethod
     def from_str(cls, text: str, source: str = "tokenizer.json") -> "CalmTokenizer":

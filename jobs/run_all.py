@@ -44,8 +44,9 @@ def main(argv=None):
     try:
         rep = evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split="heldout")), run,
                        args.corpus, "heldout", overwrite=args.overwrite)
-        print(f"[run_all] evaluation on the held-out documents ({rep['blocks']} blocks of {rep['context_chunks']} "
-              f"chunks; full report and plots in {run.uri('eval', 'heldout')}):\n{short_table(rep)}", flush=True)
+        blocks = ", ".join(f"{k} {rep['blocks'][k]} blocks of {rep['context_chunks'][k]} chunks" for k in rep["models"])
+        print(f"[run_all] evaluation on the held-out documents ({blocks}; full report and plots in "
+              f"{run.uri('eval', 'heldout')}):\n{short_table(rep)}", flush=True)
     except DataError as e:  # a corpus too small to hold out a block: the trained run is still complete
         print(f"[run_all] evaluation skipped: {e}", flush=True)
     from pipelines.serve.generation import Generator

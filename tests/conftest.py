@@ -138,8 +138,9 @@ def make_ae():
     return write_random_ae
 
 
-def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
-    """A random tiny CALM or baseline artifact in RUN/KIND on RUN/ae (debug config), for serving tests."""
+def write_random_model(run, kind: str, tok, seed: int = 0, overrides: tuple[str, ...] = ()) -> None:
+    """A random tiny CALM or baseline artifact in RUN/KIND on RUN/ae (debug config and ``overrides``),
+    for serving and evaluation tests."""
     import dataclasses
 
     import torch
@@ -148,7 +149,7 @@ def write_random_model(run, kind: str, tok, seed: int = 0) -> None:
     from calm_core.config import load_config
 
     ae = load_ae(run / "ae")
-    cfg = dataclasses.replace(load_config("debug"), ae=ae.cfg.ae)
+    cfg = dataclasses.replace(load_config("debug", list(overrides)), ae=ae.cfg.ae)
     torch.manual_seed(seed)
     model = build_model(kind, cfg, tok.vocab_size)
     wake(model)  # the head's zero-initialised last layer: samples that differ with the noise

@@ -164,3 +164,46 @@ def test_energy_loss_flops_match_a_flop_counter():
     with FlopCounterMode(display=False) as fc:
         posterior_energy_loss(samples, mu, log_sigma, M, generator=torch.Generator().manual_seed(0)).loss.backward()
     assert energy_loss_flops_per_position(N, M, l) * B * T == fc.get_total_flops()
+
+
+def test_the_official_every_token_estimator_is_exact_for_brier1_and_unbiased_for_brier2_to_4():
+    """``baseline_every_token_scores`` (the official baseline estimator) on a tiny token model small
+    enough to enumerate every continuation: at each of the T-4 positions the exact Brier-n is
+    2 P(y_1..n) - sum over all n-grams x of P(x | context)^2. Brier-1 must equal it on every block;
+    Brier-2..4, averaged over many independently seeded copies of one block, must match it within
+    the Monte Carlo error; the teacher-forced cross-entropy is the model's own."""
+    from calm_core.baseline import TokenLM
+    from calm_core.config import ModelConfig
+    from calm_core.evaluate import baseline_every_token_scores, block_generators
+
+    V, T, copies = 7, 9, 1000
+    torch.manual_seed(0)
+    lm = TokenLM(ModelConfig(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, block_chunks=4), V, 4).eval()
+    with torch.no_grad():
+        lm.embed.weight.mul_(10.0)  # peaked next-token laws (sum P^2 ~ 0.6): collisions frequent, not certain
+    block = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
+
+    exact = torch.zeros(4, dtype=torch.float64)  # sums over the T-4 positions
+    with torch.no_grad():
+        for t in range(1, T - 3):
+            ctx, y = block[0, :t], block[0, t:t + 4]
+            grams = torch.cartesian_prod(*[torch.arange(V)] * 4)  # [V^4, 4]: every 4-token continuation
+            seqs = torch.cat([ctx.expand(len(grams), t), grams], 1)  # [V^4, t + 4]
+            logp = lm.logits(seqs[:, :-1]).double().log_softmax(-1)[:, t - 1:]  # [V^4, 4, V]
+            step = logp.gather(-1, grams[..., None]).squeeze(-1).cumsum(-1).exp()  # [V^4, 4]: P(x_1..n)
+            for n in range(1, 5):
+                p_n = step[:: V ** (4 - n), n - 1]  # one row per distinct n-gram prefix
+                true = step[(grams == y).all(-1), n - 1] if n == 4 else \
+                    step[(grams[:, :n] == y[:n]).all(-1), n - 1][:1]
+                exact[n - 1] += 2 * true.sum() - p_n.pow(2).sum()
+    got = baseline_every_token_scores(lm, block.expand(copies, T), block_generators(0, torch.arange(copies)),
+                                      starts_per_pass=2)
+    assert (got["positions"] == T - 4).all()
+    assert torch.allclose(got["brier1"], exact[0].expand(copies), atol=1e-9)  # no sampling in Brier-1
+    for n in (2, 3, 4):
+        est = got[f"brier{n}"]
+        se = est.std() / copies ** 0.5
+        assert abs(est.mean() - exact[n - 1]) < 4 * se + 1e-9, (n, est.mean(), exact[n - 1], se)
+        assert est.std() > 0  # the collision term really is sampled (the test can tell a biased estimator)
+    ce = torch.nn.functional.cross_entropy(lm.logits(block[:, :-1])[0].double(), block[0, 1:], reduction="sum")
+    assert float(got["loss"][0]) == pytest.approx(float(ce), rel=1e-5)

@@ -54,12 +54,13 @@ def evaluated(ray_module, tmp_path_factory):
 def test_the_report_holds_every_field_and_the_files(evaluated, held_blocks):
     cfg, run, _, rep = evaluated
     # the temperature sweep's positions, counted: L - 1 per block whose key is a multiple of sweep_every
-    per_block = rep["context_chunks"] - 1
+    per_block = rep["context_chunks"]["calm"] - 1
     swept = int((held_blocks["key"] % cfg.eval.sweep_every == 0).sum()) * per_block
     folder = Path(run.path("eval", "held"))
     assert {"report.json", "report.md", "brierlm_vs_flops.png", "temperature.png", "ae_bands.png",
             "manifest.json"} <= {p.name for p in folder.iterdir()}
-    assert json.loads((folder / "report.json").read_text())["blocks"] == rep["blocks"] > 4
+    assert json.loads((folder / "report.json").read_text())["blocks"] == rep["blocks"]
+    assert rep["blocks"]["calm"] == rep["blocks"]["baseline"] == rep["calm"]["blocks"] > 4  # one context: one pass
     for kind in ("calm", "baseline"):
         m = rep[kind]
         # the intervals' values: tests/test_eval_report.py (textbook formula, coverage of a known mean)
@@ -67,12 +68,14 @@ def test_the_report_holds_every_field_and_the_files(evaluated, held_blocks):
         assert set(m["agreement"]) == {"token_accuracy", "exact_chunk", "bleu", "rouge_l"}
         assert [t["temperature"] for t in m["temperature"]] == [1.0, 0.5]
         assert all(0 <= t["accuracy"] <= 1 and 0 <= t["collision"] <= 1 for t in m["temperature"])
-        assert [t["positions"] for t in m["temperature"]] == [swept, swept] and 0 < swept < rep["blocks"] * per_block
+        assert [t["positions"] for t in m["temperature"]] == [swept, swept] and 0 < swept < rep["blocks"][kind] * per_block
+        assert m["positions"] == rep["blocks"][kind] * per_block  # every chunk start of every block
     assert {"loss", "fidelity", "diversity", "energy_score", "latent"} <= set(rep["calm"])
     assert set(rep["calm"]["latent"]) == {"mse_one", "mse_mean", "cos_one", "cos_mean"}
     assert {"sampled_brierlm", "sampled_brier1", "brier1_every_token", "perplexity"} <= set(rep["baseline"])
     assert "training split" in rep["ae"]["band_source"]
-    assert rep["context_chunks"] == cfg.model.block_chunks and rep["throughput"]["actors"] == 2
+    assert rep["context_chunks"] == {"calm": cfg.model.block_chunks, "baseline": cfg.model.block_chunks}
+    assert rep["context"] == "each model's trained context" and rep["throughput"]["actors"] == 2
     md = (folder / "report.md").read_text()
     assert "BrierLM" in md and "Temperature trade-off" in md and "rank 0-99" in md
 
@@ -91,7 +94,7 @@ def _blocks(run, name: str, L: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def held_blocks(evaluated) -> dict[str, torch.Tensor]:
     _, run, _, rep = evaluated
-    return _blocks(run, "held", rep["context_chunks"])
+    return _blocks(run, "held", rep["context_chunks"]["calm"])
 
 
 def test_brierlm_equals_the_in_training_estimator_on_the_same_blocks_and_seed(evaluated, held_blocks):
@@ -100,7 +103,7 @@ def test_brierlm_equals_the_in_training_estimator_on_the_same_blocks_and_seed(ev
 
     cfg, run, _, rep = evaluated
     val = held_blocks
-    assert len(val["tokens"]) == rep["blocks"]
+    assert len(val["tokens"]) == rep["blocks"]["calm"]
     ae = load_ae(run.local_artifact("ae"))
     calm = load_model(run.local_artifact("calm"), "calm").model.eval()
     base = load_model(run.local_artifact("baseline"), "baseline").model.eval()
@@ -220,3 +223,50 @@ def test_scoring_actors_must_leave_a_cpu_for_reading_the_blocks(evaluated):
     with pytest.raises(ConfigError, match=r"leaves 0.25 of the cluster's 2 CPUs.*cpus_per_actor to 1 or less"):
         evaluate(greedy, run, str(held), "greedy")
     assert not Path(run.path("eval", "greedy")).exists()
+
+
+def test_the_paper_protocol_scores_the_official_packed_blocks_each_model_at_its_own_context(ray_module, tmp_path):
+    """eval.protocol=paper on a JSON-lines corpus read as it is: the blocks scored are, id for id, the
+    official code's packed blocks (BOS per article, cut across articles, the tail dropped) at each
+    model's own trained context (CALM 8 chunks = 32 tokens, the baseline 16 tokens here); CALM's
+    Brier-n are its two-sample estimator on those blocks and seeds, the baseline's the official
+    estimator at every token position; every BrierLM carries its intervals and positions."""
+    from calm_core.artifacts import load_ae, load_model
+    from calm_core.config import load_config
+    from calm_core.evaluate import baseline_every_token_scores, block_generators, calm_heldout
+    from pipelines.eval.job import evaluate
+    from pipelines.storage import RunDir
+    from test_tokenizer_chunking import official_group_texts
+
+    docs = [d.strip() for d in corpus_text(30, start=500).split("<|endoftext|>")]
+    _, tok = write_random_ae(tmp_path / "run" / "ae", corpus_text(40), for_text=True)
+    write_random_model(tmp_path / "run", "calm", tok, overrides=("model.block_chunks=8",))
+    write_random_model(tmp_path / "run", "baseline", tok, overrides=("model.block_chunks=4",))
+    corpus = tmp_path / "articles.json"  # the official file's format: one {"text": ...} per line
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    run = RunDir(str(tmp_path / "run"))
+    rep = evaluate(load_config("debug", [*SETTINGS, "eval.protocol=paper", "eval.temperatures=[1.0]"]), run,
+                   str(corpus), "paper")
+    assert (rep["layout"], rep["protocol"], rep["samples"]) == ("packed", "paper", 2)
+    assert rep["context_chunks"] == {"calm": 8, "baseline": 4} and rep["context"] == "each model's trained context"
+    val = {}
+    for kind, L in rep["context_chunks"].items():
+        val[kind] = _blocks(run, "paper", L)
+        want = official_group_texts(docs, tok, L * 4)  # the official blocks of L*K tokens
+        assert val[kind]["tokens"].flatten(1).tolist() == want and rep["blocks"][kind] == len(want) > 4
+        assert rep[kind]["context_tokens"] == L * 4 and len(rep[kind]["brierlm_official_ci95"]) == 2
+    assert rep["calm"]["positions"] == rep["blocks"]["calm"] * 7  # every chunk start after the first
+    assert rep["baseline"]["positions"] == rep["blocks"]["baseline"] * (16 - 4)  # every token position
+    assert "official estimator at every token position" in rep["baseline"]["estimator"]
+    ae = load_ae(run.local_artifact("ae"))
+    calm = load_model(run.local_artifact("calm"), "calm").model.eval()
+    c = calm_heldout(calm, ae.model.eval(), val["calm"], 4, 2, 0)
+    base = load_model(run.local_artifact("baseline"), "baseline").model.eval()
+    b = baseline_every_token_scores(base, val["baseline"]["tokens"].flatten(1), block_generators(0, val["baseline"]["key"]),
+                                    tok.pad_id)
+    for n in (1, 2, 3, 4):
+        assert rep["calm"][f"brier{n}"]["mean"] == pytest.approx(float(c[f"brier{n}"]) / rep["calm"]["positions"])
+        assert rep["baseline"][f"brier{n}"]["mean"] == pytest.approx(float(b[f"brier{n}"].sum()) /
+                                                                     rep["baseline"]["positions"])
+    md = (tmp_path / "run" / "eval" / "paper" / "report.md").read_text()
+    assert "packed layout" in md and "official combination" in md and "scored positions" in md

@@ -70,9 +70,19 @@ def test_temperature_choice_is_per_row():
 
 
 def test_prompt_chunks_start_at_a_document_boundary_and_keep_the_prompt_end():
-    chunks, kept = prompt_chunks([5, 6, 7, 8, 9], 2, eot_id=0, pad_id=1)
+    chunks, kept = prompt_chunks([5, 6, 7, 8, 9], 2, "document", eot_id=0, pad_id=1, bos_id=3)
     assert kept == [6, 7, 8, 9]
     assert chunks.tolist() == [[[0, 1], [6, 7], [8, 9]]]
+
+
+def test_packed_prompts_start_with_bos_keep_every_token_and_pad_the_end():
+    """The official layout: BOS, the whole prompt, PAD up to a multiple of K (and no BOS: refused)."""
+    chunks, kept = prompt_chunks([5, 6, 7, 8, 9], 4, "packed", eot_id=0, pad_id=1, bos_id=3)
+    assert kept == [5, 6, 7, 8, 9]
+    assert chunks.tolist() == [[[3, 5, 6, 7], [8, 9, 1, 1]]]
+    assert prompt_chunks([5, 6, 7], 4, "packed", 0, 1, 3)[0].tolist() == [[[3, 5, 6, 7]]]
+    with pytest.raises(ValueError, match="begin-of-text"):
+        prompt_chunks([5], 4, "packed", 0, 1, None)
 
 
 def test_temperature_out_of_range_is_refused():

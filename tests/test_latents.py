@@ -26,6 +26,7 @@ from calm_core.config import load_config
 from calm_core.errors import ArtifactError, DataError
 from pipelines.data import latents as LT
 from pipelines.data.precompute import precompute_latents
+from pipelines.data.shards import corpus_order
 from pipelines.storage import RunDir
 
 pytestmark = pytest.mark.slow
@@ -95,16 +96,18 @@ def test_rows_are_every_chunk_of_the_corpus_in_order(ray_session, setup):
 def test_corpus_order_is_the_permutation_back_to_the_documents():
     # documents 10, 11, 12 (the shard's first is 10); 10 and 12 have two chunks
     doc, pos = np.array([10, 10, 11, 12, 12]), np.array([0, 1, 0, 0, 1])
-    np.testing.assert_array_equal(LT.corpus_order(doc, pos, 10, 3), np.arange(5))
+    np.testing.assert_array_equal(corpus_order(doc, pos, [10, 11, 12]), np.arange(5))
     # two encoder batches swapped: [12/0 12/1] came before [10/0 10/1 11/0]
-    np.testing.assert_array_equal(LT.corpus_order(np.array([12, 12, 10, 10, 11]), np.array([0, 1, 0, 1, 0]), 10, 3),
+    np.testing.assert_array_equal(corpus_order(np.array([12, 12, 10, 10, 11]), np.array([0, 1, 0, 1, 0]), [10, 11, 12]),
                                   [2, 3, 4, 0, 1])
     with pytest.raises(ArtifactError, match="chunk 0 of document 11 is missing"):
-        LT.corpus_order(np.array([10, 12]), np.array([0, 0]), 10, 3)
+        corpus_order(np.array([10, 12]), np.array([0, 0]), [10, 11, 12])
     with pytest.raises(ArtifactError, match="document 13 are not of this shard"):
-        LT.corpus_order(np.array([10, 11, 12, 13]), np.array([0, 0, 0, 0]), 10, 3)
+        corpus_order(np.array([10, 11, 12, 13]), np.array([0, 0, 0, 0]), [10, 11, 12])
     with pytest.raises(ArtifactError, match="document 10 has chunk 1 where chunk 2"):  # a chunk written twice
-        LT.corpus_order(np.array([10, 10, 10, 11, 12]), np.array([0, 1, 1, 0, 0]), 10, 3)
+        corpus_order(np.array([10, 10, 10, 11, 12]), np.array([0, 1, 1, 0, 0]), [10, 11, 12])
+    # packed groups are named by their first document: groups 10 and 13 (11, 12 inside group 10)
+    np.testing.assert_array_equal(corpus_order(np.array([13, 10, 10]), np.array([0, 0, 1]), [10, 13]), [1, 2, 0])
 
 
 def test_rows_delivered_out_of_order_are_put_in_corpus_order_before_the_commit(ray_session, setup, monkeypatch,
@@ -361,3 +364,77 @@ def test_empty_corpus_and_missing_ae(ray_session, tmp_path, setup):
         precompute_latents(cfg_for(), str(corpus), RunDir(str(tmp_path / "no_run")))
     with pytest.raises(ArtifactError, match="does not exist"):
         LT.read_latents(RunDir(str(tmp_path / "no_run")), "train")
+
+
+def _official_latent_layout(files: list, cfg, tok, S: int, G: int) -> dict:
+    """The packed layout of a corpus as the official code cuts it, group by group (the reference the
+    precompute must equal), with this project's groups: documents of one file, split and shard, at
+    most G of them -> {split: (first-token doc_ids, positions, tokens [N, K])}."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data.ingest import parse_options
+    from pipelines.data.parsers import parse_files
+    from test_tokenizer_chunking import official_group_texts
+
+    out = {}
+    for split in LT.SPLITS:
+        ids, pos, tokens, index, groups = [], [], [], 0, []
+        for f in files:  # a file's documents of the split, in order; a group never spans two files or shards
+            t = parse_files({"bytes": [f.read_bytes()], "path": [str(f)]},
+                            parse_options(str(f), cfg.data, pafs.LocalFileSystem(), "text")).to_pylist()
+            rows = [r for r in t if r["status"] == "ok" and r["split"] == split]
+            for i, r in enumerate(rows):
+                if i == 0 or index % S == 0 or len(groups[-1]) == G:
+                    groups.append([])
+                groups[-1].append((r["doc_id"], r["text"]))
+                index += 1
+        for g in groups:
+            lengths = np.cumsum([0] + [len(tok.encode(t)) + 1 for _, t in g])
+            for p, chunk in enumerate(official_group_texts([t for _, t in g], tok, 4)):
+                ids.append(g[int(np.searchsorted(lengths, p * 4, side="right") - 1)][0])
+                pos.append(p)
+                tokens.append(chunk)
+        out[split] = (ids, pos, np.asarray(tokens, dtype=np.int32).reshape(-1, 4))
+    return out
+
+
+def test_packed_latents_are_the_official_cut_and_a_killed_run_gives_the_same_rows(ray_session, tmp_path,
+                                                                                   tiny_corpus_text, make_ae, capsys):
+    """data.layout=packed over three files (one holding a single one-word document: a group with no
+    chunk): every row is the official group_texts cut of its group, in corpus order; a run that
+    died between shards, rerun, gives the same rows; stage 2 on the document layout refuses them."""
+    from pipelines.train.stage2 import run_stage2
+
+    run = RunDir(str(tmp_path / "run"))
+    _, tok = make_ae(tmp_path / "run" / "ae", tiny_corpus_text)
+    docs = [d for d in tiny_corpus_text.split("<|endoftext|>") if d.strip()]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n<|endoftext|>\n".join(docs[:25]))
+    (corpus / "b.txt").write_text("\n<|endoftext|>\n".join(docs[25:]))
+    (corpus / "c.txt").write_text("Cat")
+    cfg = cfg_for("data.layout=packed", "data.pack_documents=3", "latents.shard_documents=7")
+    clean = precompute_latents(cfg, str(corpus), run)
+    assert clean["identity"]["layout"] == "packed" and clean["identity"]["pack_documents"] == 3
+    want = _official_latent_layout(sorted(corpus.iterdir()), cfg, tok, 7, 3)
+    rows = latent_rows(run, clean)
+    for split in LT.SPLITS:
+        keys, tokens = rows[split][0], rows[split][1]
+        assert [k[0] for k in keys] == want[split][0] and [k[1] for k in keys] == want[split][1], split
+        np.testing.assert_array_equal(tokens, want[split][2])
+        assert tok.eot_id not in tokens and tok.pad_id not in tokens
+    records = [json.loads(p.read_text()) for p in (run.local_root / "latents").glob("*/shard-*.json")]
+    assert sum(r.get("empty_groups", 0) for r in records) == 1  # c.txt's document: BOS + 1 token < K
+
+    root = run.local_root / "latents"  # died after train shards 0-1, while writing shard 2
+    (root / "manifest.json").unlink()
+    for rec in sorted((root / "train").glob("shard-*.json"))[2:] + list((root / "val").glob("shard-*.json")):
+        rec.unlink()
+    part = sorted((root / "train" / "shard-00002").glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    again = precompute_latents(cfg, str(corpus), run)
+    assert again["metrics"]["shards_kept"] == 2
+    assert_same_latent_rows(latent_rows(run, again), rows)
+
+    with pytest.raises(ArtifactError, match="latents of the packed layout and this calm run trains on the document"):
+        run_stage2(load_config("debug"), run, "calm")  # the AE's layout (auto): document

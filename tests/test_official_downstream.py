@@ -40,21 +40,29 @@ def test_generate_prints_text(imported):
     assert head.startswith("--- sample 1") and text.startswith("the king said") and len(text) > len("the king said")
 
 
-def test_evaluate_writes_its_report(imported, tiny_corpus_text):
+def test_the_paper_protocol_evaluates_each_imported_model_packed_at_its_official_context(imported):
+    """eval.protocol=paper on a JSON-lines file (the official evaluation's format), with no context
+    given: CALM scored on blocks of 2,048 chunks (8,192 tokens) and the baseline on 2,048-token blocks
+    at every token position, both packed as the official code packs them (the report says so)."""
     from calm_core.config import load_config
     from pipelines.eval.job import evaluate
 
     tmp, run = imported
-    corpus = tmp / "held.txt"
-    corpus.write_text(tiny_corpus_text)
-    rep = evaluate(load_config("debug", ["eval.max_blocks=6", "eval.bootstrap=20", "eval.cpus_per_actor=0.5",
-                                         "eval.protocol=paper", "eval.block_chunks=8", "eval.temperatures=[1.0]"]),
-                   run, str(corpus), "held")
-    assert rep["models"] == ["calm", "baseline"] and rep["blocks"] > 0
-    assert (rep["protocol"], rep["samples"], rep["context_chunks"]) == ("paper", 2, 8)  # two samples, as official
+    rnd = __import__("random").Random(1)
+    words = ["the", "king", "queen", "said", "and", "to", "of", "a", "in", "that", "is", "was", "he", "she", "it"]
+    articles = [" ".join(rnd.choice(words) for _ in range(1500)) for _ in range(7)]  # ~10.5k tokens in all
+    corpus = tmp / "articles.json"
+    corpus.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
+    rep = evaluate(load_config("debug", ["eval.bootstrap=20", "eval.cpus_per_actor=0.5", "eval.protocol=paper",
+                                         "eval.temperatures=[1.0]", "eval.batch_blocks=1"]), run, str(corpus), "held")
+    assert rep["models"] == ["calm", "baseline"] and (rep["protocol"], rep["samples"]) == ("paper", 2)
+    assert rep["layout"] == "packed" and rep["context_chunks"] == {"calm": 2048, "baseline": 512}
+    tokens = rep["corpus_chunks"] * 4  # the packed stream, BOS per article, the tail dropped
+    assert rep["blocks"] == {"calm": tokens // 8192, "baseline": tokens // 2048} and tokens >= 8192
+    assert rep["calm"]["positions"] == rep["blocks"]["calm"] * 2047
+    assert rep["baseline"]["positions"] == rep["blocks"]["baseline"] * 2044
     assert "brierlm_official" in rep["calm"]
     assert "official combination" in (tmp / "run" / "eval" / "held" / "report.md").read_text()
-    assert 0.0 <= rep["ae"]["acc_mu"] <= 1.0
 
 
 def test_serve_answers_the_official_openai_client(imported):

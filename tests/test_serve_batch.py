@@ -220,7 +220,7 @@ def test_offline_generation_runs_the_step_engine_and_equals_the_reference_loop(e
 
     eng = engines["calm"]
     tok, K = eng.tok, eng.step_tokens
-    ctx, _ = prompt_chunks(tok.encode("the cat sat on"), K, tok.eot_id, tok.pad_id, tok.bos_id)
+    ctx, _ = prompt_chunks(tok.encode("the cat sat on"), K, "document", tok.eot_id, tok.pad_id, tok.bos_id)
     ref = generate(eng.model, eng.ae, ctx, 5, temperature, 16, rng.generator_for("cpu", 3), sampler, 40)[0].flatten()
     docs = [[]]
     for i in ref.tolist():

@@ -110,3 +110,65 @@ def test_grouped_encoding_gives_the_ids_of_one_call(tok):
     want = tok.encode_batch(docs)
     for max_chars in (1, 50, 200, 10**9):
         assert encode_grouped(tok, docs, max_chars) == want
+
+
+def official_group_texts(texts: list[str], tok, block_size: int) -> list[list[int]]:
+    """The official layout, written out as train/train_calm.py does it: ``tokenize_function`` (the
+    Llama-3 tokenizer's post-processor puts BOS before each text, nothing after) then ``group_texts``
+    (concatenate every text of the group, cut blocks of block_size, drop the remainder)."""
+    from itertools import chain
+
+    examples = {"input_ids": [[tok.bos_id] + tok.encode(t) for t in texts]}
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated["input_ids"])
+    total_length = (total_length // block_size) * block_size
+    return [concatenated["input_ids"][i: i + block_size] for i in range(0, total_length, block_size)]
+
+
+def test_packed_chunks_are_the_official_group_texts_id_for_id(tok):
+    """Three documents packed (BOS per document, no EOT, no padding, the grid across documents, the
+    tail dropped) give exactly the official code's K-token blocks, and each chunk names the document
+    of its first token."""
+    from calm_core.chunking import pack_documents
+
+    docs = ["Über naïve café and the cat", "the dog ran", "東京 🙂 a big red ball " * 3]
+    ids = [tok.encode(d) for d in docs]
+    assert tok.bos_id is not None and tok.bos_id not in {tok.eot_id, tok.pad_id, tok.mask_id}
+    chunks, doc_index, position = pack_documents(ids, K, tok.bos_id)
+    want = official_group_texts(docs, tok, K)
+    assert chunks.tolist() == want and chunks.dtype == np.int32
+    flat = chunks.reshape(-1).tolist()
+    assert tok.eot_id not in flat and tok.pad_id not in flat and flat.count(tok.bos_id) == 3
+    total = sum(len(i) + 1 for i in ids)
+    assert len(flat) == total - total % K  # only the tail (< K tokens) is dropped
+    assert position.tolist() == list(range(len(chunks)))
+    starts = np.cumsum([0] + [len(i) + 1 for i in ids])  # each document's BOS in the stream
+    assert doc_index.tolist() == [int(np.searchsorted(starts, c * K, side="right") - 1) for c in range(len(chunks))]
+    assert len(set(doc_index.tolist())) == 3  # a chunk crosses each boundary: the grid runs across documents
+    # a group shorter than one chunk gives none; blocks of 4 chunks are the official 16-token blocks
+    assert pack_documents([[5]], K, tok.bos_id)[0].shape == (0, K)
+    assert chunks[: len(chunks) // 4 * 4].reshape(-1, 16).tolist() == official_group_texts(docs, tok, 16)
+
+
+def test_trained_tokenizers_have_a_bos_and_loaded_ones_keep_their_size(tok, tmp_path):
+    """New tokenizers get BOS; a tokenizer without one (made before it existed) loads unchanged (its
+    models fix its size) and the packed layout refuses it by name; a new run adopting an existing
+    tokenizer.json gains one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from calm_core.config import ConfigError
+    from pipelines.data.chunks import check_layout
+
+    assert tok.bos_id == tok.tok.token_to_id("<|begin_of_text|>")
+    old = Tokenizer(models.BPE())  # trained as before BOS existed: the three older special tokens only
+    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    old.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT, PAD, MASK],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    before = CalmTokenizer.from_str(old.to_str())
+    size = before.vocab_size
+    assert before.bos_id is None and CalmTokenizer.from_str(before.to_str()).vocab_size == size
+    check_layout(before, "document")
+    with pytest.raises(ConfigError, match="data.layout=packed .* has none"):
+        check_layout(before, "packed")
+    assert before.with_bos().bos_id == size and before.vocab_size == size + 1

@@ -131,6 +131,20 @@ def check_matches(manifest: dict[str, Any], expected: dict[str, Any], where: str
                             "rerun jobs/precompute_latents.py --overwrite with this AE, or use its own run")
 
 
+def layout(manifest: dict[str, Any]) -> str:
+    """The layout the latents were cut in (``calm_core.chunking``; latents made before the setting: document)."""
+    return manifest["identity"].get("layout", "document")
+
+
+def check_layout(manifest: dict[str, Any], wanted: str, where: str, who: str) -> None:
+    """Refuse latents cut in another layout than ``wanted`` (``who``: the stage that reads them)."""
+    made = layout(manifest)
+    if made != wanted:
+        raise ArtifactError(f"'{where}' holds latents of the {made} layout and {who} trains on the {wanted} layout "
+                            f"(data.layout, from the run's AE when auto); rerun jobs/precompute_latents.py "
+                            f"--overwrite data.layout={wanted}, or set data.layout={made}")
+
+
 def part_files(run: RunDir, manifest: dict[str, Any], split: str, verify: bool = True) -> list[str]:
     """Paths (inside ``run.fs``) of the split's part files, in stream order; with ``verify`` each file's
     size and sha256 are checked against the manifest."""
@@ -272,28 +286,3 @@ def first_blocks(run: RunDir, split: str, L: int, n: int, expected: dict[str, An
         got = cut(table.append_column("path", pa.array([path] * table.num_rows, pa.string())))
         out += [{k: v[i] for k, v in got.items()} for i in range(min(len(got["key"]), n - len(out)))]
     return out
-
-
-def corpus_order(doc_index: np.ndarray, position: np.ndarray, first: int, documents: int) -> np.ndarray:
-    """The permutation that puts a shard's rows (``doc_index`` the document's index in its split,
-    ``position`` the chunk's, [N]) in corpus order: documents ``first`` .. ``first + documents - 1``,
-    each one's chunks 0, 1, 2, ... Raises ``ArtifactError`` unless the rows are exactly the chunks
-    of those documents (none missing, none twice, none of another document)."""
-    doc, pos = np.asarray(doc_index, dtype=np.int64), np.asarray(position, dtype=np.int64)
-    perm = np.lexsort((pos, doc))
-    d, p = doc[perm], pos[perm]
-    new = np.ones(len(d), dtype=bool)
-    new[1:] = d[1:] != d[:-1]
-    if len(d) and (d[0] < first or d[-1] >= first + documents):
-        bad = d[0] if d[0] < first else d[-1]
-        raise ArtifactError(f"latents: rows of document {bad} are not of this shard ({first}..{first + documents - 1})")
-    if int(new.sum()) != documents:
-        missing = sorted(set(range(first, first + documents)) - set(d[new].tolist()))[:1]
-        raise ArtifactError(f"latents: chunk 0 of document {missing[0] if missing else '?'} is missing from the "
-                            "rows written")
-    want = np.arange(len(d)) - np.maximum.accumulate(np.where(new, np.arange(len(d)), 0))  # 0, 1, .. per doc
-    if not np.array_equal(p, want):
-        i = int(np.argmax(p != want))
-        raise ArtifactError(f"latents: document {d[i]} has chunk {p[i]} where chunk {want[i]} belongs (a chunk "
-                            "missing or written twice)")
-    return perm

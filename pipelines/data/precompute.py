@@ -31,12 +31,15 @@ from typing import Any
 
 from calm_core.artifacts import AEArtifact, load_ae
 from calm_core.checkpoint import code_version
+from calm_core.chunking import layout_of
 from calm_core.config import Config
 from calm_core.errors import ArtifactError
 from pipelines.claim import Spot, claim
 from pipelines.data import latents as LT
+from pipelines.data.chunks import check_layout
 from pipelines.data.encoder import AESource, EncodeChunks, actor_memory_bytes
-from pipelines.data.shards import ShardDocuments, ShardWriter, committed, offsets
+from pipelines.data.packing import Packing
+from pipelines.data.shards import ShardDocuments, ShardWriter, committed, offsets, shard_units
 from pipelines.progress import progress
 from pipelines.storage import RunDir
 
@@ -49,7 +52,9 @@ def _params(ae: AEArtifact) -> int:
 
 def _identity(cfg: Config, ae_ident: dict, stats, corpus: str) -> dict[str, Any]:
     d = cfg.data
-    return {**ae_ident, "dtype": cfg.latents.dtype, "shard_documents": cfg.latents.shard_documents,
+    # (the layout only when packed: the identities of latents made before the setting existed stay the same)
+    packed = {"layout": "packed", "pack_documents": d.pack_documents} if d.layout == "packed" else {}
+    return {**ae_ident, **packed, "dtype": cfg.latents.dtype, "shard_documents": cfg.latents.shard_documents,
             "corpus_documents": stats.documents, "corpus_characters": stats.characters,
             "data": {"format": d.format, "separator": d.separator, "eot_marker": d.eot_marker,
                      "text_field": d.text_field, "val_fraction": d.val_fraction, "split_salt": d.split_salt,
@@ -67,8 +72,9 @@ def _encode(run: RunDir, scan, splits: tuple[str, ...], todo: dict[str, set[int]
     from pipelines.data.chunks import chunk_dataset
 
     lc, rc = cfg.latents, cfg.data.read_cpus
-    writer = ShardWriter(run, cfg.ae.K, cfg.ae.latent_dim, lc.dtype, meta,
-                         {s: scan.stats.documents.get(s, 0) for s in splits}, lc.shard_documents)
+    packing = Packing(ae.tok.to_str(), cfg.ae.K, cfg.data.pack_documents) if cfg.data.layout == "packed" else None
+    units = shard_units(scan, splits, lc.shard_documents, packing.group if packing else None)
+    writer = ShardWriter(run, cfg.ae.K, cfg.ae.latent_dim, lc.dtype, meta, units)
     if not any(todo.values()):
         return writer
     blob = {"config_yaml": (ae.path / "config.yaml").read_text(), "weights": (ae.path / "model.safetensors").read_bytes()}
@@ -81,9 +87,11 @@ def _encode(run: RunDir, scan, splits: tuple[str, ...], todo: dict[str, set[int]
     # output block (Ray Data measured its peak at 2.5-4.0 GiB on the demo corpus, and the driver got
     # its first rows after 60 s); at 8 MiB the peak stays under 1.25 x 720 MiB and rows flow every ~1 s
     raw.context.target_max_block_size = BLOCK_BYTES
-    docs = raw.map_batches(ShardDocuments(scan.options, offsets(scan, splits), lc.shard_documents, skip),
+    docs = raw.map_batches(ShardDocuments(scan.options, offsets(scan, splits), lc.shard_documents, skip, packing),
                            batch_size=1, batch_format="numpy", num_cpus=rc)
-    chunks = chunk_dataset(docs, ae.tok, cfg.ae.K, rc, carry=("split", "shard", "doc_index"), last=True)
+    # packed: the read tasks cut the chunks themselves (a group's documents are all in one file)
+    chunks = docs if packing else chunk_dataset(docs, ae.tok, cfg.ae.K, rc, carry=("split", "shard", "doc_index"),
+                                                last=True)
     encoded = chunks.map_batches(
         EncodeChunks,
         fn_constructor_kwargs={"source": source, "dtype": lc.dtype, "use_gpu": lc.use_gpu,
@@ -127,7 +135,10 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
 
     t0 = time.perf_counter()
     ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))  # verifies the AE's files
-    cfg = dataclasses.replace(cfg, ae=ae.cfg.ae)  # the chunking and the model come from the AE
+    # the chunking and the model come from the AE; the layout too unless data.layout names one
+    layout = layout_of(ae.cfg.data.layout) if cfg.data.layout == "auto" else cfg.data.layout
+    cfg = dataclasses.replace(cfg, ae=ae.cfg.ae, data=dataclasses.replace(cfg.data, layout=layout))
+    check_layout(ae.tok, layout)
     spot = latents_spot(run)
     if overwrite:
         spot.discard()
@@ -146,7 +157,7 @@ def precompute_latents(cfg: Config, corpus: str, run: RunDir, ae_path: str | Non
     memory = actor_memory_bytes(cfg, _params(ae))
     progress(f"[latents] encoder: {lc.num_actors} actor(s) x "
              f"{'1 GPU' if lc.use_gpu else f'{lc.cpus_per_actor} CPU'} and {memory / 2**20:,.0f} MiB, batch "
-             f"{lc.batch_size}, dtype {lc.dtype}, K={cfg.ae.K}, l={cfg.ae.latent_dim}")
+             f"{lc.batch_size}, dtype {lc.dtype}, K={cfg.ae.K}, l={cfg.ae.latent_dim}, {layout} layout")
     splits = tuple(s for s in LT.SPLITS if s in splits)
     n_shards = {s: math.ceil(scan.stats.documents.get(s, 0) / lc.shard_documents) for s in splits}
     kept = {(s, i): rec for s in splits for i in range(n_shards[s]) if (rec := committed(run, s, i)) is not None}

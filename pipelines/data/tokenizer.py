@@ -46,7 +46,7 @@ def ensure_tokenizer(cfg: Config, run: RunDir, train_docs=None, corpus_info: dic
 
     t0 = time.perf_counter()
     if tcfg.path:
-        tok = CalmTokenizer.from_file(tcfg.path)
+        tok = CalmTokenizer.from_file(tcfg.path).with_bos()
         source = f"file:{tcfg.path}"
     else:
         if train_docs is None:
@@ -67,7 +67,8 @@ def ensure_tokenizer(cfg: Config, run: RunDir, train_docs=None, corpus_info: dic
                 "path": tcfg.path, "vocab_size": tcfg.vocab_size, "min_frequency": tcfg.min_frequency,
                 "max_train_documents": tcfg.max_train_documents}},
             metrics={"vocab_size": tok.vocab_size},
-            extra={"sha256": tok.sha256, "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id},
+            extra={"sha256": tok.sha256, "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id,
+                                                          "bos": tok.bos_id},
                    "identity": identity},
         )
         uri = run.publish_artifact(tmp, "tokenizer")

@@ -76,6 +76,7 @@ def latent_geometry(sums: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, examples: int = 3) -> dict[str, Any]:
+    from calm_core.chunking import layout_of
     from pipelines.data.chunks import chunk_dataset
     from pipelines.data.ingest import load_corpus
 
@@ -85,7 +86,8 @@ def ae_report(cfg: Config, corpus: str, run: RunDir, max_chunks: int = 20000, ex
     if stats.documents.get("val", 0) == 0:
         split = "training (the corpus has no held-out documents)"
         val_docs, _, _ = load_corpus(corpus, cfg.data)
-    rows = chunk_dataset(val_docs, tok, ae_cfg.ae.K, cfg.data.read_cpus).limit(max_chunks).take_all()
+    rows = chunk_dataset(val_docs, tok, ae_cfg.ae.K, cfg.data.read_cpus,
+                         layout=layout_of(ae_cfg.data.layout)).limit(max_chunks).take_all()
     chunks = torch.as_tensor(np.stack([np.asarray(r["tokens"], dtype=np.int64) for r in rows]))
     gen = torch.Generator().manual_seed(0)
     sums: dict[str, torch.Tensor] = {}

@@ -1,9 +1,10 @@
 """The evaluation job: every model of a run scored on any corpus -> RUN/eval/NAME/.
 
-    corpus --Ray Data: read, tokenise, chunk, encode (the training code: precompute_latents)-->
-        RUN/eval/_corpora/NAME/latents (every document held out)
-    blocks of L chunks (LatentBlocks, each with a key) --Ray Data actors (Scorer: the models loaded
-        once per actor; pipelines.eval.scores)--> per-block sums --driver--> report (pipelines.eval.report)
+    corpus --Ray Data: read, tokenise, chunk in the models' layout (packed under the paper protocol),
+        encode (the training code: precompute_latents)--> RUN/eval/_corpora/NAME/latents
+    per context L (each model's trained one, or eval.block_chunks): blocks of L chunks (LatentBlocks,
+        each with a key) --Ray Data actors (Scorer: the models of that context loaded once per actor;
+        pipelines.eval.scores)--> per-block sums --driver--> report (pipelines.eval.report)
 
 RUN/eval/NAME holds report.json, report.md and PNG plots, published with a manifest whose identity
 (the models' and the AE's file hashes, the corpus latents' identity, the evaluation settings) makes
@@ -22,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from calm_core.artifacts import MODEL_KINDS
+from calm_core.chunking import layout_of
 from calm_core.config import Config, config_from_yaml, eval_protocol
+from calm_core.tokenizer import CalmTokenizer
 from calm_core.errors import ArtifactError, ConfigError, DataError
 from pipelines.claim import Spot, claim
 from pipelines.data import latents as LT
@@ -35,7 +38,7 @@ RESERVED = ("_corpora", "ae_reconstruction")
 class Scorer:
     """Ray Data actor: loads the AE and the models once, scores batches of blocks."""
 
-    def __init__(self, run: str, kinds: list[str], band: bytes, ev: dict, device: str, threads: int):
+    def __init__(self, run: str, kinds: list[str], band: bytes, ev: dict, device: str, threads: int, ae: bool = True):
         import torch
 
         from calm_core.config import EvalConfig
@@ -44,12 +47,12 @@ class Scorer:
         torch.set_num_threads(max(1, threads))
         rd = RunDir(run)
         self.models = Models.load({k: rd.local_artifact(k) for k in ("ae", *kinds)}, unpack_bands(band), device)
-        self.ev = EvalConfig(**ev)
+        self.ev, self.ae = EvalConfig(**ev), ae
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.eval.scores import score_blocks
 
-        return score_blocks(self.models, batch, self.ev)
+        return score_blocks(self.models, batch, self.ev, self.ae)
 
 
 def run_models(run: RunDir) -> tuple[list[str], list[str]]:
@@ -64,15 +67,28 @@ def run_models(run: RunDir) -> tuple[list[str], list[str]]:
     return kinds, [k for k in MODEL_KINDS if k not in kinds]
 
 
-def context_chunks(run: RunDir, kinds: list[str], cfg: Config) -> int:
-    """The context the blocks get: eval.block_chunks, else the models' trained model.block_chunks."""
-    trained = {k: config_from_yaml(run.read_text(k, "config.yaml"), k).model.block_chunks for k in kinds}
-    if cfg.eval.block_chunks:
-        return cfg.eval.block_chunks
+def model_config(run: RunDir, kind: str) -> Config:
+    return config_from_yaml(run.read_text(kind, "config.yaml"), kind)
+
+
+def contexts(run: RunDir, kinds: list[str], cfg: Config) -> dict[str, int]:
+    """Each model's context in chunks: eval.block_chunks for every model, else its own trained
+    model.block_chunks (the released CALMs 2,048 chunks = 8,192 tokens, the baseline 2,048 tokens)."""
+    return {k: cfg.eval.block_chunks or model_config(run, k).model.block_chunks for k in kinds}
+
+
+def eval_layout(run: RunDir, kinds: list[str], cfg: Config) -> str:
+    """The layout the corpus is cut in (``calm_core.chunking``): data.layout when set, else packed for
+    the paper's protocol (the official evaluation), else the layout the models were trained on."""
+    if cfg.data.layout != "auto":
+        return cfg.data.layout
+    if cfg.eval.protocol == "paper":
+        return "packed"
+    trained = {k: layout_of(model_config(run, k).data.layout) for k in kinds}
     if len(set(trained.values())) > 1:
-        progress(f"[eval] the models were trained with different contexts ({trained}); scoring both at the "
-                 f"smaller (set eval.block_chunks to choose)")
-    return min(trained.values())
+        raise ConfigError(f"the run's models were trained on different layouts ({trained}); set data.layout to the "
+                          "one to evaluate on")
+    return next(iter(trained.values()))
 
 
 def token_counts(run: RunDir, vocab: int, cpus: float) -> np.ndarray | None:
@@ -148,25 +164,36 @@ def check_vocabulary(run: RunDir, lman: dict, corpus: str) -> None:
                         "vocabulary); evaluate on text like the training corpus")
 
 
-def scored_documents(cfg: Config, run: RunDir) -> Config:
-    """The config whose "val" split is what gets scored: every document (eval.split=all), or those the
-    run's own split rule held out of training (eval.split=heldout: the run's data.val_fraction and
-    data.split_salt, from the CALM or baseline config it was trained with)."""
+def scored_documents(cfg: Config, run: RunDir, layout: str) -> Config:
+    """The config whose "val" split is what gets scored, cut in ``layout``: every document
+    (eval.split=all), or those the run's own split rule held out of training (eval.split=heldout:
+    the run's data.val_fraction and data.split_salt, from the CALM or baseline config it was trained
+    with)."""
     if cfg.eval.split == "all":
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=1.0))
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=1.0, layout=layout))
     kind = next(k for k in MODEL_KINDS if run.has_artifact(k))
-    trained = config_from_yaml(run.read_text(kind, "config.yaml"), kind).data
+    trained = model_config(run, kind).data
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=trained.val_fraction,
-                                                             split_salt=trained.split_salt))
+                                                             split_salt=trained.split_salt, layout=layout))
 
 
-def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, L: int) -> dict[str, Any]:
+def identity(run: RunDir, kinds: list[str], lman: dict, cfg: Config, Ls: dict[str, int]) -> dict[str, Any]:
     ev = dataclasses.asdict(cfg.eval)
     for k in ("actors", "cpus_per_actor", "threads_per_actor", "use_gpu", "batch_blocks",
               "actor_memory_mb"):  # where, not what
         ev.pop(k)
     return {"models": {k: run.read_json(k, "manifest.json").get("files") for k in ("ae", *kinds)},
-            "corpus_latents": lman["identity"], "context_chunks": L, "eval": ev}
+            "corpus_latents": lman["identity"], "context_chunks": Ls, "eval": ev}
+
+
+@dataclasses.dataclass
+class Pass:
+    """The models scored together on blocks of one context: their per-block rows."""
+
+    kinds: list[str]
+    L: int
+    rows: list[dict]
+    seconds: float
 
 
 def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool = False) -> dict[str, Any]:
@@ -177,30 +204,40 @@ def evaluate(cfg: Config, run: RunDir, corpus: str, name: str, overwrite: bool =
     if not name or "/" in name or name.startswith(".") or name in RESERVED:
         raise ArtifactError(f"--name '{name}' cannot name an evaluation (a plain folder name, not {RESERVED})")
     cfg = dataclasses.replace(cfg, eval=eval_protocol(cfg.eval))
-    if cfg.eval.protocol == "paper":
-        progress(f"[eval] the paper's protocol: {cfg.eval.samples} samples per position, blocks of "
-                 f"{cfg.eval.block_chunks} chunks, BrierLM also with the official clamp of the product")
     kinds, missing = run_models(run)
     progress(f"[eval] models: {', '.join(kinds)}" + (f"; not in this run: {', '.join(missing)}" if missing else ""))
-    L = context_chunks(run, kinds, cfg)
+    Ls, layout = contexts(run, kinds, cfg), eval_layout(run, kinds, cfg)
+    which = "eval.block_chunks" if cfg.eval.block_chunks else "each model's trained context"
+    progress(f"[eval] contexts ({which}): " + ", ".join(f"{k} {L:,} chunks" for k, L in Ls.items())
+             + f"; the {layout} layout")
+    if cfg.eval.protocol == "paper":
+        progress(f"[eval] the paper's protocol: {cfg.eval.samples} samples per position, the baseline's official "
+                 "estimator at every token position, BrierLM also with the official clamp of the product")
     data = RunDir(run.uri("eval", "_corpora", name))
-    lman = precompute_latents(scored_documents(cfg, run), corpus, data, ae_path=str(run.local_artifact("ae")),
+    lman = precompute_latents(scored_documents(cfg, run, layout), corpus, data, ae_path=str(run.local_artifact("ae")),
                               overwrite=overwrite, replace_stale=True, splits=("val",))
     chunks = lman["metrics"]["rows_per_split"].get("val", 0)
-    if chunks < L:
-        which = "held-out documents make" if cfg.eval.split == "heldout" else "makes"
-        raise DataError(f"'{corpus}' {which} {chunks} chunks; scoring needs blocks of {L} (eval.block_chunks, or a "
-                        "longer corpus)")
+    for k, L in Ls.items():
+        if chunks < L:
+            which = "held-out documents make" if cfg.eval.split == "heldout" else "makes"
+            raise DataError(f"'{corpus}' {which} {chunks} chunks; scoring {k} needs blocks of {L} (eval.block_chunks, "
+                            "or a longer corpus)")
     check_vocabulary(run, lman, corpus)
-    ident = identity(run, kinds, lman, cfg, L)
+    ident = identity(run, kinds, lman, cfg, Ls)
     spot = Spot(run, f"eval/{name}", record=None, label="eval", what="an evaluation",
                 remedy="pass --overwrite to redo it, or use another --name")
     done = claim(spot, ident, lambda m: "report.json" if m.get("identity") == ident else None, overwrite=overwrite,
                  replace_stale=True, hint="--overwrite redoes it")
     if done is not None:
         return run.read_json("eval", name, "report.json")
-    rows, seconds, source = score(cfg, run, data, lman, kinds, L)
-    report = build_report(rows, cfg, run, corpus, lman, kinds, missing, L, seconds, source)
+    vocab = CalmTokenizer.from_str(run.read_text("ae", "tokenizer.json")).vocab_size
+    band, source = bands_of(token_counts(run, vocab, cfg.data.read_cpus), vocab, cfg.eval.band_edges)
+    passes = []
+    for L in sorted(set(Ls.values()), reverse=True):  # the models of one context in one pass; the AE's once
+        group = [k for k in kinds if Ls[k] == L]
+        rows, seconds = score(cfg, run, data, lman, group, L, band, source, vocab, ae=not passes)
+        passes.append(Pass(group, L, rows, seconds))
+    report = build_report(passes, cfg, run, corpus, lman, kinds, missing, source, layout)
     with tempfile.TemporaryDirectory() as tmp:
         uri = publish(report, run, Path(tmp), f"eval/{name}", ident)
     progress(f"[eval] wrote {uri} (report.json, report.md, plots)")
@@ -221,18 +258,13 @@ def check_fits(ev) -> None:
                           "threads per actor: eval.threads_per_actor)")
 
 
-def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], L: int
-          ) -> tuple[list[dict], float, str]:
-    """Per-block rows of every block (up to eval.max_blocks) scored in eval.actors actors, the seconds
-    it took, and where the frequency bands came from."""
+def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], L: int, band: np.ndarray,
+          source: str, vocab: int, ae: bool = True) -> tuple[list[dict], float]:
+    """Per-block rows of every block of L chunks (up to eval.max_blocks) scored by ``kinds`` (and,
+    with ``ae``, the AE) in eval.actors actors, and the seconds it took."""
     import ray
 
     ev = cfg.eval
-    tok_json = run.read_text("ae", "tokenizer.json")
-    from calm_core.tokenizer import CalmTokenizer
-
-    vocab = CalmTokenizer.from_str(tok_json).vocab_size
-    band, source = bands_of(token_counts(run, vocab, cfg.data.read_cpus), vocab, ev.band_edges)
     ds, _ = LT.read_latents(data, "val", num_cpus=cfg.data.read_cpus)
     blocks = LT.latent_blocks(ds, lman, L, num_cpus=cfg.data.read_cpus)
     if ev.max_blocks:
@@ -243,7 +275,7 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
     device = "cuda" if ev.use_gpu else "cpu"
     weights = sum(size for k in ("ae", *kinds) for name, size in run.list_files(k) if name.endswith(".safetensors"))
     mem_mb = scorer_memory_mb(ev, weights, L, lman["identity"]["K"], vocab)
-    progress(f"[eval] scoring blocks of {L} chunks in {ev.actors} actor(s) x "
+    progress(f"[eval] scoring {' and '.join(kinds)} on blocks of {L:,} chunks in {ev.actors} actor(s) x "
              f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}, {mem_mb:,} MB each "
              f"({'eval.actor_memory_mb' if ev.actor_memory_mb else 'estimated; eval.actor_memory_mb sets it'}); "
              f"frequency bands from {source}")
@@ -251,7 +283,7 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
     scored = blocks.map_batches(
         Scorer, fn_constructor_kwargs={"run": run.uri(), "kinds": kinds, "band": pack_bands(band),
                                        "ev": dataclasses.asdict(ev), "device": device,
-                                       "threads": ev.threads_per_actor or max(1, round(ev.cpus_per_actor))},
+                                       "threads": ev.threads_per_actor or max(1, round(ev.cpus_per_actor)), "ae": ae},
         batch_size=ev.batch_blocks, compute=ray.data.ActorPoolStrategy(size=ev.actors), num_cpus=ev.cpus_per_actor,
         num_gpus=1 if ev.use_gpu else 0, memory=mem_mb * 2**20)
     rows: list[dict] = []
@@ -265,4 +297,4 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
                      f"({len(rows) * L * lman['identity']['K'] / (last - t0):,.0f} tokens/s)")
     seconds = time.perf_counter() - t0
     progress(f"[eval] scored {len(rows):,} blocks ({len(rows) * L * lman['identity']['K']:,} tokens) in {seconds:.1f}s")
-    return rows, seconds, source
+    return rows, seconds

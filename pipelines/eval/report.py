@@ -42,18 +42,23 @@ def ratio_ci(num: np.ndarray, den: np.ndarray) -> dict[str, float]:
 
 
 def brier_block(rows: list[dict], prefix: str, n_boot: int, seed: int, positions: str) -> dict[str, Any]:
-    """Brier-1..4 with intervals and BrierLM with a bootstrap interval, from ``{prefix}brier{n}``."""
+    """Brier-1..4 with intervals and BrierLM (also in the official combination) with bootstrap
+    intervals, from ``{prefix}brier{n}``, and the number of scored ``positions``. The intervals come
+    from the spread between blocks, so they hold both the text's variation and the Monte Carlo
+    noise of the samples (with one block there is no spread to use: no interval)."""
     pos = col(rows, positions)
     sums = np.stack([col(rows, f"{prefix}brier{n}") for n in ORDERS], 1)  # [blocks, 4]
     out: dict[str, Any] = {f"brier{n}": ratio_ci(sums[:, i], pos) for i, n in enumerate(ORDERS)}
+    out["positions"] = int(pos.sum())
     out["brierlm"] = brier_lm({n: out[f"brier{n}"]["mean"] for n in ORDERS})
     out["brierlm_official"] = brier_lm_official({n: out[f"brier{n}"]["mean"] for n in ORDERS})
     if n_boot and len(pos) > 1:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, len(pos), size=(n_boot, len(pos)))
         means = sums[idx].sum(1) / pos[idx].sum(1)[:, None]  # [n_boot, 4]
-        boot = [brier_lm(dict(zip(ORDERS, m))) for m in means]
-        out["brierlm_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        for key, combine in (("brierlm_ci95", brier_lm), ("brierlm_official_ci95", brier_lm_official)):
+            boot = [combine(dict(zip(ORDERS, m))) for m in means]
+            out[key] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
     return out
 
 
@@ -110,10 +115,11 @@ def calm_part(rows: list[dict], cfg: Config) -> dict[str, Any]:
 def baseline_part(rows: list[dict], cfg: Config) -> dict[str, Any]:
     ev = cfg.eval
     out = brier_block(rows, "baseline_", ev.bootstrap, ev.seed, "baseline_positions")
-    sampled = brier_block(rows, "baseline_sampled_", 0, ev.seed, "baseline_positions")
-    for n in ORDERS:
-        out[f"sampled_brier{n}"] = sampled[f"brier{n}"]
-    out["sampled_brierlm"] = sampled["brierlm"]
+    if rows and "baseline_sampled_brier1" in rows[0]:  # (the official estimator has no sample-only twin)
+        sampled = brier_block(rows, "baseline_sampled_", 0, ev.seed, "baseline_positions")
+        for n in ORDERS:
+            out[f"sampled_brier{n}"] = sampled[f"brier{n}"]
+        out["sampled_brierlm"] = sampled["brierlm"]
     ce = ratio_ci(col(rows, "baseline_loss"), col(rows, "baseline_loss_tokens"))
     out["cross_entropy"], out["perplexity"] = ce, math.exp(ce["mean"])
     out["brier1_every_token"] = ratio_ci(col(rows, "baseline_brier1_exact"), col(rows, "baseline_tokens"))["mean"]
@@ -144,25 +150,42 @@ def curve(run: RunDir, kind: str) -> list[dict[str, float]]:
             if r.get("val_brierlm") is not None and r.get("train_flops") is not None]
 
 
-def build_report(rows: list[dict], cfg: Config, run: RunDir, corpus: str, lman: dict, kinds: list[str],
-                 missing: list[str], L: int, seconds: float, band_source: str) -> dict[str, Any]:
+ESTIMATORS = {"calm": "two or more decoded head samples per chunk start (U-statistic)",
+              "baseline": "its probabilities at every chunk start (exact P(y), the collision from the samples' "
+                          "exact probabilities)",
+              "baseline_paper": "the official estimator at every token position (exact P(y); the collision along "
+                                "one sampled path: two draws' prefix agreement x the exact last-step sum)"}
+
+
+def build_report(passes: list, cfg: Config, run: RunDir, corpus: str, lman: dict, kinds: list[str],
+                 missing: list[str], band_source: str, layout: str) -> dict[str, Any]:
+    """The report from the scoring ``passes`` (``pipelines.eval.job.Pass``: the models of one
+    context, their rows); the AE's figures come from the first pass."""
     K = lman["identity"]["K"]
-    scored = len(rows) * L * K
+    of = {k: p for p in passes for k in p.kinds}
+    scored = sum(len(p.rows) * p.L * K for p in passes)
+    seconds = sum(p.seconds for p in passes)
     rep: dict[str, Any] = {
         "run": run.uri(), "corpus": corpus, "documents": lman["inputs"]["corpus"].get("documents"),
         "split": ("every document of the corpus" if cfg.eval.split == "all" else
                   "the documents the run's split rule held out of training"),
-        "corpus_chunks": lman["metrics"]["rows"], "context_chunks": L, "K": K, "blocks": len(rows),
-        "positions_per_block": L - 1, "samples": cfg.eval.samples, "seed": cfg.eval.seed, "protocol": cfg.eval.protocol,
-        "models": kinds, "missing": missing, "ae": ae_part(rows, cfg, band_source),
+        "layout": layout, "corpus_chunks": lman["metrics"]["rows"], "K": K,
+        "context": "eval.block_chunks" if cfg.eval.block_chunks else "each model's trained context",
+        "context_chunks": {k: of[k].L for k in kinds}, "blocks": {k: len(of[k].rows) for k in kinds},
+        "samples": cfg.eval.samples, "seed": cfg.eval.seed, "protocol": cfg.eval.protocol,
+        "models": kinds, "missing": missing, "ae": ae_part(passes[0].rows, cfg, band_source),
         "throughput": {"tokens_scored": scored, "seconds": seconds, "tokens_per_s": scored / max(seconds, 1e-9),
                        "actors": cfg.eval.actors},
         "curves": {k: curve(run, k) for k in kinds},
     }
     if "calm" in kinds:
-        rep["calm"] = calm_part(rows, cfg)
+        rep["calm"] = calm_part(of["calm"].rows, cfg)
     if "baseline" in kinds:
-        rep["baseline"] = baseline_part(rows, cfg)
+        rep["baseline"] = baseline_part(of["baseline"].rows, cfg)
+    for k in kinds:
+        est = "baseline_paper" if k == "baseline" and cfg.eval.protocol == "paper" else k
+        rep[k].update({"context_chunks": of[k].L, "context_tokens": of[k].L * K, "blocks": len(of[k].rows),
+                       "estimator": ESTIMATORS[est]})
     return rep
 
 
@@ -175,10 +198,13 @@ def _f(x: Any, digits: int = 4) -> str:
 
 def markdown(rep: dict[str, Any]) -> str:
     kinds = rep["models"]
+    scored = "; ".join(f"{k}: {rep[k]['blocks']:,} blocks of {rep[k]['context_chunks']:,} chunks "
+                       f"({rep[k]['context_tokens']:,} tokens), Brier-n by {rep[k]['estimator']}" for k in kinds)
     out = [f"# Evaluation of `{rep['run']}` on `{rep['corpus']}`", "",
-           f"Scored: {rep['split']}; {rep['blocks']:,} blocks of {rep['context_chunks']} chunks (K = {rep['K']}; {rep['positions_per_block']} "
-           f"scored chunk starts each), {rep['samples']} samples per position, seed {rep['seed']}; 95% intervals "
-           "from the per-block spread (BrierLM: bootstrap over blocks)."
+           f"Scored: {rep['split']}, in the {rep.get('layout', 'document')} layout, protocol {rep['protocol']}, "
+           f"at {rep.get('context', 'the trained context')} (K = {rep['K']}): {scored}. {rep['samples']} samples per "
+           f"position, seed {rep['seed']}; 95% intervals from the per-block spread (BrierLM: bootstrap over blocks; "
+           "they hold the text's variation and the sampling noise)."
            + (f" Not in this run: {', '.join(rep['missing'])}." if rep["missing"] else ""), "",
            "| metric | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
 
@@ -186,9 +212,12 @@ def markdown(rep: dict[str, Any]) -> str:
         out.append(f"| {label} | " + " | ".join(_f(get(rep[k])) if get(rep[k]) is not None else "-" for k in kinds) + " |")
 
     row("BrierLM", lambda m: m["brierlm"])
+    row("BrierLM 95% interval", lambda m: "{:.2f}..{:.2f}".format(*m["brierlm_ci95"]) if "brierlm_ci95" in m else None)
     if rep.get("protocol") == "paper":
         row("BrierLM, official combination (clamps only the product)", lambda m: m.get("brierlm_official"))
-    row("BrierLM 95% interval", lambda m: "{:.2f}..{:.2f}".format(*m["brierlm_ci95"]) if "brierlm_ci95" in m else None)
+        row("its 95% interval", lambda m: "{:.2f}..{:.2f}".format(*m["brierlm_official_ci95"])
+            if "brierlm_official_ci95" in m else None)
+    row("scored positions", lambda m: f"{m['positions']:,}" if "positions" in m else None)
     for n in ORDERS:
         row(f"Brier-{n}", lambda m, n=n: m[f"brier{n}"])
     row("BrierLM, sample-only", lambda m: m.get("sampled_brierlm"))
@@ -224,7 +253,7 @@ def markdown(rep: dict[str, Any]) -> str:
         acc = [f"{b[f'acc_{v}']:.4%}" if b[f"acc_{v}"] is not None else "-" for v in ("mu", "sample", "noise")]
         out.append(f"| {b['band']} | {b['tokens']:,} | " + " | ".join(acc) + " |")
     t = rep["throughput"]
-    out += ["", f"Scored {t['tokens_scored']:,} tokens in {t['seconds']:.1f} s ({t['tokens_per_s']:,.0f} tokens/s, "
+    out += ["", f"Scored {t['tokens_scored']:,} tokens (every model's blocks) in {t['seconds']:.1f} s ({t['tokens_per_s']:,.0f} tokens/s, "
             f"{t['actors']} actor(s)).", ""]
     return "\n".join(out)
 
@@ -241,47 +270,11 @@ def short_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plots(rep: dict[str, Any], folder: Path) -> list[str]:
-    """brierlm_vs_flops.png, temperature.png, ae_bands.png (matplotlib, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k, pts in rep["curves"].items():
-        if pts:
-            ax.plot([p["train_flops"] for p in pts], [p["val_brierlm"] for p in pts], marker="o", label=k)
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="held-out BrierLM (training's split)",
-           title="BrierLM during training")
-    ax.legend() if ax.lines else ax.text(0.5, 0.5, "no training metrics", ha="center", transform=ax.transAxes)
-    fig.tight_layout(), fig.savefig(folder / "brierlm_vs_flops.png", dpi=120), plt.close(fig)
-    made.append("brierlm_vs_flops.png")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k in rep["models"]:
-        pts = rep[k]["temperature"]
-        ax.plot([p["collision"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=k)
-        for p in pts:
-            ax.annotate(f"T={p['temperature']}", (p["collision"], p["accuracy"]), fontsize=7)
-    ax.set(xlabel="collision rate (diversity ->  lower)", ylabel="next-chunk accuracy", title="Temperature trade-off")
-    ax.legend(), fig.tight_layout(), fig.savefig(folder / "temperature.png", dpi=120), plt.close(fig)
-    made.append("temperature.png")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bands = [b for b in rep["ae"]["bands"] if b["tokens"]]
-    x = np.arange(len(bands))
-    for i, v in enumerate(("mu", "sample", "noise")):
-        ax.bar(x + (i - 1) * 0.27, [b[f"acc_{v}"] for b in bands], width=0.27, label=v)
-    ax.set_xticks(x, [b["band"] for b in bands], rotation=20, fontsize=7)
-    ax.set(ylabel="token accuracy", title="AE reconstruction by token frequency", ylim=(0, 1.02))
-    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(folder / "ae_bands.png", dpi=120), plt.close(fig)
-    made.append("ae_bands.png")
-    return made
-
-
 def publish(rep: dict[str, Any], run: RunDir, tmp: Path, artifact: str, ident: dict) -> str:
     (tmp / "report.json").write_text(json.dumps(rep, indent=1, default=float))
     (tmp / "report.md").write_text(markdown(rep))
+    from pipelines.eval.plots import plots
+
     plots(rep, tmp)
     metrics = {k: rep[k]["brierlm"] for k in ("calm", "baseline") if k in rep}
     write_manifest(tmp, "evaluation", inputs={"corpus": rep["corpus"]}, metrics=metrics, extra={"identity": ident})

@@ -11,7 +11,9 @@ that seeds the block's noise) it returns per-block sums, each a column:
                 of a decoded head sample with the true next chunk, ROUGE-L, and the temperature
                 sweep (accuracy and collision per temperature [b, temperatures])
     baseline_*  ``baseline_block_scores`` (cross-entropy, Brier-1..4 from probabilities and from
-                samples), agreement of a sampled K-token continuation, ROUGE-L, the sweep
+                samples at the chunk starts; under ``eval.protocol=paper`` the official estimator at
+                every token position, ``baseline_every_token_scores``), agreement of a sampled
+                K-token continuation, ROUGE-L, the sweep
     *_text      the predicted and true next chunks as text (joined by RS), for corpus BLEU
 
 The temperature sweep runs on blocks whose key is a multiple of ``eval.sweep_every``.
@@ -31,7 +33,7 @@ from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.baseline import TokenLM
 from calm_core.calm_model import CALM
 from calm_core.config import EvalConfig
-from calm_core.evaluate import baseline_block_scores, block_generators, calm_block_scores
+from calm_core.evaluate import baseline_block_scores, baseline_every_token_scores, block_generators, calm_block_scores
 from calm_core import rng
 from calm_core.tokenizer import CalmTokenizer
 
@@ -145,8 +147,10 @@ def calm_scores(m: Models, tok: torch.Tensor, mu: torch.Tensor, ls: torch.Tensor
 def baseline_scores(m: Models, tok: torch.Tensor, keys: torch.Tensor, ev: EvalConfig) -> dict:
     lm, (b, L, K) = m.baseline, tok.shape
     flat = tok.flatten(1)  # [b, L*K]
-    out = {f"baseline_{k}": v for k, v in baseline_block_scores(lm, flat, K, ev.samples, block_generators(ev.seed, keys),
-                                                                 m.tok.pad_id).items()}
+    gen = block_generators(ev.seed, keys)
+    brier = (baseline_every_token_scores(lm, flat, gen, m.tok.pad_id) if ev.protocol == "paper"  # the official estimator
+             else baseline_block_scores(lm, flat, K, ev.samples, gen, m.tok.pad_id))
+    out = {f"baseline_{k}": v for k, v in brier.items()}
     starts = torch.arange(K, L * K - K + 1, K, device=tok.device)  # the L-1 chunk starts CALM predicts at
     true = tok[:, 1:].flatten(0, 1)  # [b*(L-1), K]
     pred, _ = A.baseline_picks(lm, flat, starts, K, 1.0, block_generators(ev.seed + 1, keys))
@@ -156,14 +160,14 @@ def baseline_scores(m: Models, tok: torch.Tensor, keys: torch.Tensor, ev: EvalCo
     return out
 
 
-def score_blocks(m: Models, batch: dict[str, np.ndarray], ev: EvalConfig) -> dict[str, np.ndarray]:
-    """One batch of blocks -> per-block columns (the module docstring)."""
+def score_blocks(m: Models, batch: dict[str, np.ndarray], ev: EvalConfig, ae: bool = True) -> dict[str, np.ndarray]:
+    """One batch of blocks -> per-block columns (the module docstring); ``ae``: with the AE's."""
     # copied once on purpose: Ray Data hands the batch's arrays over read-only (zero-copy)
     tok = torch.tensor(batch["tokens"], dtype=torch.long, device=m.device)  # [b, L, K]
     mu = torch.tensor(batch["mu"], dtype=torch.float32, device=m.device)
     ls = torch.tensor(batch["log_sigma"], dtype=torch.float32, device=m.device)
     keys = torch.tensor(batch["key"], dtype=torch.long)
-    out: dict = {"key": keys, **ae_scores(m, tok, mu, ls, keys, ev)}
+    out: dict = {"key": keys, **(ae_scores(m, tok, mu, ls, keys, ev) if ae else {})}
     if m.calm is not None:
         out.update(calm_scores(m, tok, mu, ls, keys, ev))
     if m.baseline is not None:

@@ -17,6 +17,7 @@ import torch
 from calm_core.artifacts import load_ae, load_model
 from calm_core.autoencoder import ChunkAutoencoder
 from calm_core.calm_model import CALM
+from calm_core.chunking import layout_of
 from calm_core.batching import Batch, Member
 from calm_core.engine import CalmEngine, GenRequest
 from calm_core.generate import prompt_chunks
@@ -36,6 +37,7 @@ class Generator:
     model: CALM
     ae: ChunkAutoencoder
     tok: CalmTokenizer
+    layout: str = "document"  # how the model's training text was laid out (calm_core.chunking): its prompts too
 
     @classmethod
     def from_run(cls, run: RunDir, ae_path: str | None = None, device: str = "cpu") -> "Generator":
@@ -45,7 +47,7 @@ class Generator:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))
         calm = load_model(run.local_artifact("calm"), "calm", expected_ae_sha256=ae.sha256)
-        return cls(calm.model.to(device).eval(), ae.model.to(device).eval(), calm.tok)
+        return cls(calm.model.to(device).eval(), ae.model.to(device).eval(), calm.tok, layout_of(calm.cfg.data.layout))
 
     def complete(self, prompt: str, chunks: int = 16, temperature: float = 1.0, candidates: int = 200,
                  seed: int = 0, stop_at_end: bool = True, sampler: str = "batch", max_draws: int = 2000) -> dict:
@@ -60,14 +62,14 @@ class Generator:
         ids = tok.encode(prompt)
         room = max(0, L - chunks - 1) * K  # prompt tokens that fit in the trained context with the output
         cut = ids[len(ids) - room:] if len(ids) > room else ids
-        _, kept = prompt_chunks(cut, K, tok.eot_id, tok.pad_id, tok.bos_id)
+        _, kept = prompt_chunks(cut, K, self.layout, tok.eot_id, tok.pad_id, tok.bos_id)
         warning = None
         if chunks > L - 1:
             warning = (f"{chunks} chunks exceed the {L}-chunk context the model was trained on "
                        f"(model.block_chunks); positions beyond it are extrapolated")
         elif len(ids) > room:
             warning = f"the prompt was cut to its last {room} tokens to fit the {L}-chunk trained context"
-        engine = CalmEngine(self.model, self.ae, tok)  # the step engine the server runs, one request here
+        engine = CalmEngine(self.model, self.ae, tok, self.layout)  # the step engine the server runs, one request here
         engine.stats = stats = ExactStats()
         batch = Batch(engine)
         member = Member.start(engine, GenRequest(cut, params), keep_ids=True)

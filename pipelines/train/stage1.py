@@ -14,6 +14,7 @@ Rerunning the same command resumes from the last checkpoint (the run is named ``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from calm_core.artifacts import ae_inputs
+from calm_core.chunking import layout_of
 from calm_core.autoencoder import (ChunkAutoencoder, active_dims, autoencoder_train_flops_per_token,
                                    load_autoencoder_dir, reconstruction_metrics)
 from calm_core.config import Config
@@ -94,6 +96,8 @@ def stage1_identity(cfg: Config, tok: CalmTokenizer, n_train_docs: int) -> dict[
         **({"stage1.grad_accum": cfg.stage1.grad_accum} if cfg.stage1.grad_accum != 1 else {}),
         "distributed.num_workers": cfg.distributed.num_workers,
         "distributed.zero_stage": cfg.distributed.zero_stage,
+        # (only when packed: the identities of runs made before the setting existed stay the same)
+        **({"data.layout": "packed"} if cfg.data.layout == "packed" else {}),
     })
     return ident
 
@@ -121,10 +125,12 @@ def _chunks(cfg: Config, train_docs, val_docs, tok: CalmTokenizer):
     # streaming it to them then needs no Ray Data task (a task the leftover CPU share of a
     # 2-core machine could not schedule would stall training forever)
     # in corpus order (pipelines.train.stream: a resumed run finds its data position in it)
-    train = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus).select_columns(["tokens"], num_cpus=cfg.data.read_cpus)
+    layout = cfg.data.layout
+    train = chunk_dataset(train_docs, tok, K, cfg.data.read_cpus, layout=layout).select_columns(
+        ["tokens"], num_cpus=cfg.data.read_cpus)
     train.context.execution_options.preserve_order = True
     train = train.materialize()
-    val = chunk_dataset(val_docs, tok, K, cfg.data.read_cpus).materialize() if val_docs is not None else None
+    val = chunk_dataset(val_docs, tok, K, cfg.data.read_cpus, layout=layout).materialize() if val_docs is not None else None
     n_train, need = train.count(), cfg.stage1.batch_size * d.num_workers
     if n_train < need:
         raise DataError(f"the corpus gives {n_train} training chunks, fewer than one step needs "
@@ -144,6 +150,8 @@ def run_stage1(cfg: Config, corpus: str | None, run: RunDir, overwrite: bool = F
     spot = stage1_spot(run)
     if overwrite:
         spot.discard()
+    # the AE's config records the layout it was trained on (auto: document); later stages follow it
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=layout_of(cfg.data.layout)))
     train_docs, val_docs, stats = load_corpus(corpus, cfg.data)
     progress(f"[corpus] {stats.summary()}")
     corpus_info = {"spec": corpus, **stats.to_dict()}

@@ -30,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_ae, load_model, model_inputs
 from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
 from calm_core.brierlm import ORDERS
+from calm_core.chunking import layout_of
 from calm_core.config import Config
 from calm_core.errors import ArtifactError, ConfigError, DataError
 from calm_core.evaluate import baseline_heldout, calm_heldout, heldout_record
@@ -150,15 +151,19 @@ def stage2_identity(kind: str, cfg: Config, ae_ident: dict, latents_identity: di
                 if getattr(cfg, section).grad_accum != 1 else {}),
              **({f"{section}.shuffle": "corpus", f"{section}.seed": getattr(cfg, section).seed}
                 if getattr(cfg, section).shuffle == "corpus" else {}),
-             "distributed.num_workers": cfg.distributed.num_workers, "distributed.zero_stage": cfg.distributed.zero_stage}
+             "distributed.num_workers": cfg.distributed.num_workers, "distributed.zero_stage": cfg.distributed.zero_stage,
+             **({"data.layout": "packed"} if cfg.data.layout == "packed" else {})}
     if kind == "calm":
         ident.update({f"head.{k}": v for k, v in cfg.to_dict()["head"].items()})
     return ident
 
 
 def _load_ae(cfg: Config, run: RunDir, ae_path: str | None) -> tuple[AEArtifact, Config]:
-    """The AE and the config with its ``ae`` section (K and the latent width come from the AE)."""
+    """The AE and the config with its ``ae`` section (K and the latent width come from the AE) and
+    its layout (``data.layout`` auto: the AE's)."""
     ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))
+    if cfg.data.layout == "auto":
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=layout_of(ae.cfg.data.layout)))
     if ae.cfg.ae.K < max(ORDERS):
         raise ConfigError(f"the autoencoder at '{ae.path}' has K = {ae.cfg.ae.K}; BrierLM compares the first "
                           f"{max(ORDERS)} tokens of one predicted chunk, so stage 2 needs K >= {max(ORDERS)}")
@@ -178,6 +183,10 @@ def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dic
     if init.tok.sha256 != ae.tok.sha256:
         raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' was made with another tokenizer "
                             f"({init.tok.sha256[:12]}) than this run's AE ({ae.tok.sha256[:12]})")
+    if layout_of(init.cfg.data.layout) != cfg.data.layout:
+        raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' was trained on the {layout_of(init.cfg.data.layout)} "
+                            f"layout and this run trains on the {cfg.data.layout} layout (data.layout); set "
+                            f"data.layout={layout_of(init.cfg.data.layout)} and precompute the latents with it")
     if init.cfg.ae.K != cfg.ae.K:
         raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' works on chunks of K={init.cfg.ae.K}, this run's AE on K={cfg.ae.K}")
     model = dataclasses.replace(init.cfg.model, block_chunks=cfg.model.block_chunks)
@@ -225,6 +234,7 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
     src = latents or run
     lman = LT.latents_manifest(src)
     LT.check_matches(lman, ae.identity, src.uri(LT.ARTIFACT))
+    LT.check_layout(lman, cfg.data.layout, src.uri(LT.ARTIFACT), f"this {kind} run")
     identity = {**stage2_identity(kind, cfg, ae.identity, lman["identity"]), **init_ident}
     max_steps = getattr(cfg, section).max_steps
     done = claim(spot, identity, lambda m: f"{m['metrics'].get('step', 0)} steps"
