@@ -149,7 +149,10 @@ def test_the_baseline_starts_from_the_imported_one(imported):
     tmp, _ = imported
     ae = load_ae(tmp / "run" / "ae")
     cfg = dataclasses.replace(load_config("debug", [f"baseline.init_from={tmp / 'run' / 'baseline'}"]), ae=ae.cfg.ae)
-    cfg, weights, ident = _init_from(cfg, "baseline", ae)
+    with pytest.raises(ArtifactError, match="trained on the packed layout and this run trains on the document"):
+        _init_from(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout="document")), "baseline", ae)
+    cfg, weights, ident = _init_from(cfg, "baseline", ae)  # data.layout auto: the imported AE's, packed
+    assert cfg.data.layout == "packed"
     assert cfg.model.block_chunks == 8 and cfg.model.d_model == 64 and cfg.model.tie_embeddings is False
     plan = TrainPlan("baseline", "baseline", cfg, ae.tok.to_str(), {}, {}, init_weights=weights)
     built = ModelStage(plan, torch.device("cpu")).build()

@@ -162,12 +162,18 @@ def _load_ae(cfg: Config, run: RunDir, ae_path: str | None) -> tuple[AEArtifact,
     """The AE and the config with its ``ae`` section (K and the latent width come from the AE) and
     its layout (``data.layout`` auto: the AE's)."""
     ae = load_ae(Path(ae_path) if ae_path else run.local_artifact("ae"))
-    if cfg.data.layout == "auto":
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=layout_of(ae.cfg.data.layout)))
+    cfg = _with_layout(cfg, ae)
     if ae.cfg.ae.K < max(ORDERS):
         raise ConfigError(f"the autoencoder at '{ae.path}' has K = {ae.cfg.ae.K}; BrierLM compares the first "
                           f"{max(ORDERS)} tokens of one predicted chunk, so stage 2 needs K >= {max(ORDERS)}")
     return ae, dataclasses.replace(cfg, ae=ae.cfg.ae)
+
+
+def _with_layout(cfg: Config, ae: AEArtifact) -> Config:
+    """``cfg`` with its layout resolved: data.layout, or (auto) the layout the AE was trained on."""
+    if cfg.data.layout != "auto":
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=layout_of(ae.cfg.data.layout)))
 
 
 def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dict[str, Any]]:
@@ -179,6 +185,7 @@ def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dic
     spec = getattr(cfg, SECTIONS[kind]).init_from
     if not spec:
         return cfg, "", {}
+    cfg = _with_layout(cfg, ae)
     init = load_model(fetch_dir(spec), kind, expected_ae_sha256=ae.sha256 if kind == "calm" else None)
     if init.tok.sha256 != ae.tok.sha256:
         raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' was made with another tokenizer "
