@@ -3,7 +3,8 @@
 
     import   official folders -> a run directory that every job reads (generate, evaluate, serve, fine-tune)
     parity   the run's models recompute a reference folder's official outputs (noise replayed); exit 0 only if equal
-    export   a run's models -> the official format (pytorch_model.bin + config.json), for the official code
+    export   a run's models -> the official format (pytorch_model.bin + config.json + a model card), for the official
+             code and the Hub (hf upload ORG/NAME OUT/calm)
 
     python jobs/official.py import --calm hf://cccczshao/CALM-M --tokenizer hf://cccczshao/CALM-M --run runs/calm-m
     python jobs/official.py parity --run runs/calm-m --reference tests/fixtures/official-calm
@@ -49,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     par.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     par.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     par.add_argument("--only", default="ae,calm,baseline", help="models to check (default: ae,calm,baseline)")
-    exp = sub.add_parser("export", help="a run's models -> the official format")
+    exp = sub.add_parser("export", help="a run's models -> the official format, with model cards")
     exp.add_argument("--run", required=True)
-    exp.add_argument("--out", required=True, help="folder to write ae/, calm/, baseline/ into")
+    exp.add_argument("--out", required=True, help="folder to write ae/, calm/, baseline/ into (each "
+                     "uploadable as it is: hf upload ORG/NAME OUT/calm)")
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     return p
 

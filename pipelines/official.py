@@ -3,7 +3,8 @@
     import_official   official AE / CALM / baseline folders + a tokenizer -> RUN/tokenizer, RUN/ae,
                       RUN/calm, RUN/baseline, each with its manifest, as if trained here
     export_official   RUN/ae, RUN/calm, RUN/baseline -> OUT/ae, OUT/calm, OUT/baseline in the official
-                      format (pytorch_model.bin + config.json), loadable by the official code
+                      format (pytorch_model.bin + config.json), loadable by the official code, with a
+                      model card (README.md) for the Hub
     (parity: pipelines/parity.py)
 
 Folders may be local paths, URIs (``pipelines.storage.fetch_dir``) or Hub repos ``hf://ORG/NAME[@REVISION]``
@@ -31,7 +32,7 @@ from calm_core.config import Config, config_from_yaml
 from calm_core.errors import ArtifactError
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.progress import progress
-from pipelines.hub import fetch_source
+from pipelines.hub import fetch_source, model_card
 from pipelines.storage import RunDir
 
 KINDS = ("ae", "calm", "baseline")
@@ -229,12 +230,14 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
 # ----------------------------------------------------------------------------- export
 
 
-def _save_official(out: Path, state: dict[str, torch.Tensor], conf: dict, tok: CalmTokenizer) -> None:
+def _save_official(out: Path, state: dict[str, torch.Tensor], conf: dict, tok: CalmTokenizer, manifest: dict) -> None:
+    """OUT/<kind>: the official files and a model card, a folder to upload to the Hub as it is."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "pytorch_model.bin")
     conf = {**conf, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     tok.save(out)
+    (out / "README.md").write_text(model_card(out.name, conf, manifest))
 
 
 def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> list[Path]:
@@ -248,7 +251,7 @@ def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> li
     ae_state = load_weights(ae.path / "model.safetensors")  # as stored: the dtype kept
     ae_official = O.to_official(ae_state, O.ae_rules(ae.cfg))
     written = []
-    _save_official(out / "ae", ae_official, O.export_config("ae", ae.cfg, ae.tok.vocab_size, ids), ae.tok)
+    _save_official(out / "ae", ae_official, O.export_config("ae", ae.cfg, ae.tok.vocab_size, ids), ae.tok, ae.manifest)
     written.append(out / "ae")
     for kind in ("calm", "baseline"):
         if not run.has_artifact(kind):
@@ -259,7 +262,7 @@ def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> li
         if kind == "calm":  # the official CALM carries its frozen AE
             state = {**{O.AE_PREFIX + k: v for k, v in O.to_official(ae_state, O.ae_rules(ae.cfg)).items()}, **state}
         conf = O.export_config(kind, art.cfg, art.tok.vocab_size, ids, str((out / "ae").resolve()))
-        _save_official(out / kind, state, conf, art.tok)
+        _save_official(out / kind, state, conf, art.tok, art.manifest)
         written.append(out / kind)
     for p in written:
         progress(f"[official] wrote {p} ({O.KIND_ARCH[p.name]})")

@@ -1,4 +1,5 @@
-"""hf:// sources of jobs/official.py import, read offline from a Hugging Face Hub cache laid out here.
+"""hf:// sources of jobs/official.py import, read offline from a Hugging Face Hub cache laid out here,
+and the model card that export writes for the Hub.
 
 The cache is the layout huggingface_hub 2.x reads offline (``huggingface_hub._snapshot_download``):
 ``models--ORG--NAME/refs/<branch or tag>`` holds a commit hash (no newline: the file is read as it is),
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from calm_core.errors import ArtifactError
 from test_official import FIX, official_style_tokenizer
@@ -143,3 +146,39 @@ def test_a_hub_that_cannot_be_reached_is_one_line_and_a_cached_revision_still_im
     job_main("import", "--calm", "hf://org/calm-fixture", "--tokenizer", "hf://org/calm-fixture",
              "--run", str(tmp_path / "r"))  # the cache answers for what it holds
     assert manifest(tmp_path / "r", "calm")["source"]["hub"]["commit"] == COMMIT
+
+
+def test_export_writes_a_model_card_with_the_sizes(repos, tmp_path):
+    job_main("import", "--calm", "hf://org/calm-fixture", "--baseline", "hf://org/baseline-fixture",
+             "--tokenizer", "hf://org/calm-fixture", "--run", str(tmp_path / "r"))
+    job_main("export", "--run", str(tmp_path / "r"), "--out", str(tmp_path / "out"))
+    for kind, tag, library in (("ae", "autoencoder", "pytorch"), ("calm", "energy-transformer", "pytorch"),
+                               ("baseline", "llama", "transformers")):
+        card = (tmp_path / "out" / kind / "README.md").read_text()
+        front = re.match(r"---\n(.*?)\n---\n", card, re.S)
+        assert front, card[:200]
+        meta = yaml.safe_load(front.group(1))
+        assert meta["library_name"] == library and {"calm", tag} <= set(meta["tags"]), meta
+        rows = dict(re.findall(r"^\| ([^|]+?) \| [^|]*\| ([^|]+?) \|$", card, re.M))
+        official = json.loads((FIX / kind / "config.json").read_text())  # the sizes the official code wrote
+        sizes = {"d_model": "hidden_size", "ffn": "intermediate_size", "vocab": "vocab_size"}
+        sizes.update({"K": "patch_size", "latent dim": "latent_size"} if kind != "baseline" else {})
+        sizes.update({"encoder layers": "num_encoder_layers"} if kind == "ae" else
+                     {"layers": "num_hidden_layers", "heads": "num_attention_heads"})
+        assert {row: rows.get(row) for row in sizes} == {row: str(official[key]) for row, key in sizes.items()}
+        assert rows["parameters"] == f"{manifest(tmp_path / 'r', kind)['parameters']:,}"
+        repo = "baseline-fixture" if kind == "baseline" else "calm-fixture"  # the AE: the copy inside the CALM
+        assert f"hf://org/{repo}` at commit `{COMMIT}`" in card and "2510.27688" in card
+        assert "Training data: not recorded." in card and "- not recorded" in card
+
+
+def test_a_trained_runs_card_has_its_corpus_and_figures():
+    from pipelines.hub import model_card
+
+    conf = json.loads((FIX / "ae" / "config.json").read_text())
+    card = model_card("ae", conf, {"parameters": 167776, "inputs": {"corpus": {
+        "spec": "books/", "files": 3, "format": "text", "documents": {"train": 90, "val": 10}}},
+        "metrics": {"step": 2000, "val_token_acc": 0.99871, "stopped_early": False}})
+    assert "Training data: `books/` (3 text files; 90 training / 10 held-out documents)." in card
+    assert "- `step`: 2000\n- `val_token_acc`: 0.99871\n" in card and "stopped_early" not in card
+    assert "Imported" not in card and "not recorded" not in card
