@@ -3,9 +3,10 @@
 
     import   official folders -> a run directory that every job reads (generate, evaluate, serve, fine-tune)
     parity   the run's models recompute a reference folder's official outputs (noise replayed); exit 0 only if equal
-    export   a run's models -> the official format (pytorch_model.bin + config.json), for the official code
+    export   a run's models -> the official format (pytorch_model.bin + config.json + a model card), for the official
+             code and the Hub (hf upload ORG/NAME OUT/calm)
 
-    python jobs/official.py import --calm CALM-M/ --tokenizer tokenizer.json --run runs/calm-m
+    python jobs/official.py import --calm hf://cccczshao/CALM-M --tokenizer hf://cccczshao/CALM-M --run runs/calm-m
     python jobs/official.py parity --run runs/calm-m --reference tests/fixtures/official-calm
     python jobs/official.py export --run runs/calm-m --out exported/
 docs/OFFICIAL.md maps every official name and setting to this project's.
@@ -27,13 +28,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="official checkpoint folders -> a run directory")
-    imp.add_argument("--calm", help="EnergyTransformer folder or URI (config.json + pytorch_model.bin / "
-                     "model.safetensors / shards with their *.index.json); its AE copy is used when --ae is absent")
-    imp.add_argument("--ae", help="Autoencoder folder or URI (default: the ae_model.* copy inside --calm)")
-    imp.add_argument("--baseline", help="LlamaForCausalLM folder or URI (the token baseline)")
-    imp.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder holding one) the models were "
-                     "trained with; its size and special ids are checked against the configs")
+    imp = sub.add_parser("import", help="official checkpoint folders or hf:// repos -> a run directory")
+    imp.add_argument("--calm", help="EnergyTransformer folder, URI or hf://ORG/NAME[@REVISION] (config.json + "
+                     "pytorch_model.bin / model.safetensors / shards with their *.index.json); its AE copy is used "
+                     "when --ae is absent")
+    imp.add_argument("--ae", help="Autoencoder folder, URI or hf://ORG/NAME[@REVISION] (default: the ae_model.* "
+                     "copy inside --calm)")
+    imp.add_argument("--baseline", help="LlamaForCausalLM folder, URI or hf://ORG/NAME[@REVISION] (the token baseline)")
+    imp.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder or hf://ORG/NAME[@REVISION] "
+                     "repo holding one) the models were trained with; its size and special ids are checked against "
+                     "the configs. hf:// repos come through the Hub cache (HF_HOME, HF_HUB_OFFLINE=1, HF_TOKEN "
+                     "apply); each manifest records the commit")
     imp.add_argument("--run", required=True, help="run directory or URI to create")
     imp.add_argument("--config", default="demo", help="config whose other sections (data, training, serving, "
                      "evaluation) the run gets; ae/model/head come from the checkpoints (default: demo)")
@@ -45,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     par.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     par.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     par.add_argument("--only", default="ae,calm,baseline", help="models to check (default: ae,calm,baseline)")
-    exp = sub.add_parser("export", help="a run's models -> the official format")
+    exp = sub.add_parser("export", help="a run's models -> the official format, with model cards")
     exp.add_argument("--run", required=True)
-    exp.add_argument("--out", required=True, help="folder to write ae/, calm/, baseline/ into")
+    exp.add_argument("--out", required=True, help="folder to write ae/, calm/, baseline/ into (each "
+                     "uploadable as it is: hf upload ORG/NAME OUT/calm)")
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     return p
 

@@ -3,10 +3,12 @@
     import_official   official AE / CALM / baseline folders + a tokenizer -> RUN/tokenizer, RUN/ae,
                       RUN/calm, RUN/baseline, each with its manifest, as if trained here
     export_official   RUN/ae, RUN/calm, RUN/baseline -> OUT/ae, OUT/calm, OUT/baseline in the official
-                      format (pytorch_model.bin + config.json), loadable by the official code
+                      format (pytorch_model.bin + config.json), loadable by the official code, with a
+                      model card (README.md) for the Hub
     (parity: pipelines/parity.py)
 
-Folders may be local paths or URIs (``pipelines.storage.fetch_dir``). Weights keep their dtype
+Folders may be local paths, URIs (``pipelines.storage.fetch_dir``) or Hub repos ``hf://ORG/NAME[@REVISION]``
+(``pipelines.hub``, whose resolved commit each manifest records). Weights keep their dtype
 (float32 or bfloat16) on the way in and out, so official -> import -> export is bit for bit.
 """
 
@@ -30,7 +32,8 @@ from calm_core.config import Config, config_from_yaml
 from calm_core.errors import ArtifactError
 from calm_core.tokenizer import CalmTokenizer
 from pipelines.progress import progress
-from pipelines.storage import RunDir, fetch_dir
+from pipelines.hub import fetch_source, model_card
+from pipelines.storage import RunDir
 
 KINDS = ("ae", "calm", "baseline")
 
@@ -43,6 +46,7 @@ class Source:
     spec: str  # as the user gave it
     path: Path  # local
     conf: dict
+    hub: dict | None = None  # hf:// specs: {repo, revision, commit}
 
     @functools.cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -55,13 +59,13 @@ class Source:
 
 
 def open_source(spec: str, kind: str) -> Source:
-    path = fetch_dir(spec)
+    path, hub = fetch_source(spec, kind)
     conf = O.read_config(path)
     found = O.architecture(conf, spec)
     if found != kind:
         raise ArtifactError(f"'{spec}' holds {O.KIND_ARCH[found]}, but was given as the {kind} "
                             f"(--{kind} expects {O.KIND_ARCH[kind]})")
-    return Source(kind, spec, path, conf)
+    return Source(kind, spec, path, conf, hub)
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -130,8 +134,8 @@ def _load_check(kind: str):
 def _publish(run: RunDir, kind: str, state, cfg: Config, tok: CalmTokenizer, inputs: dict, src: Source,
              extra: dict | None = None) -> dict:
     source = {"format": "official", "dir": src.spec, "architectures": src.conf.get("architectures"),
-              "config": src.conf,
-              "files": {p.name: sha256_file(p) for p in O.weight_files(src.path)}}
+              "config": src.conf, "files": {p.name: sha256_file(p) for p in O.weight_files(src.path)},
+              **({"hub": src.hub} if src.hub else {})}
     with tempfile.TemporaryDirectory() as tmp:
         manifest = write_trained(tmp, kind, state, cfg, tok, [], {"step": 0, "imported": True}, inputs,
                                  {"source": source, "identity": {"official": source["files"]}, "K": cfg.ae.K,
@@ -142,11 +146,12 @@ def _publish(run: RunDir, kind: str, state, cfg: Config, tok: CalmTokenizer, inp
     return manifest
 
 
-def _publish_tokenizer(run: RunDir, tok: CalmTokenizer, cfg: Config, spec: str) -> None:
+def _publish_tokenizer(run: RunDir, tok: CalmTokenizer, cfg: Config, spec: str, hub: dict | None) -> None:
+    source = {"source": spec, "hub": hub} if hub else {"source": f"file:{spec}"}
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
         (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
-        write_manifest(tmp, "tokenizer", inputs={"source": f"file:{spec}", "corpus": {}},
+        write_manifest(tmp, "tokenizer", inputs={**source, "corpus": {}},
                        metrics={"vocab_size": tok.vocab_size},
                        extra={"sha256": tok.sha256, "identity": {"official_tokenizer": tok.sha256},
                               "special_tokens": {"eot": tok.eot_id, "pad": tok.pad_id, "mask": tok.mask_id, "bos": tok.bos_id}})
@@ -173,7 +178,8 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
     existing = [k for k in ("tokenizer", *KINDS) if run.has_artifact(k)]
     if existing and not overwrite:
         raise ArtifactError(f"'{run.uri()}' already holds {', '.join(existing)}; use a new --run or --overwrite")
-    tok = CalmTokenizer.from_file(fetch_dir(tokenizer, file_ok=True))
+    tok_path, tok_hub = fetch_source(tokenizer, "tokenizer")
+    tok = CalmTokenizer.from_file(tok_path)
     srcs = {k: open_source(s, k) for k, s in (("calm", calm), ("ae", ae), ("baseline", baseline)) if s}
     for s in srcs.values():
         check_tokenizer(tok, s)
@@ -205,7 +211,7 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
 
     for k in ("tokenizer", *KINDS):  # --overwrite: the run's old models go with the old tokenizer
         run.delete(k)
-    _publish_tokenizer(run, tok, cfg_ae, tokenizer)
+    _publish_tokenizer(run, tok, cfg_ae, tokenizer, tok_hub)
     manifests = {"ae": _publish(run, "ae", states.pop("ae"), cfg_ae, tok,
                                 {"tokenizer_sha256": tok.sha256, "corpus": {}, "config_sha256": cfg_ae.section_hash()},
                                 srcs["ae"])}
@@ -224,12 +230,14 @@ def import_official(base: Config, run: RunDir, tokenizer: str, calm: str | None 
 # ----------------------------------------------------------------------------- export
 
 
-def _save_official(out: Path, state: dict[str, torch.Tensor], conf: dict, tok: CalmTokenizer) -> None:
+def _save_official(out: Path, state: dict[str, torch.Tensor], conf: dict, tok: CalmTokenizer, manifest: dict) -> None:
+    """OUT/<kind>: the official files and a model card, a folder to upload to the Hub as it is."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "pytorch_model.bin")
     conf = {**conf, "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     tok.save(out)
+    (out / "README.md").write_text(model_card(out.name, conf, manifest))
 
 
 def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> list[Path]:
@@ -243,7 +251,7 @@ def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> li
     ae_state = load_weights(ae.path / "model.safetensors")  # as stored: the dtype kept
     ae_official = O.to_official(ae_state, O.ae_rules(ae.cfg))
     written = []
-    _save_official(out / "ae", ae_official, O.export_config("ae", ae.cfg, ae.tok.vocab_size, ids), ae.tok)
+    _save_official(out / "ae", ae_official, O.export_config("ae", ae.cfg, ae.tok.vocab_size, ids), ae.tok, ae.manifest)
     written.append(out / "ae")
     for kind in ("calm", "baseline"):
         if not run.has_artifact(kind):
@@ -254,7 +262,7 @@ def export_official(run: RunDir, out: str | Path, overwrite: bool = False) -> li
         if kind == "calm":  # the official CALM carries its frozen AE
             state = {**{O.AE_PREFIX + k: v for k, v in O.to_official(ae_state, O.ae_rules(ae.cfg)).items()}, **state}
         conf = O.export_config(kind, art.cfg, art.tok.vocab_size, ids, str((out / "ae").resolve()))
-        _save_official(out / kind, state, conf, art.tok)
+        _save_official(out / kind, state, conf, art.tok, art.manifest)
         written.append(out / kind)
     for p in written:
         progress(f"[official] wrote {p} ({O.KIND_ARCH[p.name]})")
