@@ -245,8 +245,8 @@ def test_the_paper_protocol_scores_the_official_packed_blocks_each_model_at_its_
     corpus = tmp_path / "articles.json"  # the official file's format: one {"text": ...} per line
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     run = RunDir(str(tmp_path / "run"))
-    rep = evaluate(load_config("debug", [*SETTINGS, "eval.protocol=paper", "eval.temperatures=[1.0]"]), run,
-                   str(corpus), "paper")
+    rep = evaluate(load_config("debug", [*SETTINGS, "eval.protocol=paper", "eval.temperatures=[1.0]", "eval.actors=1"]),
+                   run, str(corpus), "paper")
     assert (rep["layout"], rep["protocol"], rep["samples"]) == ("packed", "paper", 2)
     assert rep["context_chunks"] == {"calm": 8, "baseline": 4} and rep["context"] == "each model's trained context"
     val = {}

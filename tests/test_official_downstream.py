@@ -50,15 +50,16 @@ def test_the_paper_protocol_evaluates_each_imported_model_packed_at_its_official
     tmp, run = imported
     rnd = __import__("random").Random(1)
     words = ["the", "king", "queen", "said", "and", "to", "of", "a", "in", "that", "is", "was", "he", "she", "it"]
-    articles = [" ".join(rnd.choice(words) for _ in range(1500)) for _ in range(7)]  # ~10.5k tokens in all
+    articles = [" ".join(rnd.choice(words) for _ in range(1500)) for _ in range(6)]  # ~9k tokens in all
     corpus = tmp / "articles.json"
     corpus.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
     rep = evaluate(load_config("debug", ["eval.bootstrap=20", "eval.cpus_per_actor=0.5", "eval.protocol=paper",
-                                         "eval.temperatures=[1.0]", "eval.batch_blocks=1"]), run, str(corpus), "held")
+                                         "eval.temperatures=[1.0]", "eval.batch_blocks=1", "eval.max_blocks=2"]),
+                   run, str(corpus), "held")
     assert rep["models"] == ["calm", "baseline"] and (rep["protocol"], rep["samples"]) == ("paper", 2)
     assert rep["layout"] == "packed" and rep["context_chunks"] == {"calm": 2048, "baseline": 512}
     tokens = rep["corpus_chunks"] * 4  # the packed stream, BOS per article, the tail dropped
-    assert rep["blocks"] == {"calm": tokens // 8192, "baseline": tokens // 2048} and tokens >= 8192
+    assert rep["blocks"] == {"calm": 1, "baseline": 2} and tokens // 8192 == 1  # eval.max_blocks=2 per model
     assert rep["calm"]["positions"] == rep["blocks"]["calm"] * 2047
     assert rep["baseline"]["positions"] == rep["blocks"]["baseline"] * 2044
     assert "brierlm_official" in rep["calm"]
