@@ -35,7 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pipelines  # noqa: E402, F401  (the environment every job sets, before anything imports ray)
+from pipelines.ray_env import ray_environment  # noqa: E402
+
+ray_environment()  # the environment every job sets, before anything imports ray
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

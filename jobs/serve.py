@@ -28,6 +28,9 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. serve.max_replicas=2")
     args = p.parse_args(argv)
+    from pipelines.ray_env import ray_environment
+
+    ray_environment()  # before anything imports ray (Serve reads its mode when it is imported)
     from calm_core.config import load_config
     from calm_core.errors import ConfigError
     from pipelines.serve.app import build_app, direct_ingress, served_kinds

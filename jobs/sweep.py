@@ -32,6 +32,9 @@ def main(argv=None):
                    help="discard this sweep's results and trials (the shared AEs and latents are kept)")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
     args = p.parse_args(argv)
+    from pipelines.ray_env import ray_environment
+
+    ray_environment()  # before anything imports ray
     from pipelines.sweep.spec import builtin_specs, load_spec
 
     if args.list:

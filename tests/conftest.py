@@ -10,13 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Environment for every Ray process, set before anything imports ray: what `pipelines` sets for
-# users' jobs (no usage stats, Train V2, Serve's throughput mode), plus CPU-only DeepSpeed and no
+# Environment for every Ray process, set before anything imports ray: what the jobs set for
+# users' Ray (pipelines.ray_env: no usage stats, Train V2, Serve's throughput mode), plus CPU-only DeepSpeed and no
 # progress bars for the tests. Token auth is off here unless asked for (scripts/test.sh sets the
 # same): the tests' throwaway clusters are on this machine, and tests/test_cluster_jobs.py starts a
 # token-auth head of its own; users' jobs default to token mode.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-import pipelines  # noqa: E402, F401
+from pipelines.ray_env import ray_environment  # noqa: E402
+
+ray_environment()
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Ray Train's controller polls its workers every 2 s (Ray's default): a tiny training run then waits

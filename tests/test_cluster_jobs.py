@@ -142,7 +142,7 @@ def test_a_token_head_runs_a_job_with_its_token_and_refuses_one_without(token_he
     from ray.job_submission import JobSubmissionClient
 
     address = token_head["address"]
-    join = ("import os, ray, pipelines; ray.init(); "
+    join = ("import os; from pipelines.ray_env import ray_environment; ray_environment(); import ray; ray.init(); "
             "print('joined', os.environ['RAY_AUTH_MODE'], ray.get(ray.remote(lambda: 42).remote()))")
     ok = _job_cli(address, "submit", "--submission-id", "with-token", "--runtime-env", "cluster/runtime_env.yaml",
                   "--", "python", "-c", join, env=token_head["env"])

@@ -191,7 +191,8 @@ def test_crash_between_parts_then_rerun_gives_the_clean_rows(ray_session, setup,
 JOB = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
-    import pipelines  # noqa: F401  (the environment every job sets)
+    from pipelines.ray_env import ray_environment
+    ray_environment()  # the environment every job sets
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory={store},
              log_to_driver=True)

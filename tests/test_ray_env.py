@@ -38,3 +38,56 @@ def test_workers_find_the_state_api_of_their_own_cluster(ray_session):
         assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://elsewhere:1"
     finally:
         del os.environ["RAY_API_SERVER_ADDRESS"]
+
+
+def test_importing_the_package_leaves_the_environment_alone():
+    """Ray's environment is set where a job starts Ray (pipelines.ray_env), not by an import: a command
+    that never starts Ray (jobs/official.py import) runs with the environment it was given."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DS_"))}
+    code = ("import json, os; before = dict(os.environ); import pipelines, pipelines.official, pipelines.ray_env; "
+            "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {}
+
+
+def test_a_dashboard_port_taken_before_ray_binds_it_does_not_fail_the_start():
+    """The port chosen for a job's private Ray is taken by someone else before Ray binds it (what Ray's
+    own processes once did to a job): Ray starts all the same, on another port. Chosen ports lie
+    outside the kernel's ephemeral range and Ray's worker ports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.ray_env import RAY_WORKER_PORTS, dashboard_port
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert all(RAY_WORKER_PORTS[1] < dashboard_port() < low for _ in range(20))
+    code = """
+import socket
+import ray
+import pipelines.ray_env as R
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+first = held.getsockname()[1]
+chosen, calls = R.dashboard_port, []
+def taken_first(host="127.0.0.1"):  # the first port offered is the one someone holds
+    calls.append(host)
+    return first if len(calls) == 1 else chosen(host)
+R.dashboard_port = taken_first
+R.start_local_ray(1, 80 * 2**20)
+url = ray._private.worker.get_dashboard_url()
+print("started", len(calls), url.endswith(f":{first}"))
+ray.shutdown()
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "started 2 False"  # a second port, not the one that was taken
