@@ -11,7 +11,7 @@ and the Serve app with the project's ``serve.*`` defaults (plus overrides given 
    then the same 8 again while another client sends, one after the other, the request that once
    stalled a replica and one request crafted for each limit. Reported: each crafted request's status
    and seconds, and the streams' time with and without the hostile traffic (the ratio).
-2. ``fuzz``: pipelines/serve/fuzz.py's requests (--per-phase each of four phases, 4 at a time):
+2. ``fuzz``: tests/http_fuzz.py's requests (--per-phase each of four phases, 4 at a time):
    status counts, broken promises, latency, and a plain request's seconds after each phase.
 """
 
@@ -86,7 +86,8 @@ def main() -> None:
     from ray import serve
 
     from pipelines.ray_env import free_port
-    from pipelines.serve import fuzz
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fuzzer lives with the tests that run it
+    import http_fuzz as fuzz
     from pipelines.serve.app import build_app
 
     text = Path(args.corpus).read_text(errors="replace")[:200_000]

@@ -175,11 +175,6 @@ def autoencoder_train_flops_per_token(model: ChunkAutoencoder) -> float:
     return 6.0 * (per_token + per_chunk / model.cfg.K)
 
 
-def num_parameters(model: nn.Module) -> int:
-    """Number of parameters (the tied embedding counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def decode_tokens(model: ChunkAutoencoder, z: torch.Tensor) -> torch.Tensor:
     """argmax_v decode(z): latents z [..., l] -> tokens [..., K] (long)."""
     return model.decode(z.flatten(0, -2)).argmax(-1).view(*z.shape[:-1], model.cfg.K)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -166,15 +166,3 @@ class Batch:
 def step_stats(out: list[tuple[Member, list[Delta], bool]]) -> tuple[int, int]:
     """(rows the step computed, completion tokens of the completions it finished): for metrics."""
     return sum(m.rows for m, _, _ in out), sum(d.tokens for _, ds, _ in out for d in ds if d.finish)
-
-
-def stream_alone(engine: Engine, r: GenRequest) -> Iterator[list[Delta]]:
-    """One request on its own: after every model step, the deltas of its running completions."""
-    batch = Batch(engine)
-    batch.join([Member.start(engine, r)])
-    while batch.members:
-        out = batch.step()
-        if batch.failed:
-            raise batch.failed[0][1]
-        for _, deltas, _ in out:
-            yield deltas

@@ -39,14 +39,6 @@ import torch
 ORDERS = (1, 2, 3, 4)
 
 
-def brier_two_sample(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-position unbiased estimate from two samples: x1, x2, y [P, n] (n-grams) -> [P] float."""
-    hit1 = (x1 == y).all(-1)
-    hit2 = (x2 == y).all(-1)
-    same = (x1 == x2).all(-1)
-    return hit1.float() + hit2.float() - same.float()
-
-
 def brier_u_statistic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-position unbiased estimate from R >= 2 samples: x [P, R, n], y [P, n] -> [P] float."""
     R = x.shape[1]
@@ -109,23 +101,3 @@ def brier_lm_official(brier_n: dict[int, float]) -> float:
     for n in ORDERS:
         prod *= float(brier_n[n])
     return 100.0 * max(0.0, prod) ** 0.25
-
-
-class BrierAccumulator:
-    """Sums per-position estimates over a corpus (and over ranks by adding ``sums``)."""
-
-    def __init__(self, orders: tuple[int, ...] = ORDERS):
-        self.orders = orders
-        self.sums = {n: 0.0 for n in orders}
-        self.count = 0
-
-    def add(self, per_position: dict[int, torch.Tensor]) -> None:
-        for n in self.orders:
-            self.sums[n] += float(per_position[n].double().sum())
-        self.count += int(per_position[self.orders[0]].numel())
-
-    def means(self) -> dict[int, float]:
-        return {n: self.sums[n] / max(1, self.count) for n in self.orders}
-
-    def score(self) -> float:
-        return brier_lm(self.means())

@@ -54,7 +54,6 @@ class CalmTokenizer:
             self.pad_id = tok.token_to_id(PAD)
             self.mask_id = tok.token_to_id(MASK)
             self.bos_id = tok.token_to_id(BOS)
-        self.official = official
         self.tok = tok
 
     # ------------------------------------------------------------------ construction

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from calm_core.baseline import TokenLM, baseline_train_flops_per_token
-from calm_core.brierlm import brier1_exact, brier_two_sample
+from calm_core.brierlm import brier1_exact
 from calm_core.calm_model import CALM, calm_train_flops_per_token
 from calm_core.config import AEConfig, HeadConfig, ModelConfig
 from calm_core.energy import energy_score_loss, posterior_energy_loss, posterior_energy_terms
 from calm_core.transformer import Backbone, apply_rope, rope_tables
+from test_energy_brier import two_sample_rule
 
 V, K, LAT = 20, 2, 8
 
@@ -230,7 +231,7 @@ def test_baseline_loss_falls_and_exact_brier_matches_two_sample():
     reps = 400
     x1 = torch.multinomial(probs, reps, replacement=True, generator=g)  # [P, reps]
     x2 = torch.multinomial(probs, reps, replacement=True, generator=g)
-    est = brier_two_sample(x1.reshape(-1, 1), x2.reshape(-1, 1), y.repeat_interleave(reps)[:, None]).mean()
+    est = two_sample_rule(x1.reshape(-1, 1), x2.reshape(-1, 1), y.repeat_interleave(reps)[:, None]).mean()
     assert abs(est.item() - brier1_exact(probs, y).mean().item()) < 0.01
 
 

@@ -15,7 +15,7 @@ from calm_core.config import DataConfig
 from calm_core.errors import DataError
 from pipelines.data import files, parsers
 from pipelines.data.files import resolve_corpus_files
-from pipelines.data.ingest import CorpusStats, iter_texts, load_corpus, read_documents
+from pipelines.data.ingest import CorpusStats, iter_texts, load_corpus, scan_corpus
 from pipelines.data.parsers import split_of
 
 ALL_TRAIN = {"val_fraction": 0.0}
@@ -151,9 +151,9 @@ def test_directory_glob_and_file_uri_specs(ray_session, corpus_dir):
     assert texts == ["doc a", "doc c", "doc b"]
     texts, _ = _texts(f"file://{corpus_dir}/sub/*.txt")
     assert texts == ["doc b"]
-    docs = read_documents(f"file://{corpus_dir}/a.txt", _cfg()).take_all()
-    assert docs == [{"doc_id": hashlib.sha1(b"doc a").hexdigest(), "text": "doc a", "split": "train",
-                     "status": "ok", "source": f"{corpus_dir}/a.txt"}]
+    train, _, _ = load_corpus(f"file://{corpus_dir}/a.txt", _cfg())
+    assert train.take_all() == [{"doc_id": hashlib.sha1(b"doc a").hexdigest(), "text": "doc a"}]
+    assert scan_corpus(f"file://{corpus_dir}/a.txt", _cfg()).per_source == {(f"{corpus_dir}/a.txt", "train"): 1}
 
 
 def test_missing_paths_and_mixed_formats(tmp_path):

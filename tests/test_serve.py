@@ -264,12 +264,12 @@ def test_a_killed_model_replica_is_replaced_and_later_requests_are_served(server
 
 
 def test_the_fuzzer_gets_no_server_error_and_every_refusal_in_openais_shape(server):
-    """At least 500 hostile requests (pipelines/serve/fuzz.py: malformed bodies, wrong types, huge
+    """At least 500 hostile requests (tests/http_fuzz.py: malformed bodies, wrong types, huge
     and nested values, invalid UTF-8, unknown fields, extreme sampling settings on both models, plain
     and streamed, other methods and paths, lying lengths, chunked bodies over the limit), four at a
     time: no answer >= 500 but 503, every refusal in OpenAI's shape, and a plain request answered
     after each phase."""
-    from pipelines.serve import fuzz
+    import http_fuzz as fuzz
 
     url = server[0]
     all_cases = fuzz.cases(seed=0, per_phase=130)

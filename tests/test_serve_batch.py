@@ -10,9 +10,22 @@ import threading
 import pytest
 
 from conftest import write_random_ae, write_random_model
-from calm_core.batching import Batch, Member, RequestTimeout, stream_alone
+from calm_core.batching import Batch, Member, RequestTimeout
 from calm_core.engine import BaselineEngine, CalmEngine, GenRequest
 from pipelines.serve.batch import StepLoop
+
+
+def stream_alone(engine, r):
+    """One request on its own (the test driver): after every model step, the deltas of its running
+    completions."""
+    batch = Batch(engine)
+    batch.join([Member.start(engine, r)])
+    while batch.members:
+        out = batch.step()
+        if batch.failed:
+            raise batch.failed[0][1]
+        for _, deltas, _ in out:
+            yield deltas
 
 
 @pytest.fixture(scope="module")

@@ -92,16 +92,6 @@ def _read(spec: str, cfg: DataConfig, fs: pafs.FileSystem, files: list[str], fmt
                            num_cpus=cfg.read_cpus)
 
 
-def read_documents(spec: str, cfg: DataConfig) -> "ray.data.Dataset":
-    """A lazy Ray Dataset of every record of the corpus: {doc_id, text, split, status, source}.
-
-    Non-ok records have empty ``text``, ``doc_id`` and ``split``. Raises ``DataError`` for a spec
-    that names no files, mixed formats, or Parquet files without the text column.
-    """
-    fs, files, fmt = resolve_corpus_files(spec, cfg.format)
-    return _read(spec, cfg, fs, files, fmt)
-
-
 @dataclass
 class CorpusStats:
     """What ``load_corpus`` found: files, good documents and characters per split, bad records."""

@@ -1,6 +1,7 @@
 """A seeded fuzzer for the HTTP API: hostile and odd requests in four phases, sent over a raw HTTP
 connection, each answer checked against the server's promises (tests/test_serve.py runs it against
-a local Serve app; bench/bench_serve_limits.py measures it; point ``fuzz`` at any deployment).
+a local Serve app; bench/bench_serve_limits.py measures it; point it at any deployment). A test and
+benchmark harness: it is not part of the installed package.
 
     bodies    malformed bodies: random bytes, invalid UTF-8, cut JSON, deep nesting, NaN, huge numbers
     fields    wrong types, unknown fields, huge and empty values of every field
