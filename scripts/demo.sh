@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: set-up if needed, then the whole chain on CPU
-# (tokenizer -> stage 1 autoencoder -> reconstruction report) on the Shakespeare plays.
+# The main job on the built-in default: set-up if needed, then the whole chain on CPU on the
+# Shakespeare plays: tokenizer -> stage 1 autoencoder -> reconstruction report -> latents ->
+# stage 2 (CALM; --baseline adds the token baseline) -> evaluation on the held-out plays -> a generated sample.
 # Extra arguments go to jobs/run_all.py (e.g. --corpus FILE, --run DIR, key=value overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
