@@ -106,7 +106,8 @@ def test_fine_tuning_starts_from_the_imported_weights_and_resumes(imported, tiny
     ae_dir = str(tmp / "run" / "ae")
     over = ["distributed.num_workers=1", f"stage2.init_from={tmp / 'run' / 'calm'}", "stage2.max_steps=4",
             "stage2.log_every=2", "stage2.checkpoint_every=2"]
-    precompute_latents(load_config("debug"), str(corpus), run, ae_path=ae_dir)
+    lman = precompute_latents(load_config("debug"), str(corpus), run, ae_path=ae_dir)
+    assert lman["identity"]["layout"] == "packed"  # data.layout auto: the imported AE's, the official layout
     cut = run_stage2(load_config("debug", [*over, "stage2.max_minutes=0.0001"]), run, "calm", ae_path=ae_dir)
     assert cut["metrics"]["step"] == 2 and cut["metrics"]["stopped_early"] is True
     done = run_stage2(load_config("debug", over), run, "calm", ae_path=ae_dir)
