@@ -342,6 +342,15 @@ def test_training_blocks_of_L_consecutive_chunks(ray_session, setup):
     np.testing.assert_array_equal(val["tokens"][0], first)
     again, _ = held_out_blocks(run, m, m["identity"], 8, 8 * 3)
     np.testing.assert_array_equal(again["tokens"], val["tokens"])
+    # at least one block per worker, whatever max_chunks asks (with fewer, some rank would have none
+    # and its validation nothing to sum); the training split stands in when the held-out one is short
+    two, _ = held_out_blocks(run, m, m["identity"], 8, 8, workers=2)
+    assert len(two["tokens"]) == 2
+    many = m["metrics"]["rows_per_split"]["val"] // 8 + 1
+    more, label = held_out_blocks(run, m, m["identity"], 8, 8, workers=many)
+    assert len(more["tokens"]) >= many and label == "training-block"
+    with pytest.raises(DataError, match="fewer than the 1000000 workers"):
+        held_out_blocks(run, m, m["identity"], 8, 8, workers=10**6)
     # read lazily in record batches that cut blocks (5 rows, L = 8) from every file of the training
     # split: the first blocks of each file's run of consecutive chunks, in file order
     want = [(LT.column_matrix(t, "tokens")[i : i + 8], mus_t[i : i + 8])

@@ -47,8 +47,8 @@ def trained(ray_module, tmp_path_factory, tiny_corpus_text, make_ae):
     full = load_config("debug", ["distributed.zero_stage=2"])
     val, held_out_blocks = {}, S2.held_out_blocks
 
-    def keep(*args):  # (run, lman, ae identity, L, max_chunks, kind)
-        got = held_out_blocks(*args)
+    def keep(*args, **kwargs):  # (run, lman, ae identity, L, max_chunks, kind, workers=)
+        got = held_out_blocks(*args, **kwargs)
         val[args[-1]] = got[0]
         return got
 

@@ -1,19 +1,16 @@
 """Stage 2 (the CALM model) and the discrete baseline, trained with Ray Train + DeepSpeed ZeRO from
 the latents Parquet.
 
-Driver (``run_stage2``): RUN/ae (or ``ae_path``) -> ``read_latents`` (refuses latents of another AE)
--> training blocks of L consecutive chunks (``latent_blocks``; the baseline takes their L*K tokens,
-so both models see the same tokenizer, corpus, split and blocks) -> ``trainer.fit`` ->
-RUN/calm or RUN/baseline (consolidated safetensors, resolved config, tokenizer, metrics, manifest
-naming the AE by hash).
+Driver (``run_stage2``): RUN/ae (or ``ae_path``) -> ``read_latents`` (refuses latents of another AE
+or layout) -> training blocks of L consecutive chunks (``latent_blocks``; the baseline takes their
+L*K tokens: both models see the same tokenizer, corpus, split and blocks) -> ``trainer.fit`` ->
+RUN/calm or RUN/baseline (safetensors, resolved config, tokenizer, metrics, manifest naming the AE).
 
-Worker (``ModelStage`` in the shared loop, ``pipelines.train.loop``): DeepSpeed engine over ``calm_core.calm_model.CALM`` or
-``calm_core.baseline.TokenLM``; every ``log_every`` steps a validation pass on held-out blocks:
-the loss (CALM: energy loss with its fidelity and diversity terms; baseline: cross-entropy) and
-BrierLM at every chunk start (``calm_core.evaluate``: CALM from ``brier_samples`` head samples
-decoded by the frozen AE decoder; the baseline from its probabilities, with the sample-only
-estimate beside it), tokens/s and training FLOPs so far. Checkpoints through
-``ray.train.report``; rerunning resumes.
+Worker (``ModelStage`` in the shared loop, ``pipelines.train.loop``): DeepSpeed engine over CALM or
+the token baseline; every ``log_every`` steps a validation pass on held-out blocks: the loss and
+BrierLM at every chunk start (``calm_core.evaluate``: CALM from ``brier_samples`` decoded head
+samples; the baseline from its probabilities, the sample-only estimate beside it), tokens/s and
+training FLOPs so far. Checkpoints through ``ray.train.report``; rerunning resumes.
 """
 
 from __future__ import annotations
@@ -117,22 +114,26 @@ def _blocks(ds, manifest: dict, L: int, kind: str, cpus: float, shuffle_seed: in
 
 
 def held_out_blocks(run: RunDir, lman: dict, ae_ident: dict, L: int, max_chunks: int,
-                    kind: str = "calm") -> tuple[dict[str, np.ndarray], str]:
-    """Up to ``max_chunks`` held-out chunks as blocks of L: tokens int64 [N, L, K], mu and log_sigma
-    float32 [N, L, l], and ``key`` [N] (the block's index: its noise seed in ``calm_core.evaluate``),
-    with their label: "held-out", or "training-block" when the held-out split has fewer than L chunks
-    and the training split stands in (said in a warning, and in every figure printed from them)."""
-    split = "val" if lman["metrics"]["rows_per_split"].get("val", 0) >= L else "train"
-    if split == "train":
-        progress(f"[{kind}] warning: fewer than {L} held-out chunks; validating on training blocks (every "
-                 "figure below says 'training-block')")
+                    kind: str = "calm", workers: int = 1) -> tuple[dict[str, np.ndarray], str]:
+    """Up to ``max_chunks`` held-out chunks as blocks of L, at least one per worker (the workers split
+    them evenly: fewer blocks than workers and none would validate): tokens int64 [N, L, K], mu and
+    log_sigma float32 [N, L, l], ``key`` [N] (its noise seed in ``calm_core.evaluate``), and their
+    label: "held-out", or "training-block" when the training split stands in (said in a warning)."""
+    want = max(workers, max_chunks // L)
+    split = "val" if lman["metrics"]["rows_per_split"].get("val", 0) >= workers * L else "train"
     # the FIRST blocks in stream order, every run: runs on the same latents validate on the same
     # blocks (once, when Ray Data chose them, a sweep's trials on one latent set showed unconditional
     # reference losses of 18.93 and 18.72)
-    rows = LT.first_blocks(run, split, L, max(1, max_chunks // L), expected=ae_ident, manifest=lman)
-    if not rows:
-        raise DataError(f"the {split} latents hold no run of {L} consecutive chunks within one part file to "
-                        "validate on; lower model.block_chunks or precompute from a larger corpus")
+    rows = LT.first_blocks(run, split, L, want, expected=ae_ident, manifest=lman)
+    if split == "val" and len(rows) < workers:  # held-out chunks enough in all, but not in runs of L per file
+        split, rows = "train", LT.first_blocks(run, "train", L, want, expected=ae_ident, manifest=lman)
+    if split == "train":
+        progress(f"[{kind}] warning: fewer than {workers} held-out block(s) of {L} chunks; validating on "
+                 "training blocks (every figure below says 'training-block')")
+    if len(rows) < workers:
+        raise DataError(f"the latents hold {len(rows)} run(s) of {L} consecutive chunks within one part file, fewer "
+                        f"than the {workers} workers that validate on them; lower model.block_chunks or "
+                        "distributed.num_workers, or precompute from a larger corpus")
     val = {k: np.stack([r[k] for r in rows]).astype(np.int64 if k == "tokens" else np.float32)
            for k in ("tokens", "mu", "log_sigma")}
     val["key"] = np.arange(len(rows), dtype=np.int64)  # each block's noise seed, whatever rank scores it
@@ -251,7 +252,8 @@ def run_stage2(cfg: Config, run: RunDir, kind: str = "calm", ae_path: str | None
         return done
     train, n_train = _train_blocks(cfg, src, kind, ae.identity)
     L = cfg.model.block_chunks
-    val, label = held_out_blocks(src, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, kind)
+    val, label = held_out_blocks(src, lman, ae.identity, L, getattr(cfg, section).val_max_chunks, kind,
+                                 workers=cfg.distributed.num_workers)
     progress(f"[{kind}] {n_train:,} training blocks of L={L} chunks (K={cfg.ae.K}: {n_train * L * cfg.ae.K:,} "
              f"tokens), {len(val['tokens'])} {label} blocks for validation; prepared in {time.perf_counter() - t0:.1f}s")
     local = run.is_local
