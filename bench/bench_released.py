@@ -203,30 +203,52 @@ def step_generate(b: Bench) -> None:
         b.add(Row(name, f"CALM, T = {T:g}" + (", 200 candidates per step" if T < 1 else ""), u, notes, figures))
 
 
-def step_serve(b: Bench) -> None:
-    from openai import OpenAI
+def completer(url: str, timeout: float):
+    """(model, prompt, max_tokens) -> (completion tokens, text): the official openai client, or the
+    same request over plain HTTP where it is not installed (the GPU machine's image lacks it)."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        import urllib.request
 
+        def plain(model: str, prompt: str, max_tokens: int) -> tuple[int, str]:
+            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "seed": 1,
+                               "temperature": 1.0}).encode()
+            req = urllib.request.Request(f"{url}/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                out = json.loads(r.read())
+            return out["usage"]["completion_tokens"], out["choices"][0]["text"]
+
+        return plain, "plain HTTP (no openai package)"
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=timeout)
+
+    def official(model: str, prompt: str, max_tokens: int) -> tuple[int, str]:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, seed=1, temperature=1.0)
+        return r.usage.completion_tokens, r.choices[0].text
+
+    return official, "the openai client"
+
+
+def step_serve(b: Bench) -> None:
     from pipelines.ray_env import free_port
 
     port = free_port()
     device = ["serve.device=cuda", "serve.gpus_per_replica=0.25"] if b.cuda else []
     answers, notes, ready = {}, [], None
+    complete, via = completer(f"http://127.0.0.1:{port}/v1", b.a.step_timeout)
     with b.session("serve", "serve.py", "--run", str(b.run), "--port", str(port), *device) as s:
         log = b.logs / "serve.log"
         while "[serve] serving" not in log.read_text(errors="replace") and s.running():
             time.sleep(0.5)
         if s.running():
             ready = time.perf_counter() - s.t0
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                            timeout=b.a.step_timeout)
             try:
                 for model in ("calm", "baseline"):
                     t = time.perf_counter()
-                    r = client.completions.create(model=model, prompt=b.a.prompt, max_tokens=b.a.serve_tokens,
-                                                  seed=1, temperature=1.0)
+                    tokens, text = complete(model, b.a.prompt, b.a.serve_tokens)
                     answers[model] = {"after_start_s": time.perf_counter() - s.t0, "seconds": time.perf_counter() - t,
-                                      "tokens": r.usage.completion_tokens, "text_chars": len(r.choices[0].text)}
-            except Exception as e:  # noqa: BLE001 - the openai client's errors: reported in the row
+                                      "tokens": tokens, "text_chars": len(text)}
+            except Exception as e:  # noqa: BLE001 - the client's errors: reported in the row
                 notes.append(f"request failed: {type(e).__name__}: {str(e)[:200]}")
         stop_t = time.perf_counter()
     u = s.usage()
@@ -236,7 +258,7 @@ def step_serve(b: Bench) -> None:
         notes.append(f"first answer (calm) {answers['calm']['after_start_s']:.0f} s after start")
     notes += [f"{m}: {a['tokens']} tokens in {a['seconds']:.1f} s" for m, a in answers.items()]
     notes.append(f"SIGINT (Ctrl-C): ended in {time.perf_counter() - stop_t:.0f} s, exit {u.rc}")
-    b.add(Row("serve", f"calm + baseline replicas, {b.a.serve_tokens} tokens each", u, "; ".join(notes),
+    b.add(Row("serve", f"calm + baseline replicas, {b.a.serve_tokens} tokens each via {via}", u, "; ".join(notes),
               {"ready_s": ready, "answers": answers}, clean=(0, 130) if len(answers) == 2 else ()))
 
 
