@@ -27,57 +27,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from official_folders import SCALES, llama_style_tokenizer, official_state, special_ids, write_folder  # noqa: E402
+
+from calm_core.config import load_config  # noqa: E402
 
 
 def official_calm(out: Path, hidden: int, layers: int, vocab: int, fmt: str, shards: int) -> int:
     """A random official EnergyTransformer folder (with its AE under ae_model.); returns its weight bytes."""
     from calm_core import official as O
-    from calm_core.autoencoder import ChunkAutoencoder
-    from calm_core.calm_model import CALM
-    from calm_core.config import load_config
 
-    base = load_config("demo")
-    ae = {"K": 4, "latent_dim": 128, "d_model": 512, "ffn_dim": 1280, "token_blocks": 1, "latent_blocks": 1,
-          "clamp_log_sigma": False}
+    scale = SCALES["released"]
     model = {"d_model": hidden, "n_layers": layers, "n_heads": hidden // 64, "ffn_dim": int(hidden * 2.75) // 64 * 64,
              "rope_pairing": "halves", "layernorm_eps": 1e-6}
-    head = {"arch": "paper", "init": "normal", "noise_dim": 64, "blocks": max(1, layers // 4), "layernorm_eps": 1e-6}
-    cfg = O.official_config(base, ae, {"model": model, "head": head})
+    head = {**scale.head, "blocks": max(1, layers // 4)}
+    cfg = O.official_config(load_config("demo"), scale.ae, {"model": model, "head": head})
     torch.manual_seed(0)
-    state = {O.AE_PREFIX + k: v for k, v in
-             O.to_official(ChunkAutoencoder(cfg.ae, vocab, 0, vocab - 1).state_dict(), O.ae_rules(cfg)).items()}
-    state.update(O.to_official(CALM(cfg.model, cfg.head, cfg.ae, vocab).state_dict(), O.calm_rules(cfg)))
-    out.mkdir(parents=True)
-    ids = {"bos": vocab - 3, "eos": vocab - 2, "pad": vocab - 1}
-    (out / "config.json").write_text(json.dumps(O.export_config("calm", cfg, vocab, ids, "ae")))
-    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
-    names = list(state)
-    per = -(-len(names) // shards)
-    weight_map = {}
-    for i in range(shards):
-        part = {k: state[k] for k in names[i * per:(i + 1) * per]}
-        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
-        if fmt == "bin":
-            torch.save(part, out / fname)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous().clone() for k, v in part.items()}, str(out / fname))
-        weight_map.update({k: fname for k in part})
-    if shards > 1:
-        (out / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".bin", ".safetensors"))
-
-
-def tokenizer(path: Path, vocab: int) -> Path:
-    """A word-level tokenizer of exactly ``vocab`` ids with the official specials at the end."""
-    from tokenizers import Tokenizer, models
-
-    words = {f"w{i}": i for i in range(vocab - 3)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "[PAD]"])
-    tok.save(str(path))
-    return path
+    state = official_state("calm", cfg, vocab, official_state("ae", cfg, vocab))
+    conf = O.export_config("calm", cfg, vocab, special_ids(vocab), "ae")
+    # both names of the head kept (dedupe=False), as when the table in docs/BENCHMARKS.md was measured
+    return write_folder(out, state, conf, fmt, shards if shards > 1 else 0, dedupe=False)
 
 
 def measure(folder: Path, tok: Path, run: Path) -> tuple[float, float]:
@@ -113,7 +81,7 @@ def main() -> None:
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    tok = tokenizer(work / "tokenizer.json", a.vocab)
+    tok = llama_style_tokenizer(work / "tokenizer.json", a.vocab)
     rows = []
     idle = idle_rss()
     for fmt, shards in (("bin", 1), ("bin", a.shards), ("safetensors", a.shards)):

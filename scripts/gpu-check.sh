@@ -7,6 +7,7 @@
 #
 #   bash ../shared/tools/gpu-kit/prepare.sh                         # here, once: .gpu/
 #   mkdir -p .gpu-data && cp ../shared/data/tinystories-sample/train.txt .gpu-data/
+#   cp ../shared/data/wikitext-103-test/wikitext_document_level-test.json .gpu-data/   # bench_released's corpus
 #   device: command "source .gpu/install.sh && bash scripts/gpu-check.sh", carry [".gpu", ".gpu-data"]
 #
 # Each job start costs ~50-60 s there (Ray, Ray Train, DeepSpeed); every step has its own timeout.
@@ -54,4 +55,8 @@ step serve 200 python bench/bench_serve.py --run "$RUN" --corpus "$CORPUS" --con
     --max-tokens 64 --out "$OUT/serve.json" serve.device=cuda serve.gpus_per_replica=0.25 serve.cpus_per_replica=1
 for f in "$RUN"/calm "$RUN"/baseline; do cp -r "$f" "$OUT/$(basename "$f")_compiled_artifact" 2>/dev/null; done
 rm -f "$OUT"/*_compiled_artifact/model.safetensors
+# the released sizes (random CALM-M, its AE, the baseline, as on the Hub): import, the paper's evaluation, generation
+# at T = 1 and 0.5, serving, fine-tuning at ZeRO-2 and -3; its rows reach $OUT/released.json after every step
+step released 300 python bench/bench_released.py --scale released --device cuda --work /tmp/bench-released \
+    --corpus .gpu-data/wikitext_document_level-test.json --ft-corpus "$CORPUS" --json "$OUT/released.json"
 python bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
