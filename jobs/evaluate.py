@@ -17,10 +17,14 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
+def parser():
+    p = make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=None, help="RUN/eval/NAME (default: the corpus file's name)")
+    return p
+
+
 def main(argv=None):
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default=None, help="RUN/eval/NAME (default: the corpus file's name)")
-    args, cfg, run = parse(parser, argv)
+    args, cfg, run = parse(parser(), argv)
     from pipelines.eval.job import evaluate, run_models
     from pipelines.eval.report import markdown
 

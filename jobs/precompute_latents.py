@@ -19,10 +19,12 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
+def parser():
+    return make_parser(__doc__.split("\n\n")[0], ae=True)
+
+
 def main(argv=None):
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--ae", default=None, help="the autoencoder artifact to use (default: RUN/ae)")
-    args, cfg, run = parse(parser, argv)
+    args, cfg, run = parse(parser(), argv)
     from calm_core.autoencoder import load_autoencoder_dir
     from pipelines.data.precompute import precompute_latents
 

@@ -21,7 +21,7 @@ import argparse
 from pipelines.cli import job_main
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--spec", help="a sweep spec: YAML path, or the name of a shipped one (jobs/sweeps/)")
@@ -31,6 +31,11 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="discard this sweep's results and trials (the shared AEs and latents are kept)")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     from pipelines.ray_env import ray_environment
 
