@@ -4,7 +4,7 @@ baseline's cross-entropy, CALM's latent and energy scores, next-chunk agreement 
 match, BLEU, ROUGE-L), the temperature trade-off and the AE's reconstruction by token frequency.
 Writes RUN/eval/NAME/ (report.json, report.md, PNG plots); the same inputs again are a no-op.
 
-    python jobs/evaluate.py --run runs/demo --corpus ../shared/data/tinyshakespeare/input.txt --name shakespeare
+    python jobs/evaluate.py --run runs/demo --corpus wikitext_document_level-test.json --name wikitext   # README.md
     python jobs/evaluate.py --run runs/demo --corpus data/valid.jsonl eval.actors=2 eval.max_blocks=500
 """
 

@@ -6,10 +6,11 @@ Reads RUN/ae (or --ae PATH), ingests the corpus with the AE's tokenizer and chun
 chunks in one Ray Data actor pool for the whole job (one streaming execution, however many shards)
 and writes each shard's Parquet part files as its rows arrive (docs/LATENTS.md). Rerunning the same command
 finishes an interrupted run (every chunk exactly once) or says the output is complete; latents of
-another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite.
+another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite. A rerun names the
+run's corpus again (without --corpus a job reads the default corpus, the Shakespeare plays).
 
     python jobs/precompute_latents.py --config small --corpus data/train.txt --run runs/small
-    python jobs/precompute_latents.py --run runs/small latents.dtype=float16 latents.num_actors=2
+    python jobs/precompute_latents.py --config small --corpus data/train.txt --run runs/small --overwrite latents.dtype=float16
 """
 
 if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)

@@ -5,7 +5,7 @@ AE and one latent set (DIR/shared), each trial's held-out metrics reported to Tu
 Rerunning the command continues an interrupted sweep (finished trials are kept). Results:
 DIR/sweep/results.parquet, results.md (the paper's number beside each row) and curves.png.
 
-    python jobs/sweep.py --spec recipe-gutenberg --run runs/sweep-recipe
+    python jobs/sweep.py --spec recipe-gutenberg --corpus 'books/*.txt' --run runs/sweep-recipe   # its corpus: yours
     python jobs/sweep.py --spec ae-robustness --quick --run runs/sweep-ae      # the 2-core size
     python jobs/sweep.py --spec my-sweep.yaml --corpus data/train.txt --run s3://bucket/sweeps/a
 
