@@ -46,7 +46,7 @@ def table(results: list[dict]) -> None:
                     f"| {a['rouge_l']:.4f} |")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--corpus", nargs="+", required=True)
@@ -58,7 +58,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/eval.json")
     ap.add_argument("--from-json", default=None, help="only print the tables of a saved result")
     ap.add_argument("overrides", nargs="*", help="eval.* / data.* settings (e.g. eval.samples=16)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
     else:

@@ -2,8 +2,7 @@
 """Generation speed: CALM (one backbone step per chunk of K tokens) against the same-backbone token
 baseline (one step per token), both with a KV cache, on the same prompts.
 
-    python bench/bench_generation.py --run /tmp/bench-small \
-        --corpus ../shared/data/tinystories-sample/train.txt
+    python bench/bench_generation.py --run /tmp/bench-small --corpus tinystories-sample.txt
 
 Needs RUN/calm, RUN/baseline and RUN/ae (bench/bench_stage2.py makes them). Prompts are the first
 --prompt-tokens tokens of documents from --corpus (plain text, one document per blank-line or
@@ -31,12 +30,15 @@ from calm_core.temperature import ExactStats  # noqa: E402
 from pipelines.progress import timed  # noqa: E402
 
 
-def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int]]:
+def prompts_from(corpus: str | None, tok, n: int, length: int, K: int) -> list[list[int]]:
     """The first ``length`` tokens (a multiple of K) of the first n documents that long."""
+    from pipelines.data.files import default_corpus, resolve_corpus_files
     from pipelines.data.parsers import split_text
 
+    fs, files, _ = resolve_corpus_files(corpus or default_corpus(), "text")
+    documents = (doc for f in files for doc in split_text(fs.open_input_file(f).read(), "auto", "<|endoftext|>"))
     out = []
-    for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
+    for raw in documents:
         ids = tok.encode(raw.decode("utf-8", errors="replace").strip())
         if len(ids) >= length:
             out.append(ids[: length - length % K])
@@ -45,10 +47,11 @@ def prompts_from(corpus: str, tok, n: int, length: int, K: int) -> list[list[int
     raise SystemExit(f"error: fewer than {n} documents of >= {length} tokens in {corpus}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run directory with RUN/calm, RUN/baseline and RUN/ae")
-    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
+    ap.add_argument("--corpus", default=None, help="file, directory or glob (default: the project's default "
+                    "corpus, the Shakespeare plays; docs/BENCHMARKS.md says which corpus each figure used)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens to generate per sequence")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -58,7 +61,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="bench/results/generation.json")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     from pipelines.serve.generation import Generator
     from calm_core.artifacts import load_model

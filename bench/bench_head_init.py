@@ -35,10 +35,14 @@ def probe(arch: str, init: str, d: int, latent: int = 128, n_h: int = 64, n_nois
     return float(upd.norm() / x.norm()), float(upd.mean(1).std(0).mean() / upd.std(1).mean())
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 768])
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     print("| d | head | init | block update / input | share following h (0.25 = none) |")
     print("| ---: | --- | --- | ---: | ---: |")
     for d in args.widths:

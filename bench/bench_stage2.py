@@ -2,8 +2,8 @@
 """Stage-2 benchmark: CALM (energy head) against the same-backbone softmax Transformer at equal
 training-FLOP budgets, on the same tokenizer, corpus, split and blocks.
 
-    python bench/bench_stage2.py --run /tmp/bench-small \
-        --corpus ../shared/data/tinystories-sample/train.txt --budgets 6e12 1.2e13 2.4e13
+    python bench/bench_stage2.py --run /tmp/bench-small --corpus tinystories-sample.txt \
+        --budgets 6e12 1.2e13 2.4e13
     # head A/Bs: CALM variants only, each a name and its overrides
     python bench/bench_stage2.py --run /tmp/ab/demo --config demo --budgets 3.05e13 --no-baseline \
         --variants adanorm:head.arch=adanorm,head.init=torch paper:head.arch=paper,head.init=normal
@@ -145,10 +145,12 @@ def parse_variants(specs: list[str] | None) -> list[tuple[str, list[str]]]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="run directory holding RUN/ae (RUN/latents is made if missing)")
-    ap.add_argument("--corpus", default="../shared/data/tinystories-sample/train.txt")
+    ap.add_argument("--corpus", default=None, help="file, directory or glob, read only when RUN/latents is missing "
+                    "(default: the project's default corpus, the Shakespeare plays; docs/BENCHMARKS.md says which "
+                    "corpus each figure used)")
     ap.add_argument("--config", default="small")
     ap.add_argument("--budgets", type=float, nargs="+", default=[6e12, 1.2e13, 2.4e13],
                     help="training-FLOP budgets (per model)")
@@ -170,6 +172,11 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="train only CALM (with --variants: the head A/Bs)")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--from-json", default=None, help="only print the tables of a saved result and exit")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.from_json:
         report(json.loads(Path(args.from_json).read_text()))
@@ -178,6 +185,7 @@ def main() -> None:
         ap.error("--run is required (a run directory holding RUN/ae)")
 
     from pipelines.data import latents as LT
+    from pipelines.data.files import default_corpus
     from pipelines.data.precompute import precompute_latents
     from pipelines.ray_env import init_ray
     from calm_core.artifacts import load_ae
@@ -191,7 +199,7 @@ def main() -> None:
     ae_dir = run.local_artifact("ae")
     ae_model, ae_cfg, tok, ae_manifest = load_autoencoder_dir(ae_dir)
     if not run.has_artifact("latents"):
-        precompute_latents(load_config(args.config, args.overrides), args.corpus, run)
+        precompute_latents(load_config(args.config, args.overrides), args.corpus or default_corpus(), run)
     ae_ident = load_ae(ae_dir).identity
     lman = LT.latents_manifest(run)
     base = dataclasses.replace(base, ae=ae_cfg.ae)

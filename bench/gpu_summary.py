@@ -15,11 +15,15 @@ import json
 from pathlib import Path
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="the folder scripts/gpu-check.sh wrote")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     out = Path(args.out)
     status = out / "status.txt"
     print("| step | status |\n| --- | --- |")

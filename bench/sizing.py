@@ -68,12 +68,16 @@ def rows(config: str, gpus: list[int], zeros: list[int]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["debug", "demo", "small", "paper"])
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--zero", type=int, nargs="+", default=[1, 3])
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     print("| config | model | parameters | batch x positions per GPU | GPUs | ZeRO | weights + grads + Adam (GB) "
           "| activations (GB) | total per GPU (GB) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

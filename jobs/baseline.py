@@ -16,9 +16,12 @@ if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm
 from pipelines.cli import job_main
 from pipelines.train.stage2 import job
 
+parser, main = job("baseline", __doc__.split("\n\n")[0])
+
+
 def cli() -> None:
     """The installed command (pyproject [project.scripts])."""
-    raise SystemExit(job_main(job("baseline", __doc__.split("\n\n")[0])))
+    raise SystemExit(job_main(main))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ baseline's cross-entropy, CALM's latent and energy scores, next-chunk agreement 
 match, BLEU, ROUGE-L), the temperature trade-off and the AE's reconstruction by token frequency.
 Writes RUN/eval/NAME/ (report.json, report.md, PNG plots); the same inputs again are a no-op.
 
-    python jobs/evaluate.py --run runs/demo --corpus ../shared/data/tinyshakespeare/input.txt --name shakespeare
+    python jobs/evaluate.py --run runs/demo --corpus wikitext_document_level-test.json --name wikitext   # README.md
     python jobs/evaluate.py --run runs/demo --corpus data/valid.jsonl eval.actors=2 eval.max_blocks=500
 """
 
@@ -17,10 +17,14 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
+def parser():
+    p = make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--name", default=None, help="RUN/eval/NAME (default: the corpus file's name)")
+    return p
+
+
 def main(argv=None):
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default=None, help="RUN/eval/NAME (default: the corpus file's name)")
-    args, cfg, run = parse(parser, argv)
+    args, cfg, run = parse(parser(), argv)
     from pipelines.eval.job import evaluate, run_models
     from pipelines.eval.report import markdown
 

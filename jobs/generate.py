@@ -14,9 +14,8 @@ from calm_core.errors import ConfigError
 from pipelines.cli import job_main, make_parser, parse
 
 
-def main(argv=None):
-    p = make_parser(__doc__.split("\n\n")[0], corpus=False, trains=False)
-    p.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
+def parser():
+    p = make_parser(__doc__.split("\n\n")[0], corpus=False, trains=False, ae=True)
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--chunks", type=int, default=16, help="chunks to generate (K tokens each; default 16)")
     p.add_argument("--temperature", type=float, default=0.5, help="in (0, 1]; 1 = one head sample per step "
@@ -30,7 +29,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-stop", action="store_true", help="keep generating past end-of-text (a new line per document)")
-    args, _, run = parse(p, argv)
+    return p
+
+
+def main(argv=None):
+    args, _, run = parse(parser(), argv)
     from calm_core.sampling import SamplingError, SamplingParams
     from pipelines.serve.generation import OFFLINE, Generator
 

@@ -6,10 +6,11 @@ Reads RUN/ae (or --ae PATH), ingests the corpus with the AE's tokenizer and chun
 chunks in one Ray Data actor pool for the whole job (one streaming execution, however many shards)
 and writes each shard's Parquet part files as its rows arrive (docs/LATENTS.md). Rerunning the same command
 finishes an interrupted run (every chunk exactly once) or says the output is complete; latents of
-another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite.
+another AE, tokenizer, K or dtype in RUN/latents are refused unless --overwrite. A rerun names the
+run's corpus again (without --corpus a job reads the default corpus, the Shakespeare plays).
 
     python jobs/precompute_latents.py --config small --corpus data/train.txt --run runs/small
-    python jobs/precompute_latents.py --run runs/small latents.dtype=float16 latents.num_actors=2
+    python jobs/precompute_latents.py --config small --corpus data/train.txt --run runs/small --overwrite latents.dtype=float16
 """
 
 if not __package__:  # python jobs/<job>.py from a checkout (installed: the calm_jobs package)
@@ -19,10 +20,12 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
+def parser():
+    return make_parser(__doc__.split("\n\n")[0], ae=True)
+
+
 def main(argv=None):
-    parser = make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--ae", default=None, help="the autoencoder artifact to use (default: RUN/ae)")
-    args, cfg, run = parse(parser, argv)
+    args, cfg, run = parse(parser(), argv)
     from calm_core.autoencoder import load_autoencoder_dir
     from pipelines.data.precompute import precompute_latents
 

@@ -17,12 +17,16 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
-def main(argv=None):
+def parser():
     p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--prompt", default="", help="text the final sample continues (default: a new document)")
     p.add_argument("--baseline", action="store_true", help="also train the same-backbone token baseline (after "
                    "CALM; the evaluation then scores both)")
-    args, cfg, run = parse(p, argv)
+    return p
+
+
+def main(argv=None):
+    args, cfg, run = parse(parser(), argv)
     import dataclasses
 
     from calm_core.errors import DataError

@@ -19,7 +19,7 @@ import time
 from pipelines.cli import EPILOG, job_main
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory or URI holding calm/ and/or baseline/")
@@ -27,7 +27,11 @@ def main(argv=None):
     p.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. serve.max_replicas=2")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     from pipelines.ray_env import ray_environment
 
     ray_environment()  # before anything imports ray (Serve reads its mode when it is imported)

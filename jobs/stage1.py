@@ -16,8 +16,12 @@ from pipelines.cli import job_main, make_parser, parse
 from pipelines.ray_env import init_ray
 
 
+def parser():
+    return make_parser(__doc__.split("\n\n")[0])
+
+
 def main(argv=None):
-    args, cfg, run = parse(make_parser(__doc__.split("\n\n")[0]), argv)
+    args, cfg, run = parse(parser(), argv)
     from pipelines.train.stage1 import run_stage1
 
     init_ray(cfg.ray)

@@ -5,7 +5,7 @@ AE and one latent set (DIR/shared), each trial's held-out metrics reported to Tu
 Rerunning the command continues an interrupted sweep (finished trials are kept). Results:
 DIR/sweep/results.parquet, results.md (the paper's number beside each row) and curves.png.
 
-    python jobs/sweep.py --spec recipe-gutenberg --run runs/sweep-recipe
+    python jobs/sweep.py --spec recipe-gutenberg --corpus 'books/*.txt' --run runs/sweep-recipe   # its corpus: yours
     python jobs/sweep.py --spec ae-robustness --quick --run runs/sweep-ae      # the 2-core size
     python jobs/sweep.py --spec my-sweep.yaml --corpus data/train.txt --run s3://bucket/sweeps/a
 
@@ -21,7 +21,7 @@ import argparse
 from pipelines.cli import job_main
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--spec", help="a sweep spec: YAML path, or the name of a shipped one (jobs/sweeps/)")
@@ -31,6 +31,11 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="discard this sweep's results and trials (the shared AEs and latents are kept)")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     from pipelines.ray_env import ray_environment
 

