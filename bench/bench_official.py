@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # its helper modules (official_folders, session_memory), however it is loaded
 
 import torch  # noqa: E402
 from official_folders import SCALES, llama_style_tokenizer, official_state, special_ids, write_folder  # noqa: E402

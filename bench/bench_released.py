@@ -38,6 +38,7 @@ BrierLM comes out near 0 and the loss is a random model's, the times and the mem
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.metadata
 import json
 import os
@@ -52,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # its helper modules (official_folders, session_memory), however it is loaded
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -59,7 +61,7 @@ from official_folders import SCALES, check_published, llama_style_tokenizer, par
 from session_memory import GB, Session, Usage, run  # noqa: E402
 
 STEPS = ("import", "evaluate", "generate", "serve", "finetune")
-DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = "https://raw.githubusercontent.com/shaochenze/calm/main/data/wikitext_document_level-test.json"
 EVAL = ["eval.protocol=paper", "eval.temperatures=[1.0]", "eval.batch_blocks=1"]
 NAMES = {"ae": "AE", "calm": "CALM", "baseline": "baseline"}
 
@@ -267,7 +269,7 @@ def finetune_corpus(b: Bench, L: int) -> Path:
     2 workers, and some to spare), cut at a line end."""
     from tokenizers import Tokenizer
 
-    text = Path(b.a.ft_corpus).read_text(errors="replace")
+    text = "\n".join(Path(f).read_text(errors="replace") for f in sorted(glob.glob(b.a.ft_corpus)))
     tok = Tokenizer.from_file(str(b.work / "tokenizer.json"))
     sample = text[:200_000]
     per_token = len(sample) / max(1, len(tok.encode(sample).ids))
@@ -370,10 +372,12 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="(import runs whenever one runs)")
     p.add_argument("--work", default="/tmp/bench-released", help="emptied, then holds the models, the run and logs/")
     p.add_argument("--json", default=None, help="also write the rows here (after every step)")
-    p.add_argument("--corpus", default=str(DATA / "wikitext-103-test" / "wikitext_document_level-test.json"),
-                   help="the evaluation text (default: WikiText-103 test, the paper's); the tokenizer trains on it")
-    p.add_argument("--ft-corpus", default=str(DATA / "tinystories-sample" / "train.txt"),
-                   help="text whose first documents the fine-tune trains on")
+    p.add_argument("--corpus", default="wikitext_document_level-test.json",
+                   help=f"the evaluation text (default: WikiText-103 test, the paper's, in the current folder: curl -LO "
+                        f"{WIKITEXT}); the tokenizer trains on it")
+    p.add_argument("--ft-corpus", default=None,
+                   help="text file(s) (a path or glob) whose first documents the fine-tune trains on (default: the "
+                        "project's default corpus, the Shakespeare plays)")
     p.add_argument("--eval-blocks", type=int, default=1, help="eval.max_blocks: blocks scored per model (default 1)")
     p.add_argument("--chunks", type=int, default=32, help="chunks generated per completion (default 32)")
     p.add_argument("--serve-tokens", type=int, default=32, help="max_tokens of each served completion (default 32)")
@@ -385,9 +389,14 @@ def main() -> None:
     p.add_argument("--min-free-gb", type=float, default=1.0, help="stop a step when the machine has less available")
     p.add_argument("--step-timeout", type=float, default=3600, help="seconds before a step is stopped")
     a = p.parse_args()
-    for f in (a.corpus, a.ft_corpus):
-        if not Path(f).is_file():
-            raise SystemExit(f"{f}: no such file (--corpus / --ft-corpus)")
+    if a.ft_corpus is None:
+        from pipelines.data.files import default_corpus
+
+        a.ft_corpus = default_corpus()
+    if not Path(a.corpus).is_file():
+        raise SystemExit(f"{a.corpus}: no such file (--corpus); the paper's evaluation text: curl -LO {WIKITEXT}")
+    if not glob.glob(a.ft_corpus):
+        raise SystemExit(f"{a.ft_corpus}: no such file (--ft-corpus)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: the running step's session is stopped too
     b = Bench(a, env)
     shutil.rmtree(b.work, ignore_errors=True)

@@ -289,8 +289,7 @@ def job(kind: str, description: str):
     from pipelines.cli import make_parser, parse
     from pipelines.ray_env import init_ray
 
-    def parser():
-        return make_parser(description, corpus=False, ae=True)
+    parser = lambda: make_parser(description, corpus=False, ae=True)  # noqa: E731
 
     def main(argv=None):
         args, cfg, run = parse(parser(), argv)
