@@ -33,9 +33,52 @@ def ray_schema() -> dict:
     return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
 
 
-def test_there_are_launchers_for_aws_gcp_and_on_prem():
-    providers = {yaml.safe_load(p.read_text())["provider"]["type"] for p in LAUNCHERS}
-    assert providers == {"aws", "gcp", "local"}
+# what each of Ray's node providers reads from ``provider`` beyond the schema (which requires only
+# "type"): ray/autoscaler/_private/aws/node_provider.py (region), gcp/node_provider.py (project_id,
+# availability_zone), local/config.py (head_ip, worker_ips)
+PROVIDER_KEYS = {"aws": {"region"}, "gcp": {"region", "project_id", "availability_zone"},
+                 "local": {"head_ip", "worker_ips"}}
+# GPUs of the machine types the launchers name, from the clouds' own specifications
+MACHINE_GPUS = {"m6i.2xlarge": 0, "g5.12xlarge": 4, "n2-standard-8": 0, "a2-highgpu-1g": 1}
+# the environment every node's `ray start` needs: what the jobs give a Ray they start themselves
+# (pipelines.ray_env), for the settings that live in the Ray processes rather than in the driver
+NODE_ENV = ("RAY_AUTH_MODE", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS")
+
+
+def test_the_launchers_for_aws_gcp_and_on_prem_carry_what_their_provider_and_the_jobs_need():
+    """One launcher per provider, each with the provider keys its node provider reads; every node type
+    declares the GPUs its machine type has; workers join the head on the port the head starts on; every
+    `ray start` sets the node environment the jobs set for their own Ray; and the GPU launchers install
+    the CUDA build of the torch that pyproject.toml pins before the project (docs/CLUSTER.md)."""
+    from pipelines.ray_env import RAY_ENVIRONMENT
+
+    launchers = {yaml.safe_load(p.read_text())["provider"]["type"]: yaml.safe_load(p.read_text()) for p in LAUNCHERS}
+    assert sorted(launchers) == ["aws", "gcp", "local"] and len(LAUNCHERS) == 3
+    torch_pin = re.search(r'"(torch==[^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    for kind, cfg in launchers.items():
+        assert PROVIDER_KEYS[kind] <= set(cfg["provider"]), (kind, PROVIDER_KEYS[kind] - set(cfg["provider"]))
+        nodes = cfg.get("available_node_types", {})
+        for name, node in nodes.items():
+            conf = node["node_config"]
+            machine = conf.get("InstanceType") or conf.get("machineType")
+            assert node["resources"].get("GPU", 0) == MACHINE_GPUS[machine], (kind, name, machine)
+            assert node.get("min_workers", 0) <= node.get("max_workers", cfg["max_workers"]) <= cfg["max_workers"]
+        if nodes:
+            assert nodes[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0, kind  # no training on the head
+        if kind == "local":
+            assert 1 <= cfg["max_workers"] <= len(cfg["provider"]["worker_ips"])  # Ray caps it at the hosts listed
+        (head,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+        (worker,) = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+        port = re.search(r"--port=(\d+)", head).group(1)
+        assert re.search(r"--address=\$RAY_HEAD_IP:(\d+)", worker).group(1) == port, kind
+        for cmd in (head, worker):
+            env = dict(w.split("=", 1) for w in shlex.split(cmd.split("ray start")[0]) if "=" in w)
+            assert {k: env.get(k) for k in NODE_ENV} == {k: RAY_ENVIRONMENT[k] for k in NODE_ENV}, (kind, cmd)
+        if any(n["resources"].get("GPU") for n in nodes.values()):
+            setup = cfg["setup_commands"]
+            cuda = [i for i, c in enumerate(setup) if f"pip install {torch_pin} --index-url" in c and "/whl/cu" in c]
+            project = [i for i, c in enumerate(setup) if "pip install -e ~/calm-on-ray" in c]
+            assert cuda and project and cuda[0] < project[0], (kind, setup)
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)

@@ -1,4 +1,5 @@
-"""calm_core is plain PyTorch: importing all of it must not import ray or deepspeed."""
+"""The layers of docs/PIPELINE.md "Layout": calm_core is plain PyTorch (importing all of it imports
+neither ray nor deepspeed), and each layer of pipelines imports only the layers its rule allows."""
 
 import pkgutil
 import subprocess
@@ -55,9 +56,80 @@ def test_serving_evaluation_and_data_never_import_training_code():
         assert not bad, f"{package} pulled in {bad}"
 
 
-def test_training_modules_import_and_the_layers_exist():
-    loaded = _imported_by(_package_modules("pipelines.train"))
-    assert {"pipelines.train.loop", "pipelines.train.stage1", "pipelines.train.stage2", "pipelines.claim"} <= loaded
+# the layout's rule (docs/PIPELINE.md "Layout"): what each layer may not import, directly or through
+# the project's modules it imports, at the top of a file or inside a function
+FORBIDDEN = {
+    "calm_core": ("pipelines", "jobs", "bench", "tests", "ray", "deepspeed", "fastapi", "starlette"),  # plain PyTorch
+    "pipelines.storage": ("pipelines.data", "pipelines.train", "pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.claim": ("pipelines.data", "pipelines.train", "pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.progress": ("pipelines.data", "pipelines.train", "pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.ray_env": ("pipelines.data", "pipelines.train", "pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.data": ("pipelines.train", "pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.train": ("pipelines.eval", "pipelines.serve", "pipelines.sweep"),
+    "pipelines.eval": ("pipelines.train", "pipelines.serve", "pipelines.sweep", "deepspeed"),
+    "pipelines.serve": ("pipelines.train", "pipelines.eval", "pipelines.sweep", "deepspeed"),
+    "pipelines": ("jobs", "bench", "tests"),  # the product imports no job script or harness
+}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the modules its source imports (project modules by full name, others by top-level
+    name)} for every module of calm_core and pipelines, read with ast (no import runs)."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in ("calm_core", "pipelines") for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                assert not node.level, f"{where}: a relative import (the graph reads absolute ones)"
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in names:
+                if name in files:
+                    deps.add(name)
+                elif name.split(".")[0] not in ("calm_core", "pipelines"):
+                    deps.add(name.split(".")[0])
+        graph[mod] = deps
+    return graph
+
+
+def _chain(graph: dict[str, set[str]], start: str, banned: tuple[str, ...]) -> list[str] | None:
+    """The import chain from ``start`` to a module in (or under) ``banned``, or None."""
+    seen, todo = {start: [start]}, [start]
+    while todo:
+        mod = todo.pop(0)
+        for dep in sorted(graph.get(mod, ())):
+            if dep in seen:
+                continue
+            seen[dep] = seen[mod] + [dep]
+            if any(dep == b or dep.startswith(b + ".") for b in banned):
+                return seen[dep]
+            todo.append(dep)
+    return None
+
+
+def test_each_layer_imports_only_the_layers_the_layout_allows():
+    """The layout's rule on the import graph (function-level imports too, which importing a module
+    does not run): calm_core is plain PyTorch; the shared modules import no stage; data imports no
+    training, evaluation or serving; training no evaluation or serving; evaluation and serving no
+    training nor each other; nothing in the product imports a job script or a harness."""
+    graph = _import_graph()
+    assert {"calm_core.engine", "pipelines.train.stage2", "pipelines.serve.app", "pipelines.eval.job"} <= set(graph)
+    broken = []
+    for mod in sorted(graph):
+        for layer, banned in FORBIDDEN.items():
+            if mod == layer or mod.startswith(layer + "."):
+                chain = _chain(graph, mod, banned)
+                if chain:
+                    broken.append(" -> ".join(chain))
+    assert not broken, "\n".join(broken)
 
 
 def test_pipelines_files_and_functions_stay_small():

@@ -30,14 +30,30 @@ def imported(ray_module, tmp_path_factory):
     return tmp, run
 
 
-def test_generate_prints_text(imported):
+def test_generate_prints_the_text_of_the_reference_loop_for_its_seed(imported):
+    """jobs/generate.py as a user runs it (seed 0 by default) prints the prompt and the continuation
+    that calm_core.generate's plain prefix/extend loop gives for the same seed and settings, the
+    prompt laid out as the official code lays it out (packed: BOS, the prompt, PAD to a chunk)."""
+    from calm_core import rng
+    from calm_core.artifacts import load_ae, load_model
+    from calm_core.generate import generate, prompt_chunks
+
     tmp, run = imported
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate.py"), "--run", run.uri(), "--prompt",
                           "the king said", "--chunks", "5", "--temperature", "0.5", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     head, text = out.stdout.split("\n")[0], out.stdout.split("\n")[1]
-    assert head.startswith("--- sample 1") and text.startswith("the king said") and len(text) > len("the king said")
+    ae = load_ae(tmp / "run" / "ae")
+    calm = load_model(tmp / "run" / "calm", "calm")
+    tok = calm.tok
+    context, kept = prompt_chunks(tok.encode("the king said"), calm.model.K, "packed", tok.eot_id, tok.pad_id,
+                                  tok.bos_id)
+    ids = generate(calm.model.eval(), ae.model.eval(), context, 5, 0.5, 200, rng.generator_for("cpu", 0))[0]
+    ids = ids.flatten().tolist()  # [5 * K]
+    ids = ids[: ids.index(tok.eot_id)] if tok.eot_id in ids else ids  # the job stops at end-of-text
+    assert head.startswith("--- sample 1") and text == tok.decode(kept) + tok.decode(ids)
+    assert text.startswith("the king said") and len(text) > len("the king said")
 
 
 def test_the_paper_protocol_evaluates_each_imported_model_packed_at_its_official_context(imported):
@@ -67,6 +83,8 @@ def test_the_paper_protocol_evaluates_each_imported_model_packed_at_its_official
 
 
 def test_serve_answers_the_official_openai_client(imported):
+    """The Serve app on the imported run, through the official ``openai`` client: both models are
+    listed, and a seeded completion of each is the text the offline engine gives for that seed."""
     from openai import OpenAI
     from ray import serve
 
@@ -84,8 +102,26 @@ def test_serve_answers_the_official_openai_client(imported):
         for model in ("calm", "baseline"):
             r = client.completions.create(model=model, prompt="the king", max_tokens=8, seed=1, temperature=1.0)
             assert r.choices[0].text and r.usage.completion_tokens > 0, model
+            want = offline_text(model, run, "the king", max_tokens=8, seed=1, temperature=1.0)
+            assert r.choices[0].text == want, model  # the seed decides, served or offline
     finally:
         serve.shutdown()
+
+
+def offline_text(kind: str, run, prompt: str, **settings) -> str:
+    """The text of one request on the offline engine (no Ray, no HTTP): the run's model in this
+    process, the request alone in a batch, as jobs/generate.py runs it."""
+    from calm_core.batching import Batch, Member
+    from calm_core.engine import BaselineEngine, CalmEngine, GenRequest
+
+    engine = (CalmEngine.load(run.local_artifact("ae"), run.local_artifact("calm")) if kind == "calm"
+              else BaselineEngine.load(run.local_artifact("baseline")))
+    batch, text = Batch(engine), ""
+    batch.join([Member.start(engine, GenRequest.of(engine.tok.encode(prompt), **settings))])
+    while batch.members:
+        text += "".join(d.text for _, deltas, _ in batch.step() for d in deltas)
+        assert not batch.failed, batch.failed
+    return text
 
 
 def test_fine_tuning_starts_from_the_imported_weights_and_resumes(imported, tiny_corpus_text):

@@ -23,11 +23,15 @@ def test_workers_find_the_state_api_of_their_own_cluster(ray_session):
         mine = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)]
         return os.environ.get("RAY_API_SERVER_ADDRESS", ""), mine
 
+    from ray.util.state import list_nodes
+
     marker = Marker.remote()
     assert ray.get(marker.ping.remote()) == 1
     address, alive = ray.get(from_a_worker.remote())
-    assert address == "http://" + ray._private.worker.get_dashboard_url()
-    assert any(name.endswith(".Marker") for name in alive), alive  # the State API a worker reaches is this cluster's
+    assert address.startswith("http://127.0.0.1:"), address
+    # the address names this cluster's State API (its nodes, by id), and it is what the worker's calls reach
+    assert {n.node_id for n in list_nodes(address=address, timeout=30)} == {n["NodeID"] for n in ray.nodes()}
+    assert any(name.endswith(".Marker") for name in alive), alive
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's environment as it was
     ray.kill(marker)
 
@@ -77,17 +81,18 @@ held = socket.socket()
 held.bind(("127.0.0.1", 0))
 held.listen()
 first = held.getsockname()[1]
-chosen, calls = R.dashboard_port, []
+chosen, ports = R.dashboard_port, []
 def taken_first(host="127.0.0.1"):  # the first port offered is the one someone holds
-    calls.append(host)
-    return first if len(calls) == 1 else chosen(host)
+    ports.append(first if not ports else chosen(host))
+    return ports[-1]
 R.dashboard_port = taken_first
 R.start_local_ray(1, 80 * 2**20)
-url = ray._private.worker.get_dashboard_url()
-print("started", len(calls), url.endswith(f":{first}"))
+from ray.util.state import list_nodes
+there = {n.node_id for n in list_nodes(address=f"http://127.0.0.1:{ports[-1]}", timeout=30)}
+print("started", len(ports), ports[-1] != first, there == {n["NodeID"] for n in ray.nodes()})
 ray.shutdown()
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines()[-1] == "started 2 False"  # a second port, not the one that was taken
+    assert out.stdout.splitlines()[-1] == "started 2 True True"  # on a second port, where its State API answers

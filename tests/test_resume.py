@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from calm_core.errors import ArtifactError, DataError
-from pipelines.train.checkpoints import DS_TAG, META, WorkerState, restore_checkpoint, worker_file
+from pipelines.train.checkpoints import DS_TAG, META, WorkerState, restore_checkpoint, save_checkpoint, worker_file
 from pipelines.train.stream import BatchStream, StreamPosition, batch_digest
 
 
@@ -109,10 +109,47 @@ def _checkpoint(tmp_path: Path, step: int = 3, ranks=(0, 1)) -> FakeCheckpoint:
     return FakeCheckpoint(tmp_path)
 
 
-def test_restore_returns_the_ranks_own_position(tmp_path):
-    ck = _checkpoint(tmp_path)
-    meta, state = restore_checkpoint(FakeEngine(("p", {"step": 3})), ck, {"a": 1}, rank=1)
-    assert state.step == 3 and state.position == StreamPosition(0, 3, "d") and meta["step"] == 3
+class SavingEngine(FakeEngine):
+    """DeepSpeed's side of a checkpoint: writes its client state, loads it back."""
+
+    def save_checkpoint(self, folder, tag, client_state):
+        (Path(folder) / tag).mkdir(exist_ok=True)
+        (Path(folder) / tag / "client.json").write_text(json.dumps(client_state))
+
+    def load_checkpoint(self, d, tag, load_optimizer_states, load_lr_scheduler_states):
+        return str(Path(d) / tag), json.loads((Path(d) / tag / "client.json").read_text())
+
+
+def test_each_rank_restores_its_own_position_and_random_state_after_a_restart(tmp_path):
+    """Two ranks on shards of their own, each checkpointed through ``save_checkpoint`` at another
+    position of its stream (epoch 1 batch 2, epoch 2 batch 1) and RNG state, into one folder as Ray
+    Train merges them; after the restart each rank's ``restore_checkpoint`` gives it back its own
+    position and RNG state: its next batches and noise are those its uninterrupted run would have
+    drawn. (A rank the checkpoint has no record of is refused: the test after the next.)"""
+    step, identity = 4, {"a": 1}
+    shards = {0: lambda: Shard(10), 1: lambda: Shard(13, base=100)}  # 3 and 4 batches of 3 per epoch
+    seeds = {0: 7, 1: 8}
+    uninterrupted = {}
+    for rank in (0, 1):
+        torch.manual_seed(10 + rank)
+        stream = BatchStream(shards[rank](), 3, 4, seed=seeds[rank], too_small="x")
+        _ids(stream, (5, 9)[rank])  # consumed before the checkpoint
+        pos = stream.position()
+        state = WorkerState.capture(step, pos, torch.device("cpu"))
+        save_checkpoint(SavingEngine(None), tmp_path, state, {"identity": identity, "records": []}, rank)
+        uninterrupted[rank] = (pos, _ids(stream, 4), torch.rand(3))
+    positions = {r: uninterrupted[r][0] for r in (0, 1)}
+    assert positions[0] != positions[1] and positions[0].epoch != positions[1].epoch
+
+    torch.manual_seed(99)  # the restarted process: another random state
+    for rank in (1, 0):
+        meta, state = restore_checkpoint(SavingEngine(None), FakeCheckpoint(tmp_path), identity, rank=rank)
+        assert meta["step"] == state.step == step and state.position == positions[rank], rank
+        stream = BatchStream(shards[rank](), 3, 4, seed=seeds[rank], too_small="x", start=state.position)
+        state.restore_rng(torch.device("cpu"))
+        _, batches, noise = uninterrupted[rank]
+        assert _ids(stream, 4) == batches, rank
+        assert torch.equal(torch.rand(3), noise), rank
 
 
 @pytest.mark.parametrize("case, result, match", [

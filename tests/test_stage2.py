@@ -185,11 +185,66 @@ def test_generator_warns_when_prompt_or_continuation_exceed_the_context(trained)
     assert "exceed the 8-chunk context" in gen.complete("", chunks=9, temperature=1.0, stop_at_end=False)["warning"]
 
 
-def test_exact_sampler_at_half_temperature_draws_twice_per_chunk_at_least(trained):
-    exact = Generator.from_run(trained.run).complete("the cat", chunks=3, temperature=0.5, sampler="exact",
-                                                     max_draws=64, candidates=8)
-    assert exact["exact"]["rows"] == 3 and exact["exact"]["draws"] >= 3 * 2  # two agreeing draws per chunk at least
-    assert exact["exact"]["fallbacks"] <= 3 and exact["steps"] == 3
+TOY_P = torch.tensor([0.30, 0.20, 0.15, 0.15, 0.10, 0.10])  # the toy head's law over six latents
+
+
+def _toy_head(gen: Generator):
+    """The run's head replaced by a toy of known law (the backbone, the AE decoder, the engine and the
+    exact sampler stay the run's): each sample is one of six fixed latents, latent i with probability
+    TOY_P[i], drawn from the generator the engine hands the head -> (sample function, the six chunks
+    the run's AE decodes them to, the draws it made {"draws": n})."""
+    from calm_core import rng
+    from calm_core.autoencoder import decode_tokens
+
+    latents = torch.randn(6, gen.ae.cfg.latent_dim, generator=torch.Generator().manual_seed(1)) * 3.0  # [6, l]
+    with torch.no_grad():
+        chunks = decode_tokens(gen.ae, latents)  # [6, K]
+    assert len({tuple(c) for c in chunks.tolist()}) == 6 and not (chunks == gen.tok.eot_id).any()
+    cdf, made = TOY_P.cumsum(0), {"draws": 0}
+
+    def sample(h, n, generator=None):  # h [b, d] -> [b, n, l]
+        made["draws"] += h.shape[0] * n
+        u = rng.uniform((h.shape[0], n), h.device, generator)
+        return latents[torch.searchsorted(cdf, u).clamp(max=5)]
+
+    return sample, chunks, made
+
+
+def test_exact_sampler_at_half_temperature_picks_with_law_p_squared_from_pairs_of_agreeing_draws(trained, monkeypatch):
+    """Through the generation path (Generator, CalmEngine, next_chunks, the AE decode), with the head
+    replaced by a toy of known law P (the sampler alone on a toy: tests/test_temperature.py): at T =
+    1/2 the picked chunks follow P^2 normalised (chi-square), the exact sampler's draws number what its
+    attempts of two draws, 16 per call, predict (8 attempts per call, each agreeing with probability
+    q = sum P^2), and the draws it reports are the draws the head made."""
+    from calm_core.engine import CalmEngine, GenRequest
+    from calm_core.temperature import ExactStats
+
+    gen = Generator.from_run(trained.run)
+    sample, chunks, made = _toy_head(gen)
+    monkeypatch.setattr(gen.model, "sample", sample)
+    out = gen.complete("the cat", chunks=3, temperature=0.5, sampler="exact", max_draws=64, candidates=8)
+    assert out["steps"] == 3 and out["exact"]["rows"] == 3 and out["exact"]["fallbacks"] == 0
+    assert out["exact"]["draws"] == made["draws"] > 0  # what the head was asked for, fallback included
+
+    B = 4000  # rows of one request (n = B), as the server batches them
+    engine = CalmEngine(gen.model, gen.ae, gen.tok, gen.layout)
+    engine.stats = stats = ExactStats()
+    r = GenRequest.of(gen.tok.encode("the cat"), n=B, temperature=0.5, sampler="exact", max_draws=2000)
+    h, _ = engine.prefill([r])
+    made["draws"] = 0
+    picks = engine.pick(h, r, torch.Generator().manual_seed(0))  # [B, K]
+    which = (picks[:, None, :] == chunks[None]).all(-1)  # [B, 6]
+    assert bool(which.sum(-1).eq(1).all())  # every pick is one of the six chunks, whole
+    counts = which.sum(0).double()
+    target = TOY_P.double() ** 2 / (TOY_P.double() ** 2).sum()
+    chi2 = ((counts - B * target) ** 2 / (B * target)).sum().item()
+    assert chi2 < 20.52, (counts.tolist(), (B * target).tolist())  # chi-square, 5 df, p = 0.001
+    # draws: calls of 16 draws (8 attempts of 2) until one attempt agrees: 16 x Geometric(1 - (1 - q)^8)
+    q = float((TOY_P.double() ** 2).sum())
+    p_call = 1 - (1 - q) ** 8
+    mean, se = 16 / p_call, 16 * ((1 - p_call) / p_call**2 / B) ** 0.5
+    assert stats.rows == B and stats.fallbacks == 0 and stats.draws == made["draws"]
+    assert abs(stats.draws / B - mean) < 5 * se, (stats.draws / B, mean, se)
 
 
 def test_generator_refuses_another_ae(trained, tmp_path, make_ae):
