@@ -175,9 +175,21 @@ def autoencoder_train_flops_per_token(model: ChunkAutoencoder) -> float:
     return 6.0 * (per_token + per_chunk / model.cfg.K)
 
 
-def decode_tokens(model: ChunkAutoencoder, z: torch.Tensor) -> torch.Tensor:
-    """argmax_v decode(z): latents z [..., l] -> tokens [..., K] (long)."""
-    return model.decode(z.flatten(0, -2)).argmax(-1).view(*z.shape[:-1], model.cfg.K)
+# float32 logits ``decode_tokens`` holds at once. At the released vocabulary (128,257) one latent's K = 4
+# positions are 2 MB of logits, so a whole block in one call was not bounded: in-training validation of
+# CALM-M at its 2,048-chunk context decoded 2 samples x 2,047 positions = 8.4 GB per worker
+DECODE_BYTES = 256 * 2**20
+
+
+def decode_tokens(model: ChunkAutoencoder, z: torch.Tensor, max_bytes: int = DECODE_BYTES) -> torch.Tensor:
+    """argmax_v decode(z): latents z [..., l] -> tokens [..., K] (long), decoded a slice of latents at a
+    time so that at most ``max_bytes`` of float32 logits exist at once (each latent's argmax is its own:
+    the tokens of one call, up to the matmul's rounding on near-ties)."""
+    flat = z.flatten(0, -2)  # [N, l]
+    rows = max(1, max_bytes // (model.cfg.K * model.embed.num_embeddings * 4))
+    parts = [model.decode(flat[i:i + rows]).argmax(-1) for i in range(0, len(flat), rows)]  # [n, K] each
+    out = torch.cat(parts) if parts else model.decode(flat).argmax(-1)
+    return out.view(*z.shape[:-1], model.cfg.K)
 
 
 @torch.no_grad()

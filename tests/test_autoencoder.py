@@ -392,3 +392,21 @@ def test_the_reports_latent_geometry_matches_the_encoder_directly():
     assert geo["mu_var_per_dim"] == pytest.approx(var.tolist(), abs=2e-6)
     assert geo["mu_var_min"] == pytest.approx(float(var.min()), abs=1e-6)
     assert geo["mu_std_over_sigma"] == pytest.approx(float((var.sqrt() / sigma).mean()), rel=1e-4)
+
+
+def test_decoding_in_slices_bounded_in_bytes_gives_the_tokens_of_one_call():
+    """decode_tokens holds at most max_bytes of logits at a time (slices of latents) and returns the
+    argmax tokens of decoding everything at once, in the latents' shape."""
+    from calm_core.autoencoder import decode_tokens
+
+    model = make_model().eval()
+    z = torch.randn(3, 7, 5, model.cfg.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model.decode(z.flatten(0, -2)).argmax(-1).view(3, 7, 5, model.cfg.K)
+        sizes = []
+        decode = model.decode
+        model.decode = lambda x: sizes.append(len(x)) or decode(x)
+        per_row = model.cfg.K * V * 4  # bytes of one latent's logits
+        got = decode_tokens(model, z, max_bytes=per_row * 10 + 1)
+    assert torch.equal(got, whole) and got.shape == (3, 7, 5, model.cfg.K)
+    assert max(sizes) == 10 and sum(sizes) == 3 * 7 * 5  # slices of 10 latents: 10 x per_row bytes at most

@@ -29,7 +29,7 @@ import torch
 
 from calm_core import agreement as A
 from calm_core.artifacts import load_ae, load_model
-from calm_core.autoencoder import ChunkAutoencoder
+from calm_core.autoencoder import ChunkAutoencoder, decode_tokens
 from calm_core.baseline import TokenLM
 from calm_core.calm_model import CALM
 from calm_core.config import EvalConfig
@@ -122,7 +122,7 @@ def ae_scores(m: Models, tok: torch.Tensor, mu: torch.Tensor, ls: torch.Tensor, 
 
     out = {"ae_band_tokens": count(torch.ones_like(keep))}
     for name, z in (("mu", mu), ("sample", mu + log_sigma.exp() * eps1), ("noise", mu + ev.noise_std * eps2)):
-        out[f"ae_band_{name}"] = count(m.ae.decode(z).argmax(-1) == flat)
+        out[f"ae_band_{name}"] = count(decode_tokens(m.ae, z) == flat)
     return out
 
 
