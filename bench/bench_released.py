@@ -160,7 +160,7 @@ def eval_memory(b: Bench, overrides: list[str]) -> tuple[list[str], str]:
     ev = eval_protocol(load_config("demo", overrides).eval)
     K = b.scale.ae["K"]
     size = {k: sum(f.stat().st_size for f in (b.run / k).glob("*.safetensors")) for k in ("ae", "calm", "baseline")}
-    need = max(scorer_memory_mb(ev, size["ae"] + size[k], L, K, b.scale.vocab)
+    need = max(scorer_memory_mb(ev, size["ae"] + size[k], L, K, b.scale.vocab, k == "baseline")
                for k, L in (("calm", O.CALM_BLOCK_CHUNKS), ("baseline", O.BASELINE_BLOCK_TOKENS // K)))
     can = int((psutil.virtual_memory().available - load_config("demo").ray.object_store_memory_mb * 2**20) / 2**20)
     if need <= can:

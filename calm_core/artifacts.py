@@ -97,10 +97,23 @@ class ModelArtifact:
     manifest: dict[str, Any]
 
 
+def loaded_model(kind: str, cfg: Config, vocab: int, weights: str | Path) -> torch.nn.Module:
+    """The model of ``cfg`` holding the weights of a safetensors file: built on the meta device and
+    handed the loaded tensors (at the model's dtypes), so the weights are in memory once and nothing
+    is initialised at random first (a CALM-M built then loaded held two copies, 3 GB, at its peak)."""
+    with torch.device("meta"):
+        model = build_model(kind, cfg, vocab)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in load_weights(weights).items()}
+    model.load_state_dict(state, assign=True)  # strict: a missing or unknown name is an error
+    return model
+
+
 def load_model(directory: str | Path, kind: str, verify: bool = True,
-               expected_ae_sha256: str | None = None) -> ModelArtifact:
+               expected_ae_sha256: str | None = None, weights: bool = True) -> ModelArtifact:
     """RUN/calm or RUN/baseline -> ModelArtifact; refuses an artifact trained on the latents of
-    another AE than ``expected_ae_sha256``."""
+    another AE than ``expected_ae_sha256``. ``weights=False``: the model on the meta device (its
+    config, shapes and parameter count, no memory)."""
     d = Path(directory)
     manifest = read_manifest(d, kind=kind) if verify else {}
     made_with = manifest.get("inputs", {}).get("ae_sha256", "?")
@@ -109,8 +122,11 @@ def load_model(directory: str | Path, kind: str, verify: bool = True,
                             f"({made_with[:12]}, expected {expected_ae_sha256[:12]})")
     cfg = config_from_yaml((d / "config.yaml").read_text(), str(d / "config.yaml"))
     tok = CalmTokenizer.from_file(d / "tokenizer.json")
-    model = build_model(kind, cfg, tok.vocab_size)
-    model.load_state_dict(load_weights(d / "model.safetensors"))
+    if weights:
+        model = loaded_model(kind, cfg, tok.vocab_size, d / "model.safetensors")
+    else:
+        with torch.device("meta"):
+            model = build_model(kind, cfg, tok.vocab_size)
     return ModelArtifact(kind, d, model.eval(), cfg, tok, manifest)
 
 

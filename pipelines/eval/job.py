@@ -129,22 +129,22 @@ def unpack_bands(blob: bytes) -> np.ndarray:
     return np.frombuffer(zlib.decompress(blob), dtype=np.int8).astype(np.int64)  # a writable copy
 
 
-# What one scoring actor holds, measured on the demo run (CALM 9.3M parameters, V = 4,096, K = 4,
-# L = 64, 8 samples): the scoring alone (a plain process) peaks at 512 / 795 / 1,063 MB RSS at
-# 2 / 8 / 16 blocks per call; as a Ray Data actor at 8 blocks Ray Data measured 1.5 GiB (the Ray
-# worker, Arrow buffers and the batch's copies on top). Per block and sample, the decoder's logits
-# over the vocabulary for L chunks of K tokens grow with the batch (V x K x L x 4 bytes, ~1.5x with
-# the working copies); the rest is the worker, torch and the weights (docs/EVALUATION.md "Memory").
+# A scoring actor of the demo run (CALM 9.3M parameters, V = 4,096, L = 64, 8 samples) peaked at 512 / 795 /
+# 1,063 MB RSS at 2 / 8 / 16 blocks per call alone, 1.5 GiB as a Ray Data actor at 8 blocks. CALM's decoding
+# holds DECODE_BYTES of logits at most; the baseline's teacher-forced pass 3 x L*K x V x 4 bytes per block
+# (logits, log-probabilities, probabilities: 3.2 GB at the released vocabulary); docs/EVALUATION.md "Memory".
 SCORER_BASE_MB = 1600  # Ray Data's high-memory check asks for 1.25x the peak: 1,867 MiB for the demo
 
 
-def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int) -> int:
-    """The memory a scoring actor reserves (eval.actor_memory_mb, or this estimate when it is 0): the
-    base process, the models' weights twice (loaded and in use) and the batch's sampled logits."""
+def scorer_memory_mb(ev, weights_bytes: int, L: int, K: int, vocab: int, baseline: bool = True) -> int:
+    """What a scoring actor reserves (eval.actor_memory_mb, or when 0: the base process, the weights twice,
+    CALM's decoding slices twice, and when it scores the baseline its teacher-forced pass over the batch)."""
+    from calm_core.autoencoder import DECODE_BYTES
+
     if ev.actor_memory_mb:
         return int(ev.actor_memory_mb)
-    logits = ev.batch_blocks * L * ev.samples * K * vocab * 4 * 1.5
-    return int(SCORER_BASE_MB + (2 * weights_bytes + logits) / 2**20)
+    teacher = ev.batch_blocks * L * K * vocab * 4 * 3 if baseline else 0
+    return int(SCORER_BASE_MB + (2 * weights_bytes + 2 * DECODE_BYTES + teacher) / 2**20)
 
 
 def tokens_per_char(lman: dict, split: str) -> float:
@@ -274,7 +274,7 @@ def score(cfg: Config, run: RunDir, data: RunDir, lman: dict, kinds: list[str], 
     check_fits(ev)
     device = "cuda" if ev.use_gpu else "cpu"
     weights = sum(size for k in ("ae", *kinds) for name, size in run.list_files(k) if name.endswith(".safetensors"))
-    mem_mb = scorer_memory_mb(ev, weights, L, lman["identity"]["K"], vocab)
+    mem_mb = scorer_memory_mb(ev, weights, L, lman["identity"]["K"], vocab, "baseline" in kinds)
     progress(f"[eval] scoring {' and '.join(kinds)} on blocks of {L:,} chunks in {ev.actors} actor(s) x "
              f"{'1 GPU' if ev.use_gpu else f'{ev.cpus_per_actor} CPU'}, {mem_mb:,} MB each "
              f"({'eval.actor_memory_mb' if ev.actor_memory_mb else 'estimated; eval.actor_memory_mb sets it'}); "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_ae, load_model, model_inputs
+from calm_core.artifacts import AEArtifact, build_model, flops_breakdown, load_ae, load_model, loaded_model, model_inputs
 from calm_core.autoencoder import ChunkAutoencoder, encoder_flops_per_token
 from calm_core.brierlm import ORDERS
 from calm_core.chunking import layout_of
@@ -67,13 +67,12 @@ class ModelStage:
         self.init_weights = plan.init_weights  # read by the first build only (later ones: ZeRO-3 validation copies)
 
     def build(self) -> torch.nn.Module:
-        model = build_model(self.kind, self.cfg, self.tok.vocab_size)
-        if self.init_weights:  # fine-tuning: the earlier model's weights (a resume then loads its checkpoint)
-            from calm_core.checkpoint import load_weights
-            from pipelines.storage import fetch_dir
+        if not self.init_weights:
+            return build_model(self.kind, self.cfg, self.tok.vocab_size)
+        from pipelines.storage import fetch_dir  # fine-tuning: the earlier model's weights (a resume then loads its checkpoint)
 
-            model.load_state_dict(load_weights(fetch_dir(self.init_weights, file_ok=True)))
-            self.init_weights = ""
+        model = loaded_model(self.kind, self.cfg, self.tok.vocab_size, fetch_dir(self.init_weights, file_ok=True))
+        self.init_weights = ""
         return model
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
@@ -187,7 +186,7 @@ def _init_from(cfg: Config, kind: str, ae: AEArtifact) -> tuple[Config, str, dic
     if not spec:
         return cfg, "", {}
     cfg = _with_layout(cfg, ae)
-    init = load_model(fetch_dir(spec), kind, expected_ae_sha256=ae.sha256 if kind == "calm" else None)
+    init = load_model(fetch_dir(spec), kind, expected_ae_sha256=ae.sha256 if kind == "calm" else None, weights=False)
     if init.tok.sha256 != ae.tok.sha256:
         raise ArtifactError(f"{SECTIONS[kind]}.init_from '{spec}' was made with another tokenizer "
                             f"({init.tok.sha256[:12]}) than this run's AE ({ae.tok.sha256[:12]})")
